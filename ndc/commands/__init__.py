@@ -1,0 +1,1 @@
+"""One module per ``ndc`` subcommand; each defines a click command named ``command``."""

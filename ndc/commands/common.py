@@ -1,0 +1,136 @@
+"""Options and output helpers shared by every command.
+
+Conventions (see docs/cli.md):
+
+* every command takes ``-w/--workspace DIR`` (default ``./ndc-work``) and
+  ``--format text|json``;
+* with ``--format json`` exactly one JSON document goes to stdout, everything
+  else (progress, warnings) to stderr;
+* a user error is one line, ``Error: ...``, and exit status 1; a bad option is
+  click's usage error, exit status 2.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ndc.errors import NdcError
+
+DEFAULT_WORKSPACE = "ndc-work"
+
+
+def workspace_option(f: Callable) -> Callable:
+    return click.option(
+        "-w",
+        "--workspace",
+        default=DEFAULT_WORKSPACE,
+        show_default=True,
+        type=click.Path(file_okay=False),
+        help="Workspace directory holding every stage's artefacts.",
+    )(f)
+
+
+def format_option(f: Callable) -> Callable:
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        help="Output format; json prints exactly one JSON document on stdout.",
+    )(f)
+
+
+def data_options(f: Callable) -> Callable:
+    """``--data SPEC`` and ``--limit N``, the same for every command that reads data."""
+    f = click.option(
+        "--limit",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Use only the first N training and N test examples.",
+    )(f)
+    return click.option(
+        "--data",
+        "data_spec",
+        default=None,
+        metavar="SPEC",
+        help="Data set: fashion-mnist[:DIR], mnist:DIR, digits, file.npz, imagefolder:DIR, module:function.",
+    )(f)
+
+
+def common_options(f: Callable) -> Callable:
+    return workspace_option(format_option(f))
+
+
+def user_errors(f: Callable) -> Callable:
+    """Turn :class:`NdcError` and a full disk into one clear line and exit status 1."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except NdcError as e:
+            raise click.ClickException(str(e)) from None
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise click.ClickException(
+                    f"disk full while writing {e.filename or 'the workspace'}; "
+                    "finished artefacts are intact, free some space and run the command again"
+                ) from None
+            if e.errno in (errno.EACCES, errno.EROFS):
+                raise click.ClickException(f"cannot write {e.filename}: {e.strerror}") from None
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted; finished artefacts are kept, run the command again to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def emit(fmt: str, payload: dict, text: str | Callable[[], str]) -> None:
+    """Print ``payload`` as one JSON document, or ``text`` for humans."""
+    if fmt == "json":
+        click.echo(json.dumps(payload, indent=2, sort_keys=False))
+    else:
+        click.echo(text() if callable(text) else text)
+
+
+def warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+def table(headers: list[str], rows: list[list[Any]], align: str | None = None) -> str:
+    """A plain text table; ``align`` has one letter per column, ``l`` or ``r``."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    align = align or "l" + "r" * (len(headers) - 1)
+    lines = []
+    for k, row in enumerate(cells):
+        parts = [c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align)]
+        lines.append("  ".join(parts).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "x".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def human(n: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}" if float(n).is_integer() else f"{n:.3g}"

@@ -1,0 +1,130 @@
+"""``ndc partition MODEL``: trace the teacher, cut it into neighbourhoods, write ``plan.json``."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ndc.commands.common import common_options, emit, human, table, user_errors, warn
+from ndc.errors import NdcError
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        raise NdcError(f"bad --input-shape {text!r}: expected comma-separated sizes such as 1,3,32,32") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise NdcError(f"bad --input-shape {text!r}: expected positive sizes such as 1,3,32,32")
+    return shape
+
+
+def guess_input_shape(model) -> tuple[int, ...] | None:
+    """An input shape from the model itself: an ``input_shape`` attribute, or its first layer."""
+    import torch.nn as nn
+
+    declared = getattr(model, "input_shape", None)
+    if isinstance(declared, (tuple, list)) and declared and all(isinstance(d, int) for d in declared):
+        return tuple(declared)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return (1, m.in_channels, 32, 32)
+        if isinstance(m, nn.Conv1d):
+            return (1, m.in_channels, 128)
+        if isinstance(m, nn.Linear):
+            return (1, m.in_features)
+    return None
+
+
+@click.command("partition")
+@click.argument("model", metavar="MODEL")
+@click.option("--input-shape", "input_shape", default=None, metavar="N,C,H,W",
+              help="Example input shape, e.g. 1,3,32,32 (default: the model's input_shape attribute, else guessed from its first layer).")
+@click.option("--by", "by", default="residual", show_default=True, metavar="STRATEGY",
+              help="Partition strategy: residual, module, layers or cuts.")
+@click.option("--depth", type=int, default=1, show_default=True, help="--by module: cut after every submodule at this depth.")
+@click.option("--every", type=int, default=1, show_default=True, help="--by layers: cut after every N weight layers.")
+@click.option("--cut", "cuts", multiple=True, metavar="NAME", help="--by cuts: cut at this node or module (repeatable).")
+@click.option("--leaf", "leaves", multiple=True, metavar="MODULE", help="Keep this submodule opaque when tracing (repeatable).")
+@click.option("--weights", default=None, type=click.Path(dir_okay=False), help="State dict (.pt, loaded weights-only) or .safetensors for a factory MODEL.")
+@click.option("--trust-pickle", is_flag=True, help="Allow unpickling MODEL (a torch.save'd module can run code when loaded).")
+@click.option("--explain", is_flag=True, help="Say why each neighbourhood could not be cut further.")
+@common_options
+@user_errors
+def command(model, input_shape, by, depth, every, cuts, leaves, weights, trust_pickle, explain, workspace, fmt):
+    """Trace MODEL and cut it into neighbourhoods at single-tensor boundaries.
+
+    MODEL is a pickled nn.Module (file.pt, needs --trust-pickle), or a factory
+    package.module:function or path/to/file.py:function (with optional --weights).
+    Writes WORKSPACE/plan.json and the teacher's weights.
+
+    \b
+      ndc partition examples/models.py:resnet20 --input-shape 1,3,32,32
+      ndc partition model.pt --by residual --trust-pickle
+    """
+    from ndc.load import load_model
+    from ndc.passes.partition import STRATEGIES, explain as explain_plan
+    from ndc.plan import partition_model, write_plan
+    from ndc.workspace import Workspace
+
+    if by not in STRATEGIES:
+        raise NdcError(f"unknown partition strategy {by!r}; valid strategies: {', '.join(STRATEGIES)}")
+    shape = parse_shape(input_shape) if input_shape else None
+    loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
+    if shape is None:
+        shape = guess_input_shape(loaded.model)
+        if shape is None:
+            raise NdcError("cannot tell the model's input shape; pass --input-shape, e.g. 1,3,32,32")
+        warn(f"no --input-shape given; using {','.join(map(str, shape))} from the model's first layer")
+    plan, traced = partition_model(loaded, shape, by=by, depth=depth, every=every, cuts=tuple(cuts), leaves=tuple(leaves))
+    ws = Workspace(workspace)
+    write_plan(ws, plan, loaded.model)
+
+    explanations = {}
+    if explain:
+        order = list(traced.gm.graph.nodes)
+        index = {n.name: i for i, n in enumerate(order)}
+        spans = [(nb.name, index[nb.input], index[nb.output] if nb.output != "output" else len(order) - 1) for nb in plan.neighbourhoods]
+        explanations = explain_plan(traced, spans)
+    for note in plan.notes:
+        warn(note)
+
+    payload = {
+        "plan": str(ws.path("plan.json")),
+        "input_shape": plan.input_shape,
+        "teacher": {"params": plan.teacher["params"], "flops": plan.teacher["flops"]},
+        "neighbourhoods": [
+            {
+                "name": nb.name,
+                "kept": nb.kept,
+                "params": nb.params,
+                "flops": nb.flops,
+                "input_shape": nb.input_shape,
+                "output_shape": nb.output_shape,
+                "input": nb.input,
+                "output": nb.output,
+                "nodes": len(nb.nodes),
+                **({"explain": explanations[nb.name]} if explain else {}),
+            }
+            for nb in plan.neighbourhoods
+        ],
+        "boundaries": plan.partition["boundaries"],
+        "notes": plan.notes,
+    }
+
+    def text() -> str:
+        rows = [[nb.name, len(nb.nodes), human(nb.params), human(nb.flops),
+                 f"{'x'.join(map(str, nb.input_shape))} -> {'x'.join(map(str, nb.output_shape))}",
+                 "kept" if nb.kept else "distil"] for nb in plan.neighbourhoods]
+        out = [table(["neighbourhood", "nodes", "params", "FLOPs", "input -> output", ""], rows, "lrrrll")]
+        trainable = len(plan.trainable)
+        out.append(f"\n{trainable} neighbourhoods to distil, {len(plan.neighbourhoods) - trainable} kept; "
+                   f"teacher {human(plan.teacher['params'])} params, {human(plan.teacher['flops'])} FLOPs; wrote {ws.path('plan.json')}")
+        if explain:
+            out.append("")
+            out += [f"{name}: {why}" for name, why in explanations.items()]
+        return "\n".join(out)
+
+    emit(fmt, payload, text)
+    sys.stdout.flush()

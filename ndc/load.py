@@ -1,0 +1,299 @@
+"""Loading a teacher: a pickled module (trusted only), or a factory plus weights.
+
+MODEL forms:
+
+* ``file.pt`` / ``file.pth``: a ``torch.save``\\ d ``nn.Module``. Unpickling runs
+  code, so it is loaded only with ``trust_pickle=True``; without it the file is
+  inspected statically (pickle opcodes are read, nothing is executed) only to
+  give a precise error.
+* ``package.module:factory`` or ``path/to/file.py:factory``: the factory is
+  called with no arguments; ``weights`` (a state dict loaded with
+  ``weights_only=True``, or ``.safetensors``) is loaded into the result.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import io
+import os
+import pickletools
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ndc.errors import NdcError
+from ndc.workspace import load_tensors, sha256_file
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin")
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    source: dict  # JSON-able description of where the model came from (see Plan.source)
+
+
+def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False) -> LoadedModel:
+    """Load MODEL as described in the module docstring; every failure is one :class:`NdcError` line."""
+    if _is_factory(spec):
+        model, source = _load_factory(spec)
+        if weights is not None:
+            source["weights"] = str(Path(weights).resolve())
+            source["weights_sha256"] = _sha(weights)
+            load_weights(model, weights)
+        return LoadedModel(model, source)
+    path = Path(spec)
+    if weights is not None:
+        raise NdcError(f"--weights goes with a factory MODEL (file.py:factory or package.module:factory), not with the pickled module {spec}")
+    return LoadedModel(_load_pickled_module(path, trust_pickle), {
+        "kind": "pickle",
+        "path": str(path.resolve()),
+        "sha256": _sha(path),
+        "trust_pickle": True,
+    })
+
+
+def reload_model(source: dict) -> nn.Module:
+    """Rebuild the teacher's architecture from a plan's ``source`` record.
+
+    Refuses a pickle whose content changed since it was trusted, so trust given
+    to one file at ``ndc partition`` never extends to another.
+    """
+    if source["kind"] == "pickle":
+        path = Path(source["path"])
+        if not path.is_file():
+            raise NdcError(f"the teacher {path} named in the plan no longer exists; rerun ndc partition")
+        if sha256_file(path) != source["sha256"]:
+            raise NdcError(f"the teacher {path} changed since ndc partition trusted it; rerun ndc partition")
+        return _load_pickled_module(path, trust_pickle=bool(source.get("trust_pickle")))
+    model, _ = _load_factory(source["target"])
+    return model
+
+
+# ------------------------------------------------------------------ factories
+
+
+def _is_factory(spec: str) -> bool:
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr.isidentifier():
+        return False
+    # "C:\\model.pt" style paths never reach here on the platforms ndc supports.
+    return True
+
+
+def _load_factory(spec: str) -> tuple[nn.Module, dict]:
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py") or os.sep in target:
+        path = Path(target)
+        if not path.is_file():
+            raise NdcError(f"{target}: no such file")
+        module = _import_file(path)
+        file, resolved = path.resolve(), f"{path.resolve()}:{attr}"
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise NdcError(f"cannot import module {target!r} ({e}); give a path like models.py:{attr} or install the package") from None
+        file, resolved = getattr(module, "__file__", None), spec
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise NdcError(f"{target} has no callable {attr!r}")
+    try:
+        model = factory()
+    except Exception as e:
+        raise NdcError(f"factory {spec} raised {type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise NdcError(f"factory {spec} returned {type(model).__name__}, not an nn.Module")
+    return model, {"kind": "factory", "target": resolved, "sha256": _sha(file) if file else None}
+
+
+def _import_file(path: Path):
+    name = f"_ndc_user_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise NdcError(f"{path}: not an importable Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise NdcError(f"{path} failed to import: {type(e).__name__}: {e}") from None
+    return module
+
+
+# ------------------------------------------------------------------ weights
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict safely: safetensors, or ``torch.load(weights_only=True)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise NdcError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return load_tensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        kind = _pickle_kind(path)
+        if kind == "module":
+            raise NdcError(f"{path} holds a pickled module, not weights; load it as MODEL with --trust-pickle if you trust it") from None
+        raise NdcError(f"{path} is truncated or corrupt: {_first_line(e)}") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise NdcError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a state dict into ``model``; mismatched keys or shapes are one clear line."""
+    check_and_load_state_dict(model, read_state_dict(path), str(path))
+
+
+def check_and_load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s) ({_few(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) ({_few(unexpected)})")
+        raise NdcError(f"weights {what} do not match the model: {'; '.join(parts)}")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise NdcError(f"weights {what} do not match the model: {k} has shape {list(state[k].shape)} in the file, the model expects {list(v.shape)}")
+    model.load_state_dict(state, strict=True)
+
+
+# ------------------------------------------------------------- pickled modules
+
+
+def _load_pickled_module(path: Path, trust_pickle: bool) -> nn.Module:
+    if not path.exists():
+        raise NdcError(f"{path}: no such file")
+    if not path.is_file():
+        raise NdcError(f"{path}: not a file")
+    if not trust_pickle:
+        kind = _pickle_kind(path)
+        if kind == "weights":
+            raise NdcError(
+                f"{path} holds a state dict (weights only), not a model; give the architecture as "
+                f"MODEL=file.py:factory (or package.module:factory) with --weights {path}"
+            )
+        if kind == "corrupt":
+            raise NdcError(f"{path} is truncated or corrupt: not a readable torch.save file")
+        raise NdcError(
+            f"refusing to unpickle {path}: loading a pickled module can run arbitrary code. "
+            "Pass --trust-pickle if you trust this file, or give MODEL=file.py:factory with --weights (state dict or .safetensors)"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise NdcError(f"{path} is truncated or corrupt: {_first_line(e)}") from None
+    if isinstance(obj, nn.Module):
+        return obj
+    if isinstance(obj, dict):
+        raise NdcError(
+            f"{path} holds a state dict (weights only), not a model; give the architecture as "
+            f"MODEL=file.py:factory (or package.module:factory) with --weights {path}"
+        )
+    raise NdcError(f"{path} holds a {type(obj).__name__}, not an nn.Module")
+
+
+def _pickle_kind(path: Path) -> str:
+    """'weights', 'module' or 'corrupt', read from the pickle's opcodes without executing any."""
+    try:
+        refs = _pickle_globals(_pickle_bytes(path))
+    except Exception:
+        return "corrupt"
+    return "weights" if all(_weights_only_global(m, n) for m, n in refs) else "module"
+
+
+def _weights_only_global(module: str, name: str) -> bool:
+    """Globals a plain state dict pickles: tensors, storages, dtypes, ordered dicts."""
+    if module == "collections":
+        return name == "OrderedDict"
+    if module == "torch._utils":
+        return name.startswith("_rebuild")
+    if module == "torch":
+        return name.endswith("Storage") or name in ("device", "Size") or isinstance(getattr(torch, name, None), torch.dtype)
+    if module == "_codecs":
+        return name == "encode"
+    return False
+
+
+def _pickle_bytes(path: Path) -> bytes:
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("data.pkl")]
+            if not names:
+                raise ValueError("no data.pkl")
+            return z.read(names[0])
+    data = path.read_bytes()
+    if not data:
+        raise ValueError("empty")
+    # Legacy torch.save: several pickles in a row; the first is a magic number,
+    # the third the object itself. Reading opcodes of all of them is enough.
+    return data
+
+
+def _pickle_globals(data: bytes) -> list[tuple[str, str]]:
+    refs: list[tuple[str, str]] = []
+    stream = io.BytesIO(data)
+    while stream.tell() < len(data):
+        recent: list[object] = []
+        memo: dict[int, object] = {}
+        for op, arg, _ in pickletools.genops(stream):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8", "SHORT_BINSTRING", "BINSTRING", "STRING"):
+                recent.append(arg)
+            elif op.name == "MEMOIZE":
+                memo[len(memo)] = recent[-1] if recent else None
+            elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                memo[int(arg)] = recent[-1] if recent else None
+            elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+                recent.append(memo.get(int(arg)))
+            elif op.name == "GLOBAL":
+                module, _, name = str(arg).partition(" ")
+                refs.append((module, name))
+            elif op.name == "STACK_GLOBAL":
+                if len(recent) < 2:
+                    raise ValueError("unreadable STACK_GLOBAL")
+                refs.append((str(recent[-2]), str(recent[-1])))
+            elif op.name == "STOP":
+                break
+        else:
+            raise ValueError("pickle ended without STOP")
+    if not refs and len(data) < 2:
+        raise ValueError("not a pickle")
+    return refs
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _sha(path: str | os.PathLike) -> str:
+    try:
+        return sha256_file(path)
+    except OSError as e:
+        raise NdcError(f"{path}: {e.strerror}") from None
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) < 160 else text[:157] + "..."

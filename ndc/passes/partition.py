@@ -1,0 +1,414 @@
+"""partition: choose cuts among the boundaries and name the neighbourhoods between them.
+
+Invariant: the neighbourhoods of a partition tile the graph: every node of the
+traced teacher belongs to exactly one, consecutive neighbourhoods share one
+boundary tensor, and composing their extracted modules gives the teacher.
+
+Strategies (``--by``):
+
+* ``residual``: one neighbourhood per region that merges a skip path (a
+  residual block, a dense layer); a parameter-free node that keeps the shape
+  (the ReLU after the add) joins the region before it; the chains in between
+  (stem, transitions, head) stay with the teacher (``kept``).
+* ``module``: cut after every submodule at ``depth`` (1 = children of the root).
+* ``layers``: cut after every ``every`` weight layers (conv, linear).
+* ``cuts``: cut exactly at the named nodes or modules.
+
+A cut that cannot be made (values other than the boundary stay alive across
+it) is never silently dropped: ``module`` and ``layers`` report it in
+``Partition.notes``; ``cuts`` refuses with an error.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+import torch.nn as nn
+
+from ndc.errors import NdcError
+from ndc.passes.boundaries import Liveness, alive_across, boundaries, liveness
+from ndc.passes.trace import Traced
+
+STRATEGIES = ("residual", "module", "layers", "cuts")
+
+
+@dataclass
+class Segment:
+    """Nodes between two consecutive cuts: ``(start, end]`` in graph order."""
+
+    start: int  # position of the input boundary
+    end: int  # position of the output boundary (or of the output node)
+    nodes: list[fx.Node]
+    kept: bool = False
+    name: str = ""
+
+
+@dataclass
+class Partition:
+    segments: list[Segment]
+    boundaries: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+class GraphFacts:
+    """Everything the strategies ask about a traced graph, computed once (linear time)."""
+
+    def __init__(self, traced: Traced):
+        self.traced = traced
+        self.gm = traced.gm
+        self.live: Liveness = liveness(self.gm.graph)
+        self.order = self.live.order
+        self.index = self.live.index
+        self.boundaries = boundaries(self.gm.graph, self.live)
+        self.boundary_positions = [self.index[b] for b in self.boundaries]
+        self.output = next(n for n in reversed(self.order) if n.op == "output")
+        self._module_cache: dict[str, nn.Module] = dict(self.gm.named_modules())
+
+    # ----------------------------------------------------------- node facts
+    def module_of(self, n: fx.Node) -> str | None:
+        """Qualified name of the module whose parameters ``n`` uses, if any."""
+        if n.op == "call_module":
+            return str(n.target)
+        if n.op == "get_attr":
+            return str(n.target).rpartition(".")[0]
+        return None
+
+    def params_of(self, n: fx.Node) -> int:
+        if n.op == "call_module":
+            return sum(p.numel() for p in self._module_cache[str(n.target)].parameters())
+        if n.op == "get_attr":
+            t = _getattr(self.gm, str(n.target))
+            return t.numel() if isinstance(t, nn.Parameter) else 0
+        return 0
+
+    def scope(self, n: fx.Node) -> str:
+        """The innermost module the node was traced in ('' for the root)."""
+        if n.op in ("call_module", "get_attr"):
+            return self.module_of(n) or ""
+        stack = n.meta.get("nn_module_stack") or {}
+        return str(next(reversed(stack))) if stack else ""
+
+    def is_weight_layer(self, n: fx.Node) -> bool:
+        if n.op == "call_module":
+            w = getattr(self._module_cache[str(n.target)], "weight", None)
+            return isinstance(w, nn.Parameter) and w.dim() >= 2
+        if n.op == "call_function" and getattr(n.target, "__name__", "") in ("linear", "conv1d", "conv2d", "conv3d"):
+            return len(n.args) > 1 and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"
+        return False
+
+    def shape(self, n: fx.Node):
+        meta = n.meta.get("tensor_meta")
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    # ------------------------------------------------------------- segments
+    def segments(self, cuts: list[int]) -> list[Segment]:
+        """Split the graph at the given boundary positions (sorted, first is the input)."""
+        ends = cuts[1:]
+        final = self.output.args[0]
+        if not (isinstance(final, fx.Node) and self.index[final] in ends):
+            ends.append(self.index[self.output])
+        segs, start = [], cuts[0]
+        for k, end in enumerate(ends):
+            stop = end if k < len(ends) - 1 else self.index[self.output] - 1
+            nodes = [n for n in self.order[start + 1: stop + 1] if n.op not in ("placeholder", "output")]
+            segs.append(Segment(start, end, nodes))
+            start = end
+        return segs
+
+    def has_params(self, seg: Segment) -> bool:
+        return any(self.params_of(n) for n in seg.nodes)
+
+    def merges(self, seg: Segment) -> bool:
+        """True when a node of the segment reads two different activations (a skip path rejoins)."""
+        act = self.live.act
+        return any(len({a for a in n.all_input_nodes if a in act}) >= 2 for n in seg.nodes if n in act)
+
+    def keeps_shape(self, seg: Segment) -> bool:
+        return self.shape(self.order[seg.start]) == self.shape(self.order[seg.end])
+
+    def alive_explanation(self, position: int) -> list[fx.Node]:
+        """Activations other than the node at ``position`` that stay alive across it."""
+        here = self.order[position]
+        return [n for n in alive_across(self.live, position) if n is not here]
+
+
+# ------------------------------------------------------------------ strategies
+
+
+def partition(traced: Traced, by: str = "residual", depth: int = 1, every: int = 1, cuts: tuple[str, ...] = ()) -> Partition:
+    """Cut ``traced`` with strategy ``by``; see the module docstring."""
+    if by not in STRATEGIES:
+        raise NdcError(f"unknown partition strategy {by!r}; valid strategies: {', '.join(STRATEGIES)}")
+    facts = GraphFacts(traced)
+    notes: list[str] = []
+    if by == "residual":
+        segs = _residual(facts)
+    elif by == "module":
+        segs = _by_positions(facts, _module_cuts(facts, depth, notes))
+    elif by == "layers":
+        segs = _by_positions(facts, _layer_cuts(facts, every, notes))
+    else:
+        if not cuts:
+            raise NdcError("--by cuts needs at least one --cut NAME (a node or module name)")
+        segs = _by_positions(facts, _explicit_cuts(facts, cuts))
+    _name(facts, segs)
+    return Partition(segs, [b.name for b in facts.boundaries], notes)
+
+
+def _residual(facts: GraphFacts) -> list[Segment]:
+    atoms = facts.segments(list(facts.boundary_positions))
+    groups: list[Segment] = []
+    for seg in atoms:
+        residual = facts.merges(seg) and facts.has_params(seg)
+        absorbable = not facts.has_params(seg) and facts.keeps_shape(seg)
+        prev = groups[-1] if groups else None
+        if residual:
+            groups.append(seg)
+        elif prev is not None and not prev.kept and absorbable and not _is_tail(facts, seg):
+            prev.nodes += seg.nodes
+            prev.end = seg.end
+        elif prev is not None and prev.kept:
+            prev.nodes += seg.nodes
+            prev.end = seg.end
+        else:
+            seg.kept = True
+            groups.append(seg)
+    return groups
+
+
+def _is_tail(facts: GraphFacts, seg: Segment) -> bool:
+    return seg.end == facts.index[facts.output]
+
+
+def _by_positions(facts: GraphFacts, cut_positions: list[int]) -> list[Segment]:
+    positions = sorted(set([facts.boundary_positions[0]] + cut_positions))
+    segs = facts.segments(positions)
+    for seg in segs:
+        seg.kept = not facts.has_params(seg)
+    return segs
+
+
+def _module_cuts(facts: GraphFacts, depth: int, notes: list[str]) -> list[int]:
+    if depth < 1:
+        raise NdcError("--depth must be at least 1")
+    # Submodules at `depth`, and shallower ones without children (a root-level conv at depth 2).
+    targets = [name for name, m in facts.gm.named_modules()
+               if name and (name.count(".") == depth - 1 or (name.count(".") < depth - 1 and not any(True for _ in m.children())))]
+    last: dict[str, int] = {}
+    for n in facts.order:
+        for t in targets:
+            if _in_module(facts, n, t):
+                last[t] = facts.index[n]
+    if not last:
+        raise NdcError(f"no submodule at depth {depth} appears in the traced graph; try a smaller --depth")
+    positions, boundary_set = [], set(facts.boundary_positions)
+    for t in targets:
+        if t not in last or facts.order[last[t]] is facts.output.args[0]:
+            continue  # unused, or it computes the model's output: nothing to cut
+        end = last[t]
+        if end in boundary_set:
+            positions.append(_absorb(facts, end))
+        else:
+            notes.append(f"cannot cut after module {t}: {_stay(facts.alive_explanation(end))} across it; "
+                         "it shares a neighbourhood with what follows")
+    return positions
+
+
+def _in_module(facts: GraphFacts, n: fx.Node, target: str) -> bool:
+    if n.op in ("call_module", "get_attr"):
+        name = str(n.target)
+        return name == target or name.startswith(target + ".")
+    stack = n.meta.get("nn_module_stack") or {}
+    return any(key == target or str(key).startswith(target + ".") for key in stack)
+
+
+def _absorb(facts: GraphFacts, pos: int) -> int:
+    """Move a cut forward over parameter-free, shape-keeping single-input nodes (the ReLU after a block)."""
+    boundary_set = set(facts.boundary_positions)
+    act = facts.live.act
+    i = pos
+    while True:
+        nxt = next((j for j in range(i + 1, len(facts.order)) if facts.order[j] in act), None)
+        if nxt is None or nxt not in boundary_set:
+            return i
+        n = facts.order[nxt]
+        if facts.params_of(n) or facts.shape(n) != facts.shape(facts.order[i]) or facts.is_weight_layer(n):
+            return i
+        if len([a for a in n.all_input_nodes if a in act]) != 1 or n.op == "call_module" and _has_state(facts, n):
+            return i
+        i = nxt
+
+
+def _has_state(facts: GraphFacts, n: fx.Node) -> bool:
+    m = facts.gm.get_submodule(str(n.target))
+    return any(True for _ in m.parameters()) or any(True for _ in m.buffers())
+
+
+def _layer_cuts(facts: GraphFacts, every: int, notes: list[str]) -> list[int]:
+    if every < 1:
+        raise NdcError("--every must be at least 1")
+    layers = [facts.index[n] for n in facts.order if facts.is_weight_layer(n)]
+    if not layers:
+        raise NdcError("the model has no weight layers (conv or linear) to cut after")
+    positions = []
+    for k in range(every, len(layers), every):
+        after, before = layers[k - 1], layers[k]
+        inside = [p for p in facts.boundary_positions if after <= p < before]
+        if inside:
+            positions.append(inside[-1])
+        else:
+            a, b = facts.order[after], facts.order[before]
+            alive = facts.alive_explanation(after)
+            notes.append(f"cannot cut between {_label(facts, a)} and {_label(facts, b)}: "
+                         f"{_stay(alive)} across it; they share a neighbourhood")
+    return positions
+
+
+def _explicit_cuts(facts: GraphFacts, cuts: tuple[str, ...]) -> list[int]:
+    by_name = {n.name: n for n in facts.order}
+    modules = dict(facts.gm.named_modules())
+    boundary_set = set(facts.boundary_positions)
+    positions = []
+    for name in cuts:
+        if name in by_name:
+            pos = facts.index[by_name[name]]
+        elif name in modules and name:
+            inside = [facts.index[n] for n in facts.order if _in_module(facts, n, name)]
+            if not inside:
+                raise NdcError(f"--cut {name}: the module does not appear in the traced graph")
+            pos = inside[-1]
+        else:
+            raise NdcError(f"--cut {name}: no node or module of that name; `ndc partition --format json` lists the boundaries")
+        if pos not in boundary_set:
+            alive = facts.alive_explanation(pos)
+            raise NdcError(f"cannot cut at {name}: {_stay(alive)} across it; "
+                           f"valid cuts are the boundaries listed by `ndc partition --format json`")
+        positions.append(pos)
+    return positions
+
+
+# ------------------------------------------------------------------------ names
+
+
+def _name(facts: GraphFacts, segs: list[Segment]) -> None:
+    """Deterministic, unique names from the modules each neighbourhood holds."""
+    bases = []
+    for k, seg in enumerate(segs):
+        base = _common_prefix([s for n in seg.nodes if n in facts.live.act and (s := facts.scope(n))])
+        if len(segs) == 1:
+            base = "model"
+        elif seg.kept and k == 0:
+            base = "stem"
+        elif seg.kept and k == len(segs) - 1:
+            base = "head"
+        elif not base:
+            base = _largest(facts, seg, "") or f"part{k}"
+        bases.append(base)
+    counts = Counter(bases)
+    names = []
+    for seg, base in zip(segs, bases):
+        if counts[base] > 1:
+            child = _largest(facts, seg, base)
+            base = f"{base}.{child}" if child and base not in ("stem", "head") else base
+        names.append(base)
+    seen: Counter = Counter()
+    totals = Counter(names)
+    for seg, name in zip(segs, names):
+        seen[name] += 1
+        seg.name = f"{name}~{seen[name]}" if totals[name] > 1 else name
+
+
+def _largest(facts: GraphFacts, seg: Segment, base: str) -> str:
+    """The child of ``base`` holding most parameters in ``seg`` ('' if none)."""
+    sizes: Counter = Counter()
+    for n in seg.nodes:
+        m = facts.module_of(n)
+        p = facts.params_of(n)
+        if m is None or not p:
+            continue
+        rest = m[len(base) + 1:] if base else m
+        if base and not m.startswith(base + "."):
+            continue
+        sizes[rest.split(".")[0]] += p
+    return max(sorted(sizes), key=lambda c: sizes[c]) if sizes else ""
+
+
+def _common_prefix(paths: list[str]) -> str:
+    if not paths:
+        return ""
+    parts = [p.split(".") for p in paths]
+    prefix = []
+    for items in zip(*parts):
+        if len(set(items)) != 1:
+            break
+        prefix.append(items[0])
+    return ".".join(prefix)
+
+
+def _names(nodes: list[fx.Node]) -> str:
+    shown = ", ".join(n.name for n in nodes[:4]) + (", ..." if len(nodes) > 4 else "")
+    return shown or "no other value"
+
+
+def _stay(nodes: list[fx.Node]) -> str:
+    """'relu stays alive' / 'a, b stay alive'."""
+    return f"{_names(nodes)} {'stays' if len(nodes) == 1 else 'stay'} alive"
+
+
+def _label(facts: GraphFacts, n: fx.Node) -> str:
+    return str(n.target) if n.op == "call_module" else n.name
+
+
+def _getattr(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# --------------------------------------------------------------------- explain
+
+
+def explain(traced: Traced, spans: list[tuple[str, int, int]]) -> dict[str, str]:
+    """Why each neighbourhood ``(name, start, end)`` could not be cut further, in one sentence each.
+
+    One scan keeps the set of live activations; inside each neighbourhood the
+    values alive beside the current node are what block a cut there.
+    """
+    facts = GraphFacts(traced)
+    live = facts.live
+    owner = {}
+    for name, start, end in spans:
+        for i in range(start + 1, end):
+            owner[i] = name
+    dying: dict[int, list[fx.Node]] = {}
+    for n, last in live.last_use.items():
+        dying.setdefault(last, []).append(n)
+    blockers: dict[str, dict[fx.Node, None]] = {name: {} for name, _, _ in spans}
+    cuttable: dict[str, list[str]] = {name: [] for name, _, _ in spans}
+    alive: dict[fx.Node, None] = {}
+    for i, n in enumerate(facts.order):
+        if n in live.act and live.last_use[n] > i:
+            alive[n] = None
+        for d in dying.get(i, ()):
+            alive.pop(d, None)
+        name = owner.get(i)
+        if name is None or n not in live.act:
+            continue
+        others = [a for a in alive if a is not n]
+        if others:
+            blockers[name].update(dict.fromkeys(others))
+        elif n in alive:
+            cuttable[name].append(n.name)
+    out = {}
+    for name, start, end in spans:
+        parts = []
+        if cuttable[name]:
+            parts.append(f"could also be cut at {_names([traced.node(c) for c in cuttable[name]])} (the strategy keeps it whole)")
+        if blockers[name]:
+            held = [f"{b.name} stays alive until {facts.order[live.last_use[b]].name}" for b in list(blockers[name])[:3]]
+            parts.append("cannot be cut elsewhere inside: " + "; ".join(held))
+        out[name] = "; ".join(parts) if parts else "a single operation: nothing to cut"
+    return out

@@ -1,0 +1,227 @@
+"""trace: a teacher ``nn.Module`` -> a ``torch.fx.GraphModule`` with shapes.
+
+Invariant: ``traced.gm(x)`` equals ``model(x)`` for every input ``x`` of the
+traced shape (modulo batch size), with the teacher in eval mode.
+
+* Submodules that cannot be traced become leaves automatically: the tracer
+  records the innermost module being traced when an error is raised, marks it
+  a leaf and tries again, so one untraceable corner never stops the model.
+* Forward arguments after the first that have defaults (``mask=None``) are
+  bound to their defaults, not traced.
+* Shapes come from running the graph on an example input (an
+  :class:`fx.Interpreter`); every node gets ``meta['tensor_meta']`` (tensors)
+  or ``meta['ndc_value']`` (ints, sizes). A second run at another batch size
+  stores ``meta['ndc_value_b2']`` so later passes know which integers read off
+  shapes are the batch size.
+
+>>> traced = trace(resnet20(), (1, 3, 32, 32))   # doctest: +SKIP
+>>> traced.gm.graph                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import inspect
+import linecache
+import os
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from ndc.errors import NdcError
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_NDC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Traced:
+    """A traced teacher: graph module, example input shape, and how tracing went."""
+
+    gm: fx.GraphModule
+    input_shape: tuple[int, ...]
+    leaves: list[str] = field(default_factory=list)  # modules kept opaque (requested or automatic)
+    notes: list[str] = field(default_factory=list)  # why each automatic leaf was needed
+
+    @property
+    def input_node(self) -> fx.Node:
+        return next(n for n in self.gm.graph.nodes if n.op == "placeholder")
+
+    def node(self, name: str) -> fx.Node:
+        for n in self.gm.graph.nodes:
+            if n.name == name:
+                return n
+        raise NdcError(f"the traced graph has no node named {name!r}")
+
+    def settings(self) -> dict:
+        """What the plan must record to trace the same way again."""
+        return {"frontend": "torch.fx", "leaves": sorted(self.leaves), "torch": torch.__version__.split("+")[0]}
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaves: set[str]):
+        super().__init__()
+        self.leaves = leaves
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module sees the error first
+                self.failed_in = self.path_of_module(m)
+            raise
+
+
+def trace(model: nn.Module, input_shape: tuple[int, ...] | list[int], leaves: list[str] | tuple[str, ...] = ()) -> Traced:
+    """Trace ``model`` in eval mode and propagate shapes from ``input_shape``."""
+    input_shape = tuple(int(d) for d in input_shape)
+    if not input_shape or any(d <= 0 for d in input_shape):
+        raise NdcError(f"bad input shape {list(input_shape)}: expected positive sizes such as 1,3,32,32")
+    model.eval()
+    concrete = _bound_arguments(model)
+    module_names = {name for name, _ in model.named_modules() if name}
+    for leaf in leaves:
+        if leaf not in module_names:
+            raise NdcError(f"--leaf {leaf}: the model has no submodule of that name")
+    leaf_set, notes = set(leaves), []
+    for _ in range(len(module_names) + 1):
+        tracer = _Tracer(leaf_set)
+        try:
+            graph = tracer.trace(model, concrete_args=concrete or None)
+            break
+        except Exception as e:
+            failed = tracer.failed_in
+            if not failed or failed in leaf_set:
+                raise NdcError(_trace_failure(model, failed, e)) from None
+            leaf_set.add(failed)
+            notes.append(f"{failed} ({type(model.get_submodule(failed)).__name__}) could not be traced "
+                         f"({_one_line(e)}{_where(e)}); it is kept as one opaque node")
+    else:  # pragma: no cover - every iteration adds a module
+        raise NdcError("tracing did not converge")
+    _drop_bound_placeholders(graph)
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    gm.eval()
+    traced = Traced(gm, input_shape, sorted(leaf_set), notes)
+    propagate_shapes(traced)
+    return traced
+
+
+def propagate_shapes(traced: Traced) -> None:
+    """Annotate every node with its output's metadata at the traced batch size and at another."""
+    gm, shape = traced.gm, traced.input_shape
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        _ShapeInterpreter(gm, "ndc_value").run(torch.randn(shape, generator=gen))
+        other = (shape[0] + 1,) + shape[1:]
+        _ShapeInterpreter(gm, "ndc_value_b2", record_tensors=False).run(torch.randn(other, generator=gen))
+
+
+class _ShapeInterpreter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, key: str, record_tensors: bool = True):
+        super().__init__(gm)
+        self.key, self.record_tensors = key, record_tensors
+
+    def run_node(self, n: fx.Node):
+        try:
+            result = super().run_node(n)
+        except Exception as e:
+            where = f" ({n.target})" if n.op == "call_module" else ""
+            raise NdcError(f"the model does not run on the example input: {type(e).__name__}: {_one_line(e)} "
+                           f"at node {n.name}{where}; check --input-shape") from None
+        if self.record_tensors:
+            meta = _tensor_meta(result)
+            if meta is not None:
+                n.meta["tensor_meta"] = meta
+            n.meta["type"] = type(result)
+        elif isinstance(result, torch.Tensor) and result.dim():
+            n.meta["ndc_batch_b2"] = result.shape[0]
+        value = _plain_value(result)
+        if value is not None:
+            n.meta[self.key] = value
+        return result
+
+
+def _tensor_meta(result):
+    if isinstance(result, torch.Tensor):
+        return _extract_tensor_metadata(result)
+    if isinstance(result, (list, tuple)) and result and all(isinstance(r, torch.Tensor) for r in result):
+        return tuple(_extract_tensor_metadata(r) for r in result)
+    return None
+
+
+def _plain_value(result):
+    """Ints, bools, floats and sizes: the values shape arithmetic produces."""
+    if isinstance(result, bool | int | float):
+        return result
+    if isinstance(result, torch.Size | tuple | list) and all(isinstance(v, int) for v in result):
+        return tuple(result)
+    return None
+
+
+def tensor_shape(node: fx.Node) -> list[int] | None:
+    meta = node.meta.get("tensor_meta")
+    return list(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+# ----------------------------------------------------------------- arguments
+
+
+def _bound_arguments(model: nn.Module) -> dict:
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return {}
+    params = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p.name for p in params if p.default is p.empty]
+    if len(required) > 1:
+        raise NdcError(f"{type(model).__name__}.forward takes {len(required)} required inputs ({', '.join(required)}); "
+                       "ndc compiles models with one input tensor: wrap the model so forward takes one")
+    if not params:
+        raise NdcError(f"{type(model).__name__}.forward takes no positional input")
+    return {p.name: p.default for p in params[1:] if p.default is not p.empty}
+
+
+def _drop_bound_placeholders(graph: fx.Graph) -> None:
+    """Remove the placeholders and None-checks fx adds for bound arguments."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for ph in placeholders[1:]:
+        for user in list(ph.users):
+            if user.op == "call_function" and getattr(user.target, "__name__", "") == "_assert_is_none" and not user.users:
+                graph.erase_node(user)
+        if not ph.users:
+            graph.erase_node(ph)
+    graph.lint()
+
+
+# -------------------------------------------------------------------- errors
+
+
+def _trace_failure(model: nn.Module, failed: str | None, e: Exception) -> str:
+    what = f"module {failed} ({type(model.get_submodule(failed)).__name__})" if failed else f"{type(model).__name__}.forward"
+    advice = ("torch.fx cannot trace Python control flow on tensor values or shapes: rewrite that line "
+              "(e.g. with torch.where), or wrap the model so its forward takes one tensor")
+    return f"cannot trace {what}: {_one_line(e)}{_where(e)}. {advice}"
+
+
+def _where(e: BaseException) -> str:
+    """' at file.py:12: `code`' for the innermost frame of the user's code, or ''."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not f.filename.startswith((_TORCH_DIR, _NDC_DIR + os.sep, "<"))]
+    if not frames:
+        return ""
+    f = frames[-1]
+    code = (f.line or linecache.getline(f.filename, f.lineno)).strip()
+    return f" at {os.path.basename(f.filename)}:{f.lineno}: `{code}`"
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

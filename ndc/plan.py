@@ -1,0 +1,153 @@
+"""From a loaded teacher to a :class:`~ndc.ir.Plan`, and back from a workspace to the traced teacher.
+
+The pipeline of ``ndc partition`` in one screen::
+
+    loaded = load_model(MODEL, weights, trust_pickle)      # ndc.load
+    traced = trace(loaded.model, input_shape, leaves)      # ndc.passes.trace
+    part   = partition(traced, by, ...)                    # ndc.passes.partition
+    plan   = build_plan(loaded, traced, part, options)     # here: extract, measure
+    write_plan(ws, plan, loaded.model)                     # plan.json + teacher.safetensors
+
+Later stages call :func:`load_teacher` to get the same traced graph back: the
+architecture is rebuilt from the recorded source (a trusted pickle only if its
+hash still matches) and the weights come from the workspace's
+``teacher.safetensors``, so a factory without weights gives the same teacher
+in every stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+import torch.nn as nn
+
+from ndc.errors import NdcError
+from ndc.ir import Neighbourhood, Plan
+from ndc.load import LoadedModel, check_and_load_state_dict, reload_model
+from ndc.metrics import count_flops, count_params
+from ndc.passes.extract import extract
+from ndc.passes.partition import Partition, partition
+from ndc.passes.trace import Traced, tensor_shape, trace
+from ndc.workspace import PLAN, TEACHER_WEIGHTS, Workspace, sha256_file
+
+
+def build_plan(loaded: LoadedModel, traced: Traced, part: Partition, options: dict) -> Plan:
+    """Extract and measure every neighbourhood of ``part``; the result is deterministic."""
+    neighbourhoods = []
+    for seg in part.segments:
+        module, input_node, output_name = neighbourhood_module(traced, seg)
+        in_shape = tensor_shape(input_node) or []
+        out_node = traced.node(output_name) if output_name != "output" else None
+        out_shape = tensor_shape(out_node) if out_node is not None else _output_shape(traced)
+        neighbourhoods.append(Neighbourhood(
+            name=seg.name,
+            input=input_node.name,
+            output=output_name,
+            nodes=[n.name for n in seg.nodes],
+            input_shape=in_shape,
+            output_shape=out_shape or [],
+            params=count_params(module),
+            flops=count_flops(module, in_shape),
+            kept=seg.kept,
+            modules=sorted({str(n.target) for n in seg.nodes if n.op == "call_module"}),
+        ))
+    return Plan(
+        source=loaded.source,
+        input_shape=list(traced.input_shape),
+        tracer=traced.settings(),
+        partition={**options, "boundaries": part.boundaries},
+        neighbourhoods=neighbourhoods,
+        teacher={"params": count_params(traced.gm), "flops": count_flops(traced.gm, traced.input_shape)},
+        notes=traced.notes + part.notes,
+    )
+
+
+def neighbourhood_module(traced: Traced, seg) -> tuple[fx.GraphModule, fx.Node, str]:
+    order = list(traced.gm.graph.nodes)
+    input_node = order[seg.start]
+    end = order[seg.end]
+    output_name = end.name if end.op != "output" else "output"
+    module = extract(traced.gm, input_node.name, output_name, [n.name for n in seg.nodes], class_name=_class_name(seg.name))
+    return module, input_node, output_name
+
+
+def _output_shape(traced: Traced) -> list[int] | None:
+    out = next(n for n in reversed(traced.gm.graph.nodes) if n.op == "output")
+    value = out.args[0]
+    return tensor_shape(value) if isinstance(value, fx.Node) else None
+
+
+def _class_name(name: str) -> str:
+    return "N_" + "".join(c if c.isalnum() else "_" for c in name)
+
+
+# ------------------------------------------------------------------ workspace
+
+
+def write_plan(ws: Workspace, plan: Plan, teacher: nn.Module) -> None:
+    """Write the teacher's weights and ``plan.json`` (atomically, weights first)."""
+    ws.ensure()
+    ws.save_tensors(TEACHER_WEIGHTS, teacher.state_dict())
+    plan.teacher["sha256"] = sha256_file(ws.path(TEACHER_WEIGHTS))
+    ws.record(TEACHER_WEIGHTS, made_from={"source": plan.source.get("sha256")})
+    ws.write_text(PLAN, plan.dumps())
+    ws.record(PLAN, made_from={"teacher": plan.teacher["sha256"]})
+
+
+@dataclass
+class Teacher:
+    """The teacher as later stages see it: plan, traced graph, and its neighbourhoods."""
+
+    plan: Plan
+    traced: Traced
+
+    @property
+    def gm(self) -> fx.GraphModule:
+        return self.traced.gm
+
+    @property
+    def sha256(self) -> str:
+        return self.plan.teacher["sha256"]
+
+    def part(self, name: str, deep_copy: bool = True) -> fx.GraphModule:
+        """The teacher neighbourhood ``name`` as its own module (a deep copy by default)."""
+        nb = self.plan[name]
+        return extract(self.gm, nb.input, nb.output, nb.nodes, deep_copy=deep_copy, class_name=_class_name(name))
+
+    def parts(self, deep_copy: bool = True) -> list[fx.GraphModule]:
+        return [self.part(n.name, deep_copy) for n in self.plan.neighbourhoods]
+
+
+def load_teacher(ws: Workspace) -> Teacher:
+    """Rebuild the traced teacher of ``ws``'s plan, with the workspace's teacher weights."""
+    plan = ws.load_plan()
+    weights = ws.path(TEACHER_WEIGHTS)
+    if not weights.is_file():
+        raise NdcError(f"{weights} is missing; rerun ndc partition")
+    if sha256_file(weights) != plan.teacher.get("sha256"):
+        raise NdcError(f"{weights} does not match plan.json (corrupt or replaced); rerun ndc partition")
+    model = reload_model(plan.source)
+    state = ws.load_tensors(TEACHER_WEIGHTS)
+    check_and_load_state_dict(model, state, str(weights))
+    traced = trace(model, plan.input_shape, plan.tracer.get("leaves", []))
+    names = {n.name for n in traced.gm.graph.nodes}
+    missing = [nb.name for nb in plan.neighbourhoods if nb.input not in names or (nb.output != "output" and nb.output not in names)]
+    if missing:
+        raise NdcError(f"the teacher no longer traces to the graph in plan.json (neighbourhoods {', '.join(missing[:3])}); rerun ndc partition")
+    return Teacher(plan, traced)
+
+
+def partition_model(loaded: LoadedModel, input_shape, by: str = "residual", depth: int = 1, every: int = 1,
+                    cuts: tuple[str, ...] = (), leaves: tuple[str, ...] = ()) -> tuple[Plan, Traced]:
+    """Trace and cut ``loaded``: the library form of ``ndc partition``."""
+    traced = trace(loaded.model, input_shape, leaves)
+    part = partition(traced, by=by, depth=depth, every=every, cuts=cuts)
+    options = {"by": by}
+    if by == "module":
+        options["depth"] = depth
+    elif by == "layers":
+        options["every"] = every
+    elif by == "cuts":
+        options["cuts"] = list(cuts)
+    return build_plan(loaded, traced, part, options), traced
