@@ -29,8 +29,6 @@ import torch.nn as nn
 from ndc.errors import NdcError
 from ndc.workspace import load_tensors, sha256_file
 
-PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin")
-
 @dataclass
 class LoadedModel:
     model: nn.Module
@@ -102,6 +100,9 @@ def _load_factory(spec: str) -> tuple[nn.Module, dict]:
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise NdcError(f"{target} has no callable {attr!r}")
+    # A fixed seed makes a factory without --weights give the same teacher every
+    # time, so the same MODEL always gives the same plan.
+    torch.manual_seed(0)
     try:
         model = factory()
     except Exception as e:

@@ -65,6 +65,28 @@ def data_options(f: Callable) -> Callable:
     )(f)
 
 
+def normalize_option(f: Callable) -> Callable:
+    """``--normalize stats|none|MEAN/STD``; the command receives the value for ``ndc.data.open_data(normalize=...)``."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str) -> Any:
+        from ndc.data import parse_normalize
+
+        try:
+            return parse_normalize(value)
+        except NdcError as e:
+            raise click.BadParameter(str(e)) from None
+
+    return click.option(
+        "--normalize",
+        default="stats",
+        show_default=True,
+        metavar="stats|none|MEAN/STD",
+        callback=parse,
+        help="Input normalisation: training-set statistics, none, or per-channel values "
+        "such as 0.485,0.456,0.406/0.229,0.224,0.225 (what a pretrained teacher was trained with).",
+    )(f)
+
+
 def common_options(f: Callable) -> Callable:
     return workspace_option(format_option(f))
 

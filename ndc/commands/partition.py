@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import click
@@ -11,8 +12,9 @@ from ndc.errors import NdcError
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
+    """'1,3,32,32' (or '1x3x32x32') -> (1, 3, 32, 32)."""
     try:
-        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+        shape = tuple(int(p) for p in re.split(r"[,x]", text.strip()))
     except ValueError:
         raise NdcError(f"bad --input-shape {text!r}: expected comma-separated sizes such as 1,3,32,32") from None
     if not shape or any(d <= 0 for d in shape):

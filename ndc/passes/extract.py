@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import weakref
 from fractions import Fraction
 
 import torch.fx as fx
@@ -33,8 +34,7 @@ def extract(gm: fx.GraphModule, input_name: str, output_name: str, node_names: l
     ``node_names`` are the nodes the neighbourhood owns. With ``deep_copy``
     (the default) the result shares nothing with ``gm``.
     """
-    nodes = {n.name: n for n in gm.graph.nodes}
-    act = activations(gm.graph)
+    nodes, act = _index(gm.graph)
     owned = {nodes[name] for name in node_names}
     inp = nodes[input_name]
     graph = fx.Graph()
@@ -73,6 +73,18 @@ def extract(gm: fx.GraphModule, input_name: str, output_name: str, node_names: l
     result.train(gm.training)
     result = copy.deepcopy(result) if deep_copy else result
     return protect_input(result)
+
+
+_INDEX: "weakref.WeakKeyDictionary[fx.Graph, tuple[int, dict, set]]" = weakref.WeakKeyDictionary()
+
+
+def _index(graph: fx.Graph) -> tuple[dict[str, fx.Node], set[fx.Node]]:
+    """Nodes by name and the activation set, computed once per graph (extracting n parts stays linear)."""
+    cached = _INDEX.get(graph)
+    if cached is None or cached[0] != len(graph.nodes):
+        cached = (len(graph.nodes), {n.name: n for n in graph.nodes}, activations(graph))
+        _INDEX[graph] = cached
+    return cached[1], cached[2]
 
 
 def _batch_size(node: fx.Node) -> tuple[int, int] | None:

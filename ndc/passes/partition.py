@@ -196,11 +196,11 @@ def _module_cuts(facts: GraphFacts, depth: int, notes: list[str]) -> list[int]:
     # Submodules at `depth`, and shallower ones without children (a root-level conv at depth 2).
     targets = [name for name, m in facts.gm.named_modules()
                if name and (name.count(".") == depth - 1 or (name.count(".") < depth - 1 and not any(True for _ in m.children())))]
+    wanted = set(targets)
     last: dict[str, int] = {}
     for n in facts.order:
-        for t in targets:
-            if _in_module(facts, n, t):
-                last[t] = facts.index[n]
+        for path in _enclosing(n) & wanted:
+            last[path] = facts.index[n]
     if not last:
         raise NdcError(f"no submodule at depth {depth} appears in the traced graph; try a smaller --depth")
     positions, boundary_set = [], set(facts.boundary_positions)
@@ -216,12 +216,14 @@ def _module_cuts(facts: GraphFacts, depth: int, notes: list[str]) -> list[int]:
     return positions
 
 
-def _in_module(facts: GraphFacts, n: fx.Node, target: str) -> bool:
+def _enclosing(n: fx.Node) -> set[str]:
+    """Every module path the node belongs to: its module and all their parents."""
     if n.op in ("call_module", "get_attr"):
-        name = str(n.target)
-        return name == target or name.startswith(target + ".")
-    stack = n.meta.get("nn_module_stack") or {}
-    return any(key == target or str(key).startswith(target + ".") for key in stack)
+        parts = str(n.target).split(".")
+        if n.op == "get_attr":
+            parts = parts[:-1]
+        return {".".join(parts[:k]) for k in range(1, len(parts) + 1)}
+    return {str(key) for key in (n.meta.get("nn_module_stack") or {})}
 
 
 def _absorb(facts: GraphFacts, pos: int) -> int:
@@ -275,7 +277,7 @@ def _explicit_cuts(facts: GraphFacts, cuts: tuple[str, ...]) -> list[int]:
         if name in by_name:
             pos = facts.index[by_name[name]]
         elif name in modules and name:
-            inside = [facts.index[n] for n in facts.order if _in_module(facts, n, name)]
+            inside = [facts.index[n] for n in facts.order if name in _enclosing(n)]
             if not inside:
                 raise NdcError(f"--cut {name}: the module does not appear in the traced graph")
             pos = inside[-1]

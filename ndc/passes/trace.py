@@ -117,24 +117,32 @@ def propagate_shapes(traced: Traced) -> None:
     """Annotate every node with its output's metadata at the traced batch size and at another."""
     gm, shape = traced.gm, traced.input_shape
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        _ShapeInterpreter(gm, "ndc_value").run(torch.randn(shape, generator=gen))
-        other = (shape[0] + 1,) + shape[1:]
-        _ShapeInterpreter(gm, "ndc_value_b2", record_tensors=False).run(torch.randn(other, generator=gen))
+    other = (shape[0] + 1,) + shape[1:]
+    for batch_shape, key, record in ((shape, "ndc_value", True), (other, "ndc_value_b2", False)):
+        interpreter = _ShapeInterpreter(gm, key, record_tensors=record)
+        try:
+            with torch.no_grad():
+                interpreter.run(torch.randn(batch_shape, generator=gen))
+        except Exception as e:
+            # fx.Interpreter appends the node and graph to the message; keep our one line.
+            raise NdcError(interpreter.failure or f"the model does not run on the example input: {_one_line(e)}") from None
 
 
 class _ShapeInterpreter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, key: str, record_tensors: bool = True):
         super().__init__(gm)
         self.key, self.record_tensors = key, record_tensors
+        self.failure: str | None = None
 
     def run_node(self, n: fx.Node):
         try:
             result = super().run_node(n)
         except Exception as e:
-            where = f" ({n.target})" if n.op == "call_module" else ""
-            raise NdcError(f"the model does not run on the example input: {type(e).__name__}: {_one_line(e)} "
-                           f"at node {n.name}{where}; check --input-shape") from None
+            if self.failure is None:
+                where = f" ({n.target})" if n.op == "call_module" else ""
+                self.failure = (f"the model does not run on the example input: {type(e).__name__}: {_one_line(e)} "
+                                f"at node {n.name}{where}; check --input-shape")
+            raise
         if self.record_tensors:
             meta = _tensor_meta(result)
             if meta is not None:
@@ -189,14 +197,23 @@ def _bound_arguments(model: nn.Module) -> dict:
 
 
 def _drop_bound_placeholders(graph: fx.Graph) -> None:
-    """Remove the placeholders and None-checks fx adds for bound arguments."""
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    for ph in placeholders[1:]:
-        for user in list(ph.users):
-            if user.op == "call_function" and getattr(user.target, "__name__", "") == "_assert_is_none" and not user.users:
-                graph.erase_node(user)
-        if not ph.users:
-            graph.erase_node(ph)
+    """Remove the placeholders fx adds for bound arguments, with the checks it hangs on them.
+
+    A bound value is inlined into the graph as a constant; its placeholder only
+    feeds ``_assert`` nodes, which never reach the output.
+    """
+    for ph in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        below, stack = {}, [ph]
+        while stack:
+            for user in stack.pop().users:
+                if user not in below:
+                    below[user] = None
+                    stack.append(user)
+        if any(n.op == "output" for n in below):
+            raise NdcError(f"forward argument {ph.target!r} reaches the output; ndc compiles models with one input tensor")
+        for n in reversed([n for n in graph.nodes if n in below]):
+            graph.erase_node(n)
+        graph.erase_node(ph)
     graph.lint()
 
 

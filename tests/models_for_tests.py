@@ -1,0 +1,120 @@
+"""Small models with awkward corners, shared by the tests (importable as a factory file)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Branchy(nn.Module):
+    """Python control flow on tensor values: torch.fx cannot trace this module."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.conv(x)
+        return -self.conv(x)
+
+
+class WithBranchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = Branchy()
+        self.c = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.c(F.relu(self.b(F.relu(self.a(x)))))
+
+
+class RootBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        if x.mean() > 0:  # untraceable at the root
+            x = x * 2
+        return self.conv(x)
+
+
+class OptionalArg(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x, mask=None, scale: float = 1.0):
+        if mask is not None:
+            x = x * mask
+        return self.fc(x) * scale
+
+
+class Block(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return F.relu(x + self.conv2(F.relu(self.conv1(x))))
+
+
+class ShapeAcross(nn.Module):
+    """Reads the batch size at the top and uses it after two blocks: must not block the cuts."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block1 = Block(4)
+        self.block2 = Block(4)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        b = x.size(0)
+        channels = x.shape[1]
+        x = self.block2(self.block1(self.stem(x)))
+        return self.fc(x.reshape(b, -1)) + channels * 0
+
+
+class InplaceInput(nn.Module):
+    """Block whose first op writes into its input in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = F.relu(x, inplace=True)  # writes into x: the skip below sees relu(x)
+        return x + self.conv(y)
+
+
+def with_branchy():
+    return WithBranchy()
+
+
+def root_branch():
+    return RootBranch()
+
+
+def optional_arg():
+    return OptionalArg()
+
+
+def shape_across():
+    return ShapeAcross()
+
+
+def resnet20_5classes():
+    from ndc.zoo import resnet20
+
+    return resnet20(num_classes=5)
+
+
+def not_a_module():
+    return 42
