@@ -92,10 +92,10 @@ class _Split:
     def take(self, index: slice | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
-    def subset(self, index: np.ndarray) -> "_Split":
+    def subset(self, index: np.ndarray) -> _Split:
         raise NotImplementedError
 
-    def head(self, n: int) -> "_Split":
+    def head(self, n: int) -> _Split:
         return self if n >= len(self) else self.subset(np.arange(n))
 
 
@@ -112,14 +112,15 @@ class _ArraySplit(_Split):
     def take(self, index: slice | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.index is not None:
             index = self.index[index]
-        x, y = self.x[index], np.asarray(self.y[index], dtype=np.int64)
+        # np.array copies: labels of a memory map are read-only, and torch wants writable memory.
+        x, y = self.x[index], np.array(self.y[index], dtype=np.int64)
         if self.layout == "nhw":
             x = x[:, None]
         elif self.layout == "nhwc":
             x = x.transpose(0, 3, 1, 2)
         return x, y
 
-    def subset(self, index: np.ndarray) -> "_ArraySplit":
+    def subset(self, index: np.ndarray) -> _ArraySplit:
         if self.index is None and len(index) and np.array_equal(index, np.arange(len(index))):
             # A prefix stays a view: slicing a memory map reads nothing.
             return _ArraySplit(self.x[: len(index)], self.y[: len(index)], self.layout)
@@ -143,7 +144,7 @@ class _LazySplit(_Split):
         x = np.stack([a for a, _ in items]) if items else np.zeros((0, *self.example_shape), np.float32)
         return x, np.asarray([label for _, label in items], dtype=np.int64)
 
-    def subset(self, index: np.ndarray) -> "_LazySplit":
+    def subset(self, index: np.ndarray) -> _LazySplit:
         base = np.asarray(index) if self.index is None else self.index[index]
         return _LazySplit(self.n, self.load, self.example_shape, base)
 
@@ -298,14 +299,16 @@ def read_idx(path: str | os.PathLike, kind: str) -> np.ndarray:
         raise NdcError(f"{path}: not an IDX {kind} file (too short for a header)")
     magic = struct.unpack(">I", header[:4])[0]
     if magic != _IDX_MAGIC[kind]:
-        raise NdcError(f"{path}: not an IDX {kind} file (magic number 0x{magic:08x}, expected 0x{_IDX_MAGIC[kind]:08x})")
+        raise NdcError(f"{path}: not an IDX {kind} file "
+                       f"(magic number 0x{magic:08x}, expected 0x{_IDX_MAGIC[kind]:08x})")
     if len(header) < header_size:
         raise NdcError(f"{path}: truncated IDX header")
     dims = struct.unpack(f">{ndim}I", header[4:])
     expected = math.prod(dims)
     actual = (len(data) if data is not None else path.stat().st_size) - header_size
     if actual != expected:
-        raise NdcError(f"{path}: the header promises {_dims(dims)} = {expected} bytes of data but the file holds {actual}")
+        raise NdcError(f"{path}: the header promises {_dims(dims)} = {expected} bytes of data "
+                       f"but the file holds {actual}")
     if data is None:
         if expected == 0:
             return np.zeros(dims, np.uint8)
@@ -392,7 +395,8 @@ def _npz_source(path: Path) -> _Raw:
     for key in ("x", "y"):
         if key not in arrays:
             found = ", ".join(sorted(arrays)) or "nothing"
-            raise NdcError(f"{path} has no array {key!r} (found: {found}); save with np.savez(path, x=images, y=labels)")
+            raise NdcError(f"{path} has no array {key!r} (found: {found}); "
+                           "save with np.savez(path, x=images, y=labels)")
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise NdcError(f"{path} has {'x_test' if 'x_test' in arrays else 'y_test'} without "
                        f"{'y_test' if 'x_test' in arrays else 'x_test'}; give both or neither")
@@ -431,7 +435,8 @@ def _same_examples(train: _Split, test: _Split, what_train: str, what_test: str)
     if train.example_shape != test.example_shape:
         raise NdcError(f"{what_test} has examples of shape {_dims(test.example_shape)} but "
                        f"{what_train} has {_dims(train.example_shape)}")
-    if isinstance(train, _ArraySplit) and isinstance(test, _ArraySplit) and (train.x.dtype == np.uint8) != (test.x.dtype == np.uint8):
+    arrays = isinstance(train, _ArraySplit) and isinstance(test, _ArraySplit)
+    if arrays and (train.x.dtype == np.uint8) != (test.x.dtype == np.uint8):
         raise NdcError(f"{what_test} is {test.x.dtype} but {what_train} is {train.x.dtype}; "
                        "store both as uint8 pixels or both as floats")
 
@@ -472,7 +477,7 @@ def _imagefolder_source(root: Path) -> _Raw:
         with Image.open(first) as im:
             mode = "L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
             width, height = im.size
-    except Exception as e:  # PIL raises OSError, ValueError and others for a bad file
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
         raise NdcError(f"imagefolder: cannot read image {first} ({_short(e)})") from None
     shape = (1 if mode == "L" else 3, height, width)
 
@@ -486,7 +491,7 @@ def _imagefolder_source(root: Path) -> _Raw:
                         # Mixed sizes are brought to the first image's size so a batch stacks.
                         im = im.resize((width, height), Image.Resampling.BILINEAR)
                     a = np.asarray(im, dtype=np.float32) / 255.0
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - as above: any failure to decode is the file's fault
                 raise NdcError(f"imagefolder: cannot read image {path} ({_short(e)})") from None
             return (a[None] if a.ndim == 2 else a.transpose(2, 0, 1)), label
         return load
@@ -550,7 +555,7 @@ def _function_source(spec: str) -> _Raw:
         result = fn()
     except NdcError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - user code may raise anything; report it in one line
         raise NdcError(f"data function {spec} raised {type(e).__name__}: {_short(e)}") from None
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
         raise NdcError(f"data function {spec} returned {type(result).__name__}; expected a pair (train, test), "
@@ -603,7 +608,7 @@ def _user_item(dataset: Any, i: int, what: str, mode: str | None) -> tuple[np.nd
 
     try:
         item = dataset[i]
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - user code, as above
         raise NdcError(f"{what}: reading example {i} raised {type(e).__name__}: {_short(e)}") from None
     if not (isinstance(item, (tuple, list)) and len(item) >= 2):
         raise NdcError(f"{what}: example {i} is a {type(item).__name__}; expected a pair (x, y)")
@@ -749,8 +754,10 @@ def plan_fit(raw: Sequence[int], shape: Sequence[int] | None) -> _Fit:
         return _Fit(raw, shape, channels, resize=(H, W))
     if math.prod(raw) == math.prod(shape):
         return _Fit(raw, shape, reshape=True)
+    hint = ("; the input shape is per example, leave out the batch size"
+            if len(shape) == len(raw) + 1 and shape[0] == 1 else "")
     raise NdcError(f"cannot fit examples of shape {_dims(raw)} to the model's input {_dims(shape)}: "
-                   "images need a C x H x W input, other data the same number of elements")
+                   f"images need a C x H x W input, other data the same number of elements{hint}")
 
 
 # ---------------------------------------------------------------------------
@@ -926,6 +933,17 @@ class DataSource:
             return (t - self._mean).div_(self._std)
         return t.contiguous()
 
+    def check(self) -> None:
+        """Read every example of both splits once, so a broken file fails now and not mid-training.
+
+        Array sources were checked when opened and cost nothing here; image
+        folders and user datasets are read one example at a time.
+        """
+        for split in self._splits.values():
+            if isinstance(split, _LazySplit):
+                for start in range(0, len(split), 256):
+                    split.take(slice(start, start + 256))
+
     def describe(self) -> dict:
         """The JSON payload of ``ndc data``: required keys first (train, test, classes, shape, mean, std)."""
         return {
@@ -990,7 +1008,7 @@ def open_data(spec: str, input_shape: Sequence[int] | None = None, *, limit: int
     train, test = raw.train, raw.test
     if test is None:
         train, test = _validation_split(train, seed, spec)
-        split = f"validation: {VALIDATION_FRACTION:.0%} of the training set held out (seed {seed})"
+        split = f"validation: {VALIDATION_FRACTION:.0%} of the training set held out, seed {seed}"
     else:
         split = "the source's own test set"
     if limit is not None:
@@ -1039,14 +1057,16 @@ def _cached_statistics(ws: Workspace | None, key: dict, train: _Split, fit: _Fit
     return mean, std, ws.path(rel)
 
 
-def _explicit_statistics(normalize: tuple[Sequence[float], Sequence[float]], channels: int) -> tuple[list[float], list[float]]:
+def _explicit_statistics(normalize: tuple[Sequence[float], Sequence[float]],
+                         channels: int) -> tuple[list[float], list[float]]:
     try:
         mean, std = ([float(v) for v in part] for part in normalize)
     except (TypeError, ValueError):
         raise NdcError("normalisation must be True, False or a pair (mean, std) of number lists") from None
     for what, values in (("mean", mean), ("std", std)):
         if len(values) not in (1, channels):
-            raise NdcError(f"normalisation {what} has {len(values)} values; the model's input has {channels} channel(s)")
+            raise NdcError(f"normalisation {what} has {len(values)} values; "
+                           f"the model's input has {channels} channel(s)")
     mean, std = (v * channels if len(v) == 1 else v for v in (mean, std))
     if any(not s > 0 for s in std):
         raise NdcError(f"normalisation std must be positive, got {std}")

@@ -25,7 +25,9 @@ def command(spec, input_shape, limit, normalize, workspace, fmt):
     SPEC is fashion-mnist[:DIR], mnist:DIR, digits, file.npz, imagefolder:DIR,
     or module:function / file.py:function returning (train, test). With
     normalisation by training statistics (the default) they are computed once
-    and stored in WORKSPACE/data/, where every later stage finds them.
+    and stored in WORKSPACE/data/, where every later stage finds them. Image
+    folders and user datasets are read in full once, so a broken file shows up
+    here rather than in the middle of training.
 
     \b
       ndc data fashion-mnist --input-shape 1,3,32,32
@@ -45,6 +47,7 @@ def command(spec, input_shape, limit, normalize, workspace, fmt):
     elif ws.exists(PLAN):
         shape, shape_from = tuple(ws.load_plan().input_shape[1:]), f"the plan in {ws.root}"
     data = open_data(spec, shape, limit=limit, workspace=ws, normalize=normalize)
+    data.check()
     payload = data.describe()
 
     def text() -> str:
