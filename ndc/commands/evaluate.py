@@ -1,0 +1,177 @@
+"""``ndc eval [MODEL]``: accuracy on a data set, and agreement with the workspace's teacher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ndc.commands.common import common_options, data_options, emit, normalize_option, table, user_errors, warn
+from ndc.errors import NdcError
+
+
+@click.command("eval")
+@click.argument("model", metavar="[MODEL]", required=False)
+@data_options
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Examples per forward pass.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow unpickling a .pt MODEL (a pickled module can run code when loaded).")
+@click.option("--device", default="cpu", show_default=True, help="Device for torch models (cpu, cuda).")
+@normalize_option
+@common_options
+@user_errors
+def command(model, data_spec, limit, batch_size, trust_pickle, device, normalize, workspace, fmt):
+    """Accuracy of MODEL on the test split of --data, and its agreement with the teacher.
+
+    MODEL is an exported .onnx or .pt2 file, a .pt (pickled, needs
+    --trust-pickle) or a workspace directory. Without MODEL, the workspace
+    -w is evaluated: its stitched student against its teacher, or the teacher
+    alone before `ndc stitch` has run. For a MODEL file, agreement is measured
+    against the teacher of the workspace -w when it has a plan; otherwise only
+    accuracy is reported.
+
+    \b
+      ndc eval --data fashion-mnist
+      ndc eval student.onnx --data fashion-mnist -w ndc-work
+      ndc eval student.pt2 --data digits --limit 200 --format json
+    """
+    from ndc.workspace import PLAN, Workspace
+
+    if not data_spec:
+        raise NdcError("ndc eval needs --data SPEC, e.g. --data fashion-mnist or --data digits")
+    ctx = click.get_current_context()
+    workspace_given = ctx.get_parameter_source("workspace") != click.core.ParameterSource.DEFAULT
+
+    if model is None or Path(model).is_dir():
+        ws = Workspace(model if model is not None else workspace)
+        if not ws.root.is_dir():
+            raise NdcError(f"no workspace at {ws.root}; run `ndc partition MODEL -w {ws.root}` first, or give a MODEL file")
+        payload = _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device)
+    else:
+        ws = Workspace(workspace)
+        has_plan = ws.exists(PLAN)
+        if workspace_given and not has_plan:
+            warn(f"no plan in workspace {ws.root}: reporting accuracy only (no teacher to compare with)")
+        payload = _evaluate_file(model, ws if has_plan else None, data_spec, limit, normalize, batch_size, device,
+                                 trust_pickle)
+    if payload.get("note"):
+        warn(payload["note"])
+    emit(fmt, payload, lambda: _text(payload))
+
+
+# ------------------------------------------------------------------ workspace
+
+
+def _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device) -> dict:
+    from ndc.data import open_data
+    from ndc.evaluate import evaluate
+    from ndc.plan import load_teacher
+
+    teacher = load_teacher(ws)
+    student, note = _stitched_student(ws, teacher)
+    data = open_data(data_spec, teacher.plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
+    if student is None:
+        result = evaluate(teacher.gm, data, batch_size=batch_size, device=device)
+        return _payload("teacher", "teacher", result["accuracy"], result["accuracy"], None, result["examples"],
+                        data, ws, note)
+    result = evaluate(student, data, teacher=teacher.gm, batch_size=batch_size, device=device)
+    return _payload("student", "stitched student", result["accuracy"], result["teacher_accuracy"],
+                    result["agreement"], result["examples"], data, ws, None)
+
+
+def _stitched_student(ws, teacher):
+    """The workspace's stitched student, or (None, why not)."""
+    try:
+        from ndc.stitch import load_student
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and e.name != "ndc.stitch":
+            raise  # ndc.stitch exists but is broken: a bug, not a missing stage
+        return None, "this ndc has no stitch stage yet; evaluated the teacher only"
+    try:
+        student = load_student(ws, teacher=teacher)
+    except NdcError as e:
+        why = str(e) if str(e).startswith("no stitched student") else f"cannot load the stitched student: {e}"
+        return None, f"{why}; evaluated the teacher only"
+    if student is None:
+        return None, "no stitched student in the workspace yet (run ndc stitch); evaluated the teacher only"
+    return student, None
+
+
+# ----------------------------------------------------------------------- file
+
+
+def _evaluate_file(model, ws, data_spec, limit, normalize, batch_size, device, trust_pickle) -> dict:
+    from ndc.data import open_data
+    from ndc.evaluate import load_for_eval, evaluate
+
+    predictor = load_for_eval(model, trust_pickle=trust_pickle)
+    teacher = None
+    if ws is not None:
+        from ndc.plan import load_teacher
+
+        teacher = load_teacher(ws)
+    shape = _input_shape(predictor, teacher, model)
+    data = open_data(data_spec, shape, limit=limit, workspace=ws, normalize=normalize)
+    result = evaluate(predictor, data, teacher=teacher.gm if teacher is not None else None,
+                      batch_size=batch_size, device=device)
+    return _payload("model", str(model), result["accuracy"], result.get("teacher_accuracy"), result.get("agreement"),
+                    result["examples"], data, ws, None)
+
+
+def _input_shape(predictor, teacher, model: str) -> tuple[int, ...]:
+    """The per-example input shape: the file's own, checked against the teacher's; else the teacher's; else guessed."""
+    teacher_shape = tuple(teacher.plan.input_shape[1:]) if teacher is not None else None
+    own = predictor.input_shape
+    if own is not None and teacher_shape is not None and own != teacher_shape:
+        raise NdcError(f"{model} takes inputs of shape {_dims(own)} but the workspace's teacher takes {_dims(teacher_shape)}; "
+                       "pass -w with the workspace this model was made from")
+    shape = own or teacher_shape
+    if shape is None:
+        from ndc.commands.partition import guess_input_shape
+
+        guessed = guess_input_shape(predictor.module) if predictor.module is not None else None
+        if guessed is None:
+            raise NdcError(f"cannot tell the input shape of {model}; pass -w with the workspace it was made from")
+        shape = tuple(guessed[1:])
+        warn(f"{model} does not record its input shape; using {_dims(shape)} from its first layer")
+    return shape
+
+
+# --------------------------------------------------------------------- output
+
+
+def _payload(evaluated: str, label: str, accuracy, teacher_accuracy, agreement, examples, data, ws, note) -> dict:
+    return {
+        "accuracy": accuracy,
+        "teacher_accuracy": teacher_accuracy,
+        "agreement": agreement,
+        "examples": examples,
+        "evaluated": evaluated,
+        "model": label,
+        "data": data.name,
+        "split": "test",
+        "split_source": data.split,
+        "classes": data.classes,
+        "workspace": str(ws.root) if ws is not None else None,
+        "note": note,
+    }
+
+
+def _text(p: dict) -> str:
+    def pct(v):
+        return "" if v is None else f"{100 * v:.2f}%"
+
+    rows = []
+    if p["evaluated"] == "teacher":
+        rows.append(["teacher", pct(p["accuracy"]), ""])
+    else:
+        if p["teacher_accuracy"] is not None:
+            rows.append(["teacher", pct(p["teacher_accuracy"]), ""])
+        rows.append([p["model"], pct(p["accuracy"]), pct(p["agreement"])])
+    out = table(["model", "accuracy", "agreement with teacher"], rows, "lrr")
+    return f"{out}\n\n{p['examples']} test examples of {p['data']} ({p['split_source']})"
+
+
+def _dims(shape) -> str:
+    return "x".join(str(int(d)) for d in shape)

@@ -1,0 +1,117 @@
+"""End-to-end training: the KD loss, training from scratch, checkpoints and resume, budgets, pruned weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ndc.data import open_data
+from ndc.errors import NdcError
+from ndc.finetune import NoiseImages, TrainConfig, accuracy, kd_loss, train
+from ndc.workspace import Workspace
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return open_data("digits", (1, 8, 8), limit=400)
+
+
+def test_kd_loss_matches_the_documented_formula():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(5, 10), torch.randn(5, 10), torch.randint(0, 10, (5,))
+    tau, lam = 2.5, 0.7
+    soft = F.kl_div(F.log_softmax(s / tau, 1), F.softmax(t / tau, 1), reduction="batchmean")
+    entropy = -(F.softmax(t / tau, 1) * F.log_softmax(t / tau, 1)).sum(1).mean()
+    expected = tau**2 * (soft + entropy) + lam * F.cross_entropy(s, y)
+    assert torch.allclose(kd_loss(s, t, y, tau, lam), expected, atol=1e-5)
+    paper = (soft + entropy) + lam * F.cross_entropy(s, y)
+    assert torch.allclose(kd_loss(s, t, y, tau, lam, tau_squared=False), paper, atol=1e-5)
+
+
+def test_training_from_scratch_learns(digits):
+    model = small_net()
+    before = accuracy(model, digits)
+    result = train(model, digits, TrainConfig(loss="ce", epochs=4, lr=0.05, batch_size=32, augment=False))
+    assert result["best_accuracy"] > max(before + 0.3, 0.6)
+    assert len(result["history"]) == 4 and all(h["seconds"] > 0 for h in result["history"])
+    assert accuracy(model, digits) == pytest.approx(result["best_accuracy"])
+
+
+def test_kd_from_a_teacher_raises_an_undertrained_student(digits):
+    teacher = small_net()
+    train(teacher, digits, TrainConfig(loss="ce", epochs=4, lr=0.05, batch_size=32, augment=False))
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10))
+    before = accuracy(student, digits)
+    result = train(student, digits, TrainConfig(loss="kd", epochs=3, lr=0.05, batch_size=32, augment=False), teacher=teacher)
+    assert result["best_accuracy"] > before + 0.2
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, digits):
+    ws = Workspace(tmp_path / "ws")
+    cfg = TrainConfig(loss="ce", epochs=3, lr=0.05, batch_size=32, augment=False)
+
+    def die_after_first_epoch(event):
+        if event.get("event") == "epoch" and event["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(small_net(), digits, cfg, ws=ws, folder="run", log=die_after_first_epoch)
+    assert ws.read_json("run/checkpoint.json")["epoch"] == 1
+    events = []
+    resumed = train(small_net(), digits, cfg, ws=ws, folder="run", log=events.append)
+    assert events[0] == {"event": "resumed", "epoch": 1}
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    fresh = train(small_net(), digits, cfg)
+    assert resumed["best_accuracy"] == pytest.approx(fresh["best_accuracy"], abs=1e-6)
+
+
+def test_time_budget_stops_training(digits):
+    result = train(small_net(), digits, TrainConfig(loss="ce", epochs=50, lr=0.05, time_budget=0.05))
+    assert result["epochs"] < 50
+
+
+def test_pruned_weights_stay_zero(digits):
+    model = small_net()
+    with torch.no_grad():
+        w = model[1].weight
+        w[w.abs() < w.abs().median()] = 0
+    zeros = model[1].weight == 0
+    train(model, digits, TrainConfig(loss="ce", epochs=1, lr=0.05))
+    assert torch.all(model[1].weight[zeros] == 0)
+
+
+def test_noise_inputs_for_data_free_kd(digits):
+    noise = NoiseImages((1, 8, 8), 256, digits)
+    x, y = next(noise.batches("train", 64, seed=1))
+    assert x.shape == (64, 1, 8, 8) and abs(float(x.mean())) < 0.1
+    x2, _ = next(noise.batches("train", 64, seed=1))
+    assert torch.equal(x, x2)
+    assert next(noise.batches("test", 32))[0].shape == (32, 1, 8, 8)
+    with pytest.raises(NdcError, match="give --data"):
+        next(NoiseImages((1, 8, 8)).batches("test"))
+
+
+def test_bad_configurations():
+    with pytest.raises(NdcError, match="unknown --loss"):
+        TrainConfig(loss="mse")
+    with pytest.raises(NdcError, match="needs a teacher"):
+        train(small_net(), None, TrainConfig(loss="kd"))
+
+
+def test_non_finite_loss_is_one_clear_error(digits):
+    with pytest.raises(NdcError, match="loss became .* try a lower --lr"):
+        train(small_net(), digits, TrainConfig(loss="ce", epochs=2, lr=1e12, weight_decay=0))
+    assert math.isfinite(1.0)
