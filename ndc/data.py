@@ -67,7 +67,7 @@ PAD_LIMIT = 0.25
 # Random translation of the paper's CIFAR setup: zero-pad 4, random crop.
 AUGMENT_SHIFT = 4
 STATS_DIR = "data"
-STATS_VERSION = 1
+STATS_VERSION = 2
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
 # Elements per chunk of the statistics pass: bounds its memory whatever the image size.
 _STATS_CHUNK_ELEMENTS = 1 << 24
@@ -1011,6 +1011,9 @@ def open_data(spec: str, input_shape: Sequence[int] | None = None, *, limit: int
         split = f"validation: {VALIDATION_FRACTION:.0%} of the training set held out, seed {seed}"
     else:
         split = "the source's own test set"
+    # Statistics always come from the whole training split, so every stage
+    # normalises the same way whatever --limit it runs with.
+    full_train = train
     if limit is not None:
         train, test = train.head(limit), test.head(limit)
     fit = plan_fit(train.example_shape, input_shape)
@@ -1019,8 +1022,8 @@ def open_data(spec: str, input_shape: Sequence[int] | None = None, *, limit: int
     stats_path = None
     if normalize is True:
         key = {"version": STATS_VERSION, "spec": spec, "source": raw.fingerprint, "shape": list(fit.shape),
-               "raw_shape": list(fit.raw), "limit": limit, "seed": seed if raw.test is None else None}
-        mean, std, stats_path = _cached_statistics(workspace, key, train, fit, raw.classes, len(test))
+               "raw_shape": list(fit.raw), "seed": seed if raw.test is None else None}
+        mean, std, stats_path = _cached_statistics(workspace, key, full_train, fit, raw.classes, len(test))
         normalization = "training statistics"
     elif normalize is False or normalize is None:
         mean, std, normalization = [0.0] * channels, [1.0] * channels, "none"

@@ -236,8 +236,10 @@ def test_statistics_are_stored_in_the_workspace_and_reused(idx_dir, tmp_path, mo
     monkeypatch.setattr(data_mod, "training_statistics", must_not_recompute)
     again = open_data(f"mnist:{idx_dir}", (3, 32, 32), workspace=ws)
     assert again.mean == first.mean and again.stats_path == first.stats_path
-    with pytest.raises(AssertionError):  # another limit, other statistics
-        open_data(f"mnist:{idx_dir}", (3, 32, 32), workspace=ws, limit=10)
+    limited = open_data(f"mnist:{idx_dir}", (3, 32, 32), workspace=ws, limit=10)  # same statistics whatever the limit
+    assert limited.mean == first.mean and limited.std == first.std
+    with pytest.raises(AssertionError):  # another input shape, other statistics
+        open_data(f"mnist:{idx_dir}", (1, 32, 32), workspace=ws)
 
 
 # ---------------------------------------------------------------------------
