@@ -113,7 +113,7 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, teacher: nn.Module | None
     if cfg.loss == "kd" and teacher is None:
         raise NdcError("knowledge distillation needs a teacher")
     if teacher is not None:
-        teacher.eval().requires_grad_(False)
+        teacher.eval()  # runs under no_grad below; its parameters' flags are the caller's business
     torch.manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)

@@ -186,21 +186,18 @@ class Workspace:
         m.setdefault("artefacts", {})
         return m
 
+    def update_manifest(self, change) -> None:
+        """Apply ``change(manifest)`` under a lock and write the manifest back atomically."""
+        with self._locked():
+            m = self.manifest()
+            change(m)
+            write_json_atomic(self.root / MANIFEST, m)
+
     def record(self, rel: str, made_from: dict | None = None, **extra: Any) -> str:
         """Record ``rel``'s sha256 (and what made it) in the manifest; returns the hash."""
         digest = sha256_file(self.path(rel))
-        with self._locked():
-            m = self.manifest()
-            m["artefacts"][str(rel)] = {"sha256": digest, "made_from": made_from or {}, **extra}
-            write_json_atomic(self.root / MANIFEST, m)
+        self.update_manifest(lambda m: m["artefacts"].__setitem__(str(rel), {"sha256": digest, "made_from": made_from or {}, **extra}))
         return digest
-
-    def forget(self, prefix: str) -> None:
-        """Drop manifest entries under ``prefix`` (the files themselves stay)."""
-        with self._locked():
-            m = self.manifest()
-            m["artefacts"] = {k: v for k, v in m["artefacts"].items() if not k.startswith(prefix)}
-            write_json_atomic(self.root / MANIFEST, m)
 
     def verified(self, rel: str, made_from: dict | None = None) -> bool:
         """True when ``rel`` exists, matches its recorded hash, and was made from ``made_from``."""

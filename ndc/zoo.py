@@ -27,6 +27,7 @@ __all__ = [
     "resnet20",
     "resnet20b",
     "cifar_resnet",
+    "demo_teacher",
     "bottleneck_resnet",
     "resnet50_like",
     "resnet152_like",
@@ -109,6 +110,11 @@ def cifar_resnet(depth: int = 20, num_classes: int = 10, in_channels: int = 3, w
 def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """CIFAR ResNetV1-20 with option A shortcuts: 0.27M parameters, 9 residual blocks."""
     return CifarResNet(20, num_classes, in_channels, shortcut="A")
+
+
+def demo_teacher() -> CifarResNet:
+    """The teacher of ``ndc demo``: ResNet-14 (six residual blocks, 8 base channels) for 1 x 28 x 28 images."""
+    return CifarResNet(14, num_classes=10, in_channels=1, width=8)
 
 
 def resnet20b(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:

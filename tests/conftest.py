@@ -30,3 +30,37 @@ def run_cli(tmp_path, monkeypatch):
         return runner.invoke(main, [str(a) for a in args], input=input, catch_exceptions=False)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> str:
+    """Weights of ``models_for_tests:tiny_resnet`` trained briefly on digits at 3x16x16: a real teacher.
+
+    Distillation tests need a teacher whose batch-norm statistics describe its
+    activations, as any trained network's do; a freshly initialised one is not.
+    """
+    from safetensors.torch import save_file
+
+    from ndc.data import open_data
+    from ndc.finetune import TrainConfig, train
+    from tests.models_for_tests import tiny_resnet
+
+    torch.manual_seed(0)
+    model = tiny_resnet()
+    data = open_data("digits", (3, 16, 16), limit=400)
+    train(model, data, TrainConfig(loss="ce", epochs=2, lr=0.05, batch_size=32, augment=False))
+    path = tmp_path_factory.mktemp("teacher") / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+def calibrated_weights(model: torch.nn.Module, shape, path) -> str:
+    """Save ``model``'s weights after setting its batch-norm statistics from real data (digits)."""
+    from safetensors.torch import save_file
+
+    from ndc.data import open_data
+    from ndc.stitch import recalibrate_batchnorm
+
+    recalibrate_batchnorm(model, open_data("digits", shape, limit=256), batches=4, batch_size=64)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)

@@ -118,3 +118,10 @@ def resnet20_5classes():
 
 def not_a_module():
     return 42
+
+
+def tiny_resnet():
+    """ResNet-8 with 8 base channels: three residual blocks, for fast pipeline tests at 3x16x16."""
+    from ndc.zoo import cifar_resnet
+
+    return cifar_resnet(depth=8, width=8)

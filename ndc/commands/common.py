@@ -156,3 +156,27 @@ def human(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.3g}{unit}"
     return f"{n:.0f}" if float(n).is_integer() else f"{n:.3g}"
+
+
+def selection_options(f):
+    """``--width K | --spec SPEC | --selection FILE``: which trained student per neighbourhood."""
+    f = click.option("--selection", "selection_file", type=click.Path(dir_okay=False), default=None,
+                     help="JSON mapping neighbourhood -> spec (ndc search writes selection.json).")(f)
+    f = click.option("--spec", "spec_text", default=None, metavar="SPEC", help="The same spec everywhere, e.g. width=0.5,sparsity=0.3.")(f)
+    return click.option("--width", type=float, default=None, help="The width=K students everywhere.")(f)
+
+
+def resolve_selection(ws, plan, width, spec_text, selection_file):
+    from ndc.ir import Spec
+    from ndc.stitch import default_selection, read_selection, uniform_selection
+
+    given = [x is not None for x in (width, spec_text, selection_file)]
+    if sum(given) > 1:
+        raise NdcError("give one of --width, --spec and --selection")
+    if width is not None:
+        return uniform_selection(plan, Spec(width=width))
+    if spec_text is not None:
+        return uniform_selection(plan, Spec.parse(spec_text))
+    if selection_file is not None:
+        return read_selection(selection_file, plan)
+    return default_selection(ws, plan)

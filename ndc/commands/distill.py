@@ -1,0 +1,202 @@
+"""``ndc distill``: rewrite and train a student for every (neighbourhood, spec) candidate."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from ndc.commands.common import common_options, data_options, emit, human, table, user_errors
+from ndc.errors import NdcError
+
+
+def parse_floats(text: str | None, what: str) -> list[float]:
+    if not text:
+        return []
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise NdcError(f"bad {what} {text!r}: expected numbers separated by commas, e.g. 0.5,0.75") from None
+
+
+def parse_size(text: str) -> int:
+    """'16G' -> bytes."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1] if t and t[-1] in units else ""
+    try:
+        return int(float(t[: len(t) - len(unit)]) * units[unit])
+    except ValueError:
+        raise NdcError(f"bad size {text!r}: expected e.g. 500M or 16G") from None
+
+
+class Progress:
+    """One status line on stderr (redrawn on a terminal, one line per finished job otherwise)."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.total, self.quiet, self.done = total, quiet, 0
+        self.tty = sys.stderr.isatty()
+        self.started = time.perf_counter()
+
+    def update(self, u: dict) -> None:
+        if self.quiet or not self.tty:
+            return
+        loss = f"  loss {u['loss']:.4g}" if "loss" in u else ""
+        line = f"[{self.done}/{self.total} jobs] {u.get('label', '')}  {u['step']}/{u['total']}{loss}"
+        click.echo("\r" + line[:120].ljust(120), nl=False, err=True)
+
+    def finished(self, m: dict) -> None:
+        self.done += 1
+        if self.quiet:
+            return
+        if m.get("status") == "failed":
+            what = f"FAILED: {m.get('error')}"
+        else:
+            what = f"error {m['initial_error']:.3g} -> {m['final_error']:.3g} in {m['seconds']:.1f}s"
+        line = f"[{self.done}/{self.total} jobs] {m['neighbourhood']} {m['spec']}: {what}"
+        click.echo(("\r" + line.ljust(120)) if self.tty else line, err=True)
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            click.echo(message, err=True)
+
+
+@click.command("distill")
+@click.option("--width", "widths", default=None, metavar="K[,K...]", help="Width multipliers: every internal channel dimension times K.")
+@click.option("--sparsity", "sparsities", default=None, metavar="S[,S...]", help="Fractions of conv/linear weights pruned (combined with every --width).")
+@click.option("--spec", "specs", multiple=True, metavar="SPEC", help="An explicit spec such as width=0.5,sparsity=0.3 (repeatable).")
+@data_options
+@click.option("--data-free", is_flag=True, help="Train on Gaussian noise inputs (the paper's section 6); same as --source noise.")
+@click.option("--source", type=click.Choice(["cache", "recompute", "noise"]), default=None,
+              help="Where inputs come from [default: cache when it fits --cache-budget, else recompute; noise with --data-free].")
+@click.option("--noise", type=click.Choice(["gaussian", "matched"]), default="gaussian", show_default=True,
+              help="--source noise: N(0,1), or per-channel moments measured on --calibration real examples.")
+@click.option("--calibration", type=int, default=256, show_default=True, help="Examples used to measure moments for --noise matched.")
+@click.option("--lookahead", type=int, default=0, show_default=True, help="Look-ahead terms through the next J teacher neighbourhoods.")
+@click.option("--alpha", default=None, metavar="A[,A...]", help="Weights of the look-ahead terms (one, or one per step) [default: 1].")
+@click.option("--epochs", type=int, default=10, show_default=True, help="Passes over the training inputs per job.")
+@click.option("--steps", type=int, default=None, help="Optimiser steps per job (overrides --epochs).")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate (cosine decay to 0).")
+@click.option("--init", type=click.Choice(["teacher", "random"]), default="teacher", show_default=True,
+              help="Start students from the teacher's most important channels, or from scratch.")
+@click.option("--round-to", type=int, default=1, show_default=True, help="Round shrunk channel counts to a multiple of N.")
+@click.option("--augment-passes", type=int, default=0, show_default=True,
+              help="Extra randomly translated passes of the training set (cached, or fresh per epoch with recompute).")
+@click.option("--val-size", type=int, default=1000, show_default=True, help="Held-out examples for errors and early stopping.")
+@click.option("--patience", type=int, default=3, show_default=True, help="Held-out evaluations without improvement before a job stops.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--only", multiple=True, metavar="NAME", help="Distil only this neighbourhood (repeatable).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Jobs at a time (processes, one torch thread each).")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--address", default=None, help="--backend ray: join this cluster instead of starting a local one.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--cache-budget", default="16G", show_default=True, help="Largest activation cache the default source may write.")
+@click.option("--force", is_flag=True, help="Redo every job, even those already done.")
+@click.option("--dry-run", is_flag=True, help="Show each student's size and what shrank, without training.")
+@click.option("--quiet", is_flag=True, help="No progress on stderr.")
+@common_options
+@user_errors
+def command(widths, sparsities, specs, data_spec, limit, data_free, source, noise, calibration, lookahead, alpha, epochs, steps,
+            batch_size, lr, init, round_to, augment_passes, val_size, patience, seed, only, workers, backend, address,
+            device, cache_budget, force, dry_run, quiet, workspace, fmt):
+    """Rewrite and train a student for every neighbourhood and spec.
+
+    Each (neighbourhood, spec) candidate is an independent job: its student is
+    trained to reproduce the teacher neighbourhood's output from the teacher's
+    input. Finished jobs are skipped on a rerun.
+
+    \b
+      ndc distill --width 0.5 --data fashion-mnist
+      ndc distill --width 0.5,0.75 --data fashion-mnist --workers 2
+      ndc distill --sparsity 0.5 --data-free --steps 2000
+      ndc distill --width 0.5 --dry-run
+    """
+    from ndc.distill import DistillConfig, choose_source, expand_specs, plan_candidates, run_distill
+    from ndc.distill.config import SOURCES
+    from ndc.plan import load_teacher
+    from ndc.workspace import Workspace
+
+    ws = Workspace(workspace)
+    spec_list = expand_specs(parse_floats(widths, "--width"), parse_floats(sparsities, "--sparsity"), list(specs))
+    teacher = load_teacher(ws)
+    plan = teacher.plan
+    candidates = plan_candidates(plan, spec_list, tuple(only))
+    if not candidates:
+        raise NdcError("the plan has no neighbourhood to distil (all are kept); try ndc partition --by module or --by layers")
+
+    if dry_run:
+        return _dry_run(teacher, candidates, round_to, fmt)
+
+    if data_free:
+        if source not in (None, "noise"):
+            raise NdcError(f"--data-free trains on noise; it cannot be combined with --source {source}")
+        source = "noise"
+    if source is None and not data_spec:
+        raise NdcError("give --data SPEC (e.g. --data fashion-mnist) or --data-free")
+    base = DistillConfig(data=data_spec, limit=limit, source=source or "recompute", noise=noise, calibration=calibration,
+                         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, lookahead=lookahead,
+                         alpha=tuple(parse_floats(alpha, "--alpha")), init=init, round_to=round_to,
+                         augment_passes=augment_passes, val_size=val_size, patience=patience, seed=seed, device=device)
+    assert base.source in SOURCES
+    progress = Progress(len(candidates), quiet or fmt == "json" and not sys.stderr.isatty())
+    data = None
+    if data_spec:
+        from ndc.distill.job import data_for
+
+        data = data_for(ws, data_spec, plan.input_shape[1:], limit)
+    from ndc.distill import cache_layout
+
+    chosen, why = choose_source(base, source, data, cache_layout(plan, lookahead), ws, parse_size(cache_budget))
+    cfg = DistillConfig(**{**base.__dict__, "source": chosen})
+    if not source:
+        progress.log(f"source: {chosen} ({why})")
+
+    from ndc.backends import make_backend
+
+    runner = make_backend(backend, workers, address, device)
+    t0 = time.perf_counter()
+    rows = run_distill(ws, spec_list, cfg, runner, teacher=teacher, only=tuple(only), force=force, log=progress.log,
+                       on_progress=progress.update, on_done=progress.finished)
+    seconds = time.perf_counter() - t0
+    failed = [r for r in rows if r.get("status") == "failed"]
+    payload = {
+        "source": chosen,
+        "backend": backend,
+        "workers": workers,
+        "seconds": seconds,
+        "candidates": [_row_json(r) for r in rows],
+    }
+
+    def text() -> str:
+        body = [[r["neighbourhood"], r["spec"], r["status"], human(r.get("student_params", 0)) if r.get("student_params") else "",
+                 _err(r.get("initial_error")), _err(r.get("final_error")), f"{r.get('seconds', 0):.1f}"] for r in rows]
+        out = table(["neighbourhood", "spec", "status", "params", "error before", "error after", "seconds"], body, "lllrrrr")
+        done = sum(r["status"] == "done" for r in rows)
+        skipped = sum(r["status"] == "skipped" for r in rows)
+        return out + f"\n\n{done} trained, {skipped} already done, {len(failed)} failed in {seconds:.1f}s ({chosen}, {backend} x{workers})"
+
+    emit(fmt, payload, text)
+    if failed:
+        first = failed[0]
+        raise NdcError(f"{len(failed)} of {len(rows)} jobs failed; first: {first['neighbourhood']} {first['spec']}: {first.get('error')}")
+
+
+def _row_json(r: dict) -> dict:
+    keys = ("neighbourhood", "spec", "status", "initial_error", "final_error", "seconds", "student_params", "teacher_params",
+            "student_flops", "steps", "stopped_early", "sparsity", "error")
+    return {k: r.get(k) for k in keys if k in r or k in ("initial_error", "final_error", "seconds")}
+
+
+def _err(v) -> str:
+    return "" if v is None else f"{v:.4f}"
+
+
+def _dry_run(teacher, candidates, round_to: int, fmt: str) -> None:
+    from ndc.passes.rewrite import format_preview, preview
+
+    plan = teacher.plan
+    rows = [preview(teacher.part(c.neighbourhood), c.spec, c.neighbourhood, plan[c.neighbourhood].input_shape, round_to=round_to)
+            for c in candidates]
+    emit(fmt, {"candidates": rows}, lambda: format_preview(rows))

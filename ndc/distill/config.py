@@ -1,0 +1,153 @@
+"""What a distillation run is: its configuration, its candidates, and the keys of their artefacts.
+
+A *candidate* is one (neighbourhood, spec) pair and the unit of work. Its
+artefacts live in ``jobs/<neighbourhood>/<spec>/`` and are keyed by
+everything that made them (teacher, neighbourhood, spec, training
+configuration), so a finished job is skipped on a rerun, a changed
+configuration redoes it, and a file that no longer verifies is redone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ndc.errors import NdcError
+from ndc.ir import Spec
+from ndc.workspace import sha256_json
+
+SOURCES = ("cache", "recompute", "noise")
+NOISE_KINDS = ("gaussian", "matched")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Training settings shared by every job of a run (the paper's appendix B.2 defaults where it has them)."""
+
+    data: str | None = None  # data spec; None with source="noise" is fully data-free
+    limit: int | None = None
+    source: str = "cache"
+    noise: str = "gaussian"  # with source="noise": plain N(0, 1), or per-channel matched moments
+    calibration: int = 256  # examples used to measure per-channel moments for noise="matched"
+    epochs: int = 10
+    steps: int | None = None  # per job; overrides epochs
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lookahead: int = 0
+    alpha: tuple[float, ...] = ()
+    init: str = "teacher"
+    round_to: int = 1
+    augment_passes: int = 0  # cache: extra augmented passes of the training set (0: the plain set only)
+    val_size: int = 1000  # held-out examples (test split, or noise) for errors and early stopping
+    patience: int = 3  # evaluations without improvement before a job stops early
+    evals: int = 10  # held-out evaluations per job
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise NdcError(f"unknown --source {self.source!r}; valid sources: {', '.join(SOURCES)}")
+        if self.noise not in NOISE_KINDS:
+            raise NdcError(f"unknown --noise {self.noise!r}; valid kinds: {', '.join(NOISE_KINDS)}")
+        if self.source != "noise" and not self.data:
+            raise NdcError(f"--source {self.source} needs --data SPEC; use --data-free to distil from Gaussian noise")
+        if self.noise == "matched" and self.source == "noise" and not self.data:
+            raise NdcError("--noise matched measures the teacher's activations on a few real examples: give --data SPEC "
+                           "(with --limit or --calibration N); without data use --noise gaussian")
+        for name in ("epochs", "batch_size", "val_size", "evals", "calibration"):
+            if getattr(self, name) < 1:
+                raise NdcError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.steps is not None and self.steps < 1:
+            raise NdcError("--steps must be at least 1")
+        if self.lr <= 0:
+            raise NdcError("--lr must be positive")
+        if self.lookahead < 0:
+            raise NdcError("--lookahead must be 0 or more")
+        if self.alpha and len(self.alpha) not in (1, self.lookahead):
+            raise NdcError(f"--alpha takes one weight or one per look-ahead step ({self.lookahead}), got {len(self.alpha)}")
+        if self.init not in ("teacher", "random"):
+            raise NdcError(f"unknown --init {self.init!r}; valid: teacher, random")
+
+    def alphas(self) -> list[float]:
+        """α_j for j = 1..lookahead (eq. 5 of the paper); one value is repeated, the default is 1."""
+        if not self.lookahead:
+            return []
+        if not self.alpha:
+            return [1.0] * self.lookahead
+        return list(self.alpha) * self.lookahead if len(self.alpha) == 1 else list(self.alpha)
+
+    def key_fields(self) -> dict:
+        """The settings that change a trained student (not where or how fast it runs)."""
+        d = asdict(self)
+        d.pop("device")
+        d["alpha"] = self.alphas()
+        return d
+
+
+@dataclass(frozen=True)
+class Candidate:
+    neighbourhood: str
+    spec: Spec
+
+    @property
+    def folder(self) -> str:
+        """Workspace-relative folder of this candidate's artefacts."""
+        return f"jobs/{safe_name(self.neighbourhood)}/{self.spec.slug()}"
+
+    def label(self) -> str:
+        return f"{self.neighbourhood} {self.spec}"
+
+
+@dataclass
+class Job:
+    """Everything a worker needs to train one candidate; plain data, so it pickles to any backend."""
+
+    workspace: str
+    neighbourhood: str
+    spec: str
+    key: str
+    config: dict
+    cost: float = 0.0  # estimated work, for longest-first scheduling
+    cache_dir: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def candidate(self) -> Candidate:
+        return Candidate(self.neighbourhood, Spec.parse(self.spec))
+
+
+def job_key(teacher_sha: str, neighbourhood: dict, spec: Spec, config: DistillConfig) -> str:
+    """Hash of everything that made a trained candidate."""
+    return sha256_json({
+        "teacher": teacher_sha,
+        "neighbourhood": {k: neighbourhood[k] for k in ("name", "input", "output", "nodes")},
+        "spec": str(spec),
+        "config": config.key_fields(),
+        "format": 1,
+    })
+
+
+def safe_name(name: str) -> str:
+    """A neighbourhood name as one path component (names never contain '/', but be sure)."""
+    cleaned = "".join(c if c.isalnum() or c in "._-~+" else "_" for c in name)
+    if cleaned in ("", ".", ".."):
+        raise NdcError(f"neighbourhood name {name!r} cannot be used as a folder name")
+    return cleaned
+
+
+def expand_specs(widths: list[float], sparsities: list[float], specs: list[str]) -> list[Spec]:
+    """The specs of a run: every width × every sparsity, plus explicit ``--spec`` strings, deduplicated in order."""
+    out: list[Spec] = []
+    if widths or sparsities:
+        for w in widths or [1.0]:
+            for s in sparsities or [0.0]:
+                out.append(Spec(width=w, sparsity=s))
+    out += [Spec.parse(s) for s in specs]
+    if not out:
+        raise NdcError("nothing to distil: give --width K[,K...], --sparsity S[,S...] or --spec SPEC")
+    seen, unique = set(), []
+    for s in out:
+        if s not in seen:
+            seen.add(s)
+            unique.append(s)
+    return unique

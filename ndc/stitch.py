@@ -1,0 +1,262 @@
+"""stitch: recombine the selected students with the teacher's kept neighbourhoods into one model.
+
+Invariant: ``stitch(teacher, {})`` computes exactly what the teacher computes,
+and so does a selection of ``width=1.0`` students that were never changed;
+every student is rebuilt from its spec and rewrite record and then gets its
+trained weights (safetensors) -- nothing is unpickled.
+
+The result is one flat ``torch.fx.GraphModule``: each neighbourhood's graph
+is inlined in order, and modules keep the teacher's qualified names
+(``layer1.0.conv1``), so state dicts, exported ONNX graphs and error messages
+read like the teacher's.
+
+A stitched student is stored in the workspace as ``student/student.json``
+(the selection, each candidate's record, calibration) and
+``student/weights.safetensors``; :func:`load_student` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ndc.distill.config import Candidate
+from ndc.distill.job import METRICS, STUDENT, WEIGHTS, finished
+from ndc.errors import NdcError
+from ndc.ir import Spec
+from ndc.load import check_and_load_state_dict
+from ndc.workspace import Workspace, read_json, sha256_file
+
+STUDENT_DIR = "student"
+SELECTION = "selection.json"
+
+
+# ------------------------------------------------------------------- selection
+
+
+def uniform_selection(plan, spec: Spec) -> dict[str, Spec]:
+    """The same spec for every neighbourhood that is not kept."""
+    return {nb.name: spec for nb in plan.trainable}
+
+
+def read_selection(path: str | Path, plan) -> dict[str, Spec]:
+    """A selection file: ``{"selection": {name: spec}}`` (as ``ndc search`` writes it) or a plain ``{name: spec}``."""
+    path = Path(path)
+    doc = read_json(path)
+    mapping = doc.get("selection", doc) if isinstance(doc, dict) else None
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise NdcError(f"{path}: expected a JSON object mapping neighbourhood names to specs")
+    selection = {}
+    for name, text in mapping.items():
+        nb = plan[name]  # unknown names are one clear error
+        if nb.kept:
+            raise NdcError(f"{path}: neighbourhood {name} is kept with the teacher and has no students")
+        selection[name] = Spec.parse(text)
+    return selection
+
+
+def trained_specs(ws: Workspace, plan) -> dict[str, list[Spec]]:
+    """Specs with a finished job, per neighbourhood (from the manifest)."""
+    jobs = ws.manifest().get("jobs", {})
+    out: dict[str, list[Spec]] = {}
+    for entry in jobs.values():
+        if entry.get("status") == "done":
+            out.setdefault(entry["neighbourhood"], []).append(Spec.parse(entry["spec"]))
+    return {k: sorted(set(v)) for k, v in out.items()}
+
+
+def default_selection(ws: Workspace, plan) -> dict[str, Spec]:
+    """``selection.json`` from ``ndc search`` if present, else the one spec every neighbourhood was trained with."""
+    if ws.exists(SELECTION):
+        return read_selection(ws.path(SELECTION), plan)
+    trained = trained_specs(ws, plan)
+    common = None
+    for nb in plan.trainable:
+        specs = set(trained.get(nb.name, []))
+        common = specs if common is None else common & specs
+    if common and len(common) == 1:
+        return uniform_selection(plan, next(iter(common)))
+    if not trained:
+        raise NdcError("no trained students in the workspace; run ndc distill first (or pass --width 1.0 to stitch the teacher)")
+    options = ", ".join(str(s) for s in sorted(common or set())) or "none shared by every neighbourhood"
+    raise NdcError(f"which students? pass --width K, --spec SPEC or --selection FILE (specs trained everywhere: {options})")
+
+
+# -------------------------------------------------------------------- students
+
+
+def load_candidate(ws: Workspace, teacher, name: str, spec: Spec) -> tuple[nn.Module, dict]:
+    """The trained student for (name, spec), rebuilt from its record with its weights; identity specs fall back to the teacher."""
+    from ndc.passes.rewrite import rebuild_student
+
+    cand = Candidate(name, spec)
+    metrics_path = ws.path(f"{cand.folder}/{METRICS}")
+    if not metrics_path.is_file():
+        if spec.is_identity:
+            return teacher.part(name), {"teacher": True}
+        raise NdcError(f"no trained student for {name} {spec}; run ndc distill --spec {spec} (or choose another spec)")
+    metrics = read_json(metrics_path)
+    if metrics.get("status") != "done":
+        raise NdcError(f"the job for {name} {spec} did not finish ({metrics.get('error', metrics.get('status'))}); rerun ndc distill")
+    if finished(ws, cand.folder, metrics.get("key")) is None:
+        raise NdcError(f"the student files of {name} {spec} do not verify (corrupt or changed); rerun ndc distill --force --only {name}")
+    info = read_json(ws.path(f"{cand.folder}/{STUDENT}"))
+    module = rebuild_student(teacher.part(name), spec, info["record"])
+    state = ws.load_tensors(f"{cand.folder}/{WEIGHTS}")
+    check_and_load_state_dict(module, state, str(ws.path(f"{cand.folder}/{WEIGHTS}")))
+    return module.eval(), {"record": info["record"], "key": metrics["key"], "weights_sha256": metrics["weights_sha256"]}
+
+
+def stitch(teacher, replacements: dict[str, nn.Module]) -> fx.GraphModule:
+    """One GraphModule: the teacher's neighbourhoods in order, each replaced by ``replacements[name]`` if given."""
+    graph = fx.Graph()
+    plan = teacher.plan
+    current = graph.placeholder(plan.neighbourhoods[0].input)
+    owners: dict[str, object] = {}
+    for nb in plan.neighbourhoods:
+        part = replacements.get(nb.name)
+        if part is None:
+            part = teacher.part(nb.name)
+        if not isinstance(part, fx.GraphModule):
+            raise NdcError(f"the replacement for {nb.name} is not a torch.fx GraphModule")
+        for node in part.graph.nodes:
+            if node.op in ("call_module", "get_attr"):
+                target = str(node.target)
+                obj = part.get_submodule(target) if node.op == "call_module" else _get_attr(part, target)
+                if target in owners and owners[target] is not obj:
+                    raise NdcError(f"neighbourhoods {nb.name} and another both own {target}; stitching shared modules is not supported")
+                owners[target] = obj
+        placeholder = next(n for n in part.graph.nodes if n.op == "placeholder")
+        val_map = {placeholder: current}
+        current = graph.graph_copy(part.graph, val_map)
+    graph.output(current)
+    graph.lint()
+    student = fx.GraphModule(owners, graph, class_name="Student")
+    return student.eval()
+
+
+def _get_attr(module: nn.Module, target: str):
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def build_student(ws: Workspace, teacher, selection: dict[str, Spec]) -> tuple[fx.GraphModule, dict]:
+    """Stitch the trained students of ``selection``; returns the model and what it was made from."""
+    replacements, made_from = {}, {}
+    for name, spec in selection.items():
+        module, info = load_candidate(ws, teacher, name, spec)
+        replacements[name] = module
+        made_from[name] = {"spec": str(spec), **info}
+    return stitch(teacher, replacements), made_from
+
+
+def fresh_student(teacher, selection: dict[str, Spec], seed: int = 0) -> fx.GraphModule:
+    """The same student architecture with every parameter freshly initialised (the end-to-end baselines)."""
+    from ndc.passes.rewrite import make_student
+
+    torch.manual_seed(seed)
+    parts = {name: make_student(teacher.part(name), spec, init="random", seed=seed).module for name, spec in selection.items()}
+    student = stitch(teacher, parts)
+    reset_parameters(student, seed)
+    return student.requires_grad_(True).train()
+
+
+def reset_parameters(module: nn.Module, seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    for m in module.modules():
+        if hasattr(m, "reset_parameters") and m is not module:
+            m.reset_parameters()
+        if hasattr(m, "reset_running_stats"):
+            m.reset_running_stats()
+
+
+# ------------------------------------------------------------- calibration
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, data, batches: int, batch_size: int = 128) -> int:
+    """Re-estimate every batch norm's running statistics on ``batches`` training batches; returns how many layers.
+
+    The stitched student's batch norms saw their neighbourhood's inputs during
+    distillation, not the inputs the students before them now produce; a few
+    batches through the whole student put them right. Other layers stay in
+    eval mode, and nothing else changes.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches <= 0:
+        return 0
+    was = model.training
+    model.eval()
+    momenta = {}
+    for m in norms:
+        momenta[m] = m.momentum
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+        m.train()
+    seen = 0
+    for x, _ in data.batches("train", batch_size, shuffle=True, seed=12345):
+        model(x)
+        seen += 1
+        if seen >= batches:
+            break
+    for m in norms:
+        m.momentum = momenta[m]
+        m.eval()
+    model.train(was)
+    return len(norms)
+
+
+# ----------------------------------------------------------------- workspace
+
+
+def save_student(ws: Workspace, model: fx.GraphModule, selection: dict[str, Spec], made_from: dict, extra: dict,
+                 folder: str = STUDENT_DIR) -> None:
+    """Write the stitched student into the workspace: weights, then the JSON that rebuilds it."""
+    ws.save_tensors(f"{folder}/{WEIGHTS}", model.state_dict())
+    doc = {
+        "selection": {k: str(v) for k, v in selection.items()},
+        "candidates": made_from,
+        "weights_sha256": sha256_file(ws.path(f"{folder}/{WEIGHTS}")),
+        **extra,
+    }
+    ws.write_json(f"{folder}/{STUDENT}", doc)
+
+
+def load_student(ws: Workspace, folder: str = STUDENT_DIR, teacher=None) -> fx.GraphModule:
+    """Rebuild a stitched (or fine-tuned) student saved in the workspace."""
+    from ndc.passes.rewrite import rebuild_student
+    from ndc.plan import load_teacher
+
+    path = ws.path(f"{folder}/{STUDENT}")
+    if not path.is_file():
+        raise NdcError(f"no stitched student in {ws.root}; run ndc stitch first")
+    doc = read_json(path)
+    weights = ws.path(f"{folder}/{WEIGHTS}")
+    if not weights.is_file() or sha256_file(weights) != doc.get("weights_sha256"):
+        raise NdcError(f"{weights} is missing or does not match {path}; rerun ndc stitch")
+    teacher = teacher or load_teacher(ws)
+    replacements = {}
+    for name, text in doc["selection"].items():
+        info = doc["candidates"].get(name, {})
+        if info.get("teacher"):
+            continue
+        replacements[name] = rebuild_student(teacher.part(name), Spec.parse(text), info["record"])
+    model = stitch(teacher, replacements)
+    check_and_load_state_dict(model, ws.load_tensors(f"{folder}/{WEIGHTS}"), str(weights))
+    return model.eval()
+
+
+def describe_selection(selection: dict[str, Spec]) -> str:
+    specs = sorted({str(s) for s in selection.values()})
+    return specs[0] if len(specs) == 1 else json.dumps({k: str(v) for k, v in selection.items()})
+
+
+def copy_module(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)

@@ -1,0 +1,135 @@
+"""`ndc stitch`: recombination, exactness at width 1, calibration, export parity for every family, errors."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import onnx
+import pytest
+import torch
+
+from ndc.ir import Spec
+from ndc.load import LoadedModel
+from ndc.plan import Teacher, partition_model
+from ndc.stitch import stitch
+from ndc.zoo import FAMILIES
+
+HERE = pathlib.Path(__file__).resolve().parent
+TINY = f"{HERE / 'models_for_tests.py'}:tiny_resnet"
+FAST = ["--data", "digits", "--limit", "200", "--steps", "10", "--batch-size", "32", "--val-size", "64", "--quiet"]
+
+
+def _teacher(family: str) -> Teacher:
+    factory, shape = FAMILIES[family]
+    plan, traced = partition_model(LoadedModel(factory().eval(), {"kind": "test"}), shape)
+    return Teacher(plan, traced)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_stitching_the_teacher_parts_is_the_teacher(family):
+    teacher = _teacher(family)
+    student = stitch(teacher, {})
+    x = torch.randn(3, *teacher.plan.input_shape[1:])
+    with torch.no_grad():
+        assert torch.equal(student(x), teacher.gm(x))
+    assert set(student.state_dict()) == set(teacher.gm.state_dict())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("width", [1.0, 0.5])
+def test_stitched_students_export_to_onnx_with_parity(family, width, tmp_path):
+    from ndc.passes.export import export_model
+    from ndc.passes.rewrite import make_student
+
+    teacher = _teacher(family)
+    parts = {nb.name: make_student(teacher.part(nb.name), Spec(width=width)).module for nb in teacher.plan.trainable}
+    student = stitch(teacher, parts)
+    if width == 1.0:
+        x = torch.randn(2, *teacher.plan.input_shape[1:])
+        with torch.no_grad():
+            assert torch.equal(student(x), teacher.gm(x))
+    report = export_model(student, tmp_path / "s.onnx", teacher.plan.input_shape)
+    onnx.checker.check_model(str(tmp_path / "s.onnx"))
+    assert report["max_abs_diff"] < 1e-3
+    assert report["checked_batch_sizes"] == [1, 7, 64]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_teacher):
+    """A tiny ResNet workspace with width 0.5 and 1.0 students trained."""
+    from click.testing import CliRunner
+
+    from ndc.cli import main
+
+    ws = tmp_path_factory.mktemp("stitch") / "ws"
+    runner = CliRunner()
+    r = runner.invoke(main, ["partition", TINY, "--weights", tiny_teacher, "--input-shape", "1,3,16,16", "-w", str(ws)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["distill", "--width", "0.5,1.0", *FAST, "-w", str(ws)])
+    assert r.exit_code == 0, r.output
+    return ws
+
+
+@pytest.fixture
+def ws(trained, tmp_path):
+    shutil.copytree(trained, tmp_path / "ndc-work")
+    return tmp_path / "ndc-work"
+
+
+def test_width_one_students_reproduce_the_teacher(run_cli, ws):
+    from ndc.plan import load_teacher
+    from ndc.stitch import load_student
+    from ndc.workspace import Workspace
+
+    r = run_cli("stitch", "-o", "s.onnx", "--width", "1.0", "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert {"output", "params", "teacher_params", "max_abs_diff"} <= set(doc)
+    assert doc["params"] == doc["teacher_params"]
+    teacher = load_teacher(Workspace(ws))
+    student = load_student(Workspace(ws))
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(student(x), teacher.gm(x))
+
+
+def test_stitch_with_data_recalibrates_and_reports_accuracy(run_cli, ws, tmp_path):
+    r = run_cli("stitch", "-o", "s.onnx", "--width", "0.5", "--data", "digits", "--limit", "200", "--calibrate", "3",
+                "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["params"] < doc["teacher_params"] and doc["flops"] < doc["teacher_flops"]
+    assert 0 <= doc["accuracy"] <= 1 and 0 <= doc["teacher_accuracy"] <= 1 and 0 <= doc["agreement"] <= 1
+    assert doc["calibrated_norms"] > 0
+    assert (tmp_path / "s.onnx").is_file() and (ws / "student" / "report.json").is_file()
+    onnx.checker.check_model(str(tmp_path / "s.onnx"))
+
+
+def test_default_selection_is_the_only_trained_spec(run_cli, ws):
+    r = run_cli("stitch", "-o", "s.pt2")
+    assert r.exit_code == 1 and "which students?" in r.stderr and "width=0.5" in r.stderr
+
+
+def test_selection_file(run_cli, ws, tmp_path):
+    (tmp_path / "sel.json").write_text(json.dumps({"layer1.0": "width=0.5", "layer2.0": "width=1.0", "layer3.0": "width=0.5"}))
+    r = run_cli("stitch", "-o", "s.pt2", "--selection", "sel.json", "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["selection"]["layer2.0"] == "width=1.0"
+    loaded = torch.export.load(str(tmp_path / "s.pt2")).module()
+    assert loaded(torch.randn(5, 3, 16, 16)).shape == (5, 10)
+
+
+def test_stitch_errors_are_one_line_and_leave_nothing(run_cli, ws, tmp_path):
+    cases = [
+        (["-o", "s.onnx", "--width", "0.25"], "no trained student for layer1.0 width=0.25"),
+        (["-o", "missing/s.onnx", "--width", "0.5"], "missing"),
+        (["-o", "s.tflite", "--width", "0.5"], "suffix"),
+        (["-o", "s.onnx", "--width", "0.5", "--spec", "width=0.5"], "give one of --width, --spec and --selection"),
+    ]
+    for args, needle in cases:
+        r = run_cli("stitch", *args)
+        assert r.exit_code == 1, (args, r.stdout)
+        assert needle in r.stderr and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, (args, r.stderr)
+    assert not list(tmp_path.glob("s.*"))
