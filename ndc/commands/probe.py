@@ -1,0 +1,148 @@
+"""``ndc probe``: the thresholding effect -- accuracy against noise amplitude at each neighbourhood, with a plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ndc.commands.common import common_options, data_options, emit, normalize_option, table, user_errors, warn
+from ndc.errors import NdcError
+
+
+@click.command("probe")
+@click.argument("model", metavar="[MODEL|WORKSPACE]", required=False)
+@data_options
+@click.option("--eps", "eps_text", default=None, metavar="E[,E...]",
+              help="Noise amplitudes [default: 0 and 0.001 to 10 in 1-2-5 steps].")
+@click.option("--relative", is_flag=True, help="Scale the noise at each boundary by the teacher's activation std there.")
+@click.option("--tolerance", type=float, default=0.5, show_default=True,
+              help="Threshold: the largest amplitude whose drop stays below this many points.")
+@click.option("--eval-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Held-out set: the first N examples of the test split.")
+@click.option("--metric", type=click.Choice(["auto", "accuracy", "agreement"]), default="auto", show_default=True,
+              help="Score: accuracy against the labels, or agreement with the unperturbed model.")
+@click.option("--all-neighbourhoods", "include_kept", is_flag=True,
+              help="Also perturb the neighbourhoods kept with the teacher (stem, head).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Folder for curves.csv, thresholds.png and probe.json [default: WORKSPACE/probe].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Examples per forward pass.")
+@click.option("--input-shape", "input_shape", default=None, metavar="N,C,H,W", help="MODEL: example input shape, as for ndc partition.")
+@click.option("--by", "by", default="residual", show_default=True, metavar="STRATEGY", help="MODEL: partition strategy, as for ndc partition.")
+@click.option("--depth", type=int, default=1, show_default=True, help="MODEL, --by module: cut after every submodule at this depth.")
+@click.option("--every", type=int, default=1, show_default=True, help="MODEL, --by layers: cut after every N weight layers.")
+@click.option("--cut", "cuts", multiple=True, metavar="NAME", help="MODEL, --by cuts: cut at this node or module (repeatable).")
+@click.option("--leaf", "leaves", multiple=True, metavar="MODULE", help="MODEL: keep this submodule opaque when tracing.")
+@click.option("--weights", default=None, type=click.Path(dir_okay=False), help="MODEL: state dict or .safetensors for a factory.")
+@click.option("--trust-pickle", is_flag=True, help="MODEL: allow unpickling a torch.save'd module.")
+@normalize_option
+@common_options
+@user_errors
+def command(model, data_spec, limit, eps_text, relative, tolerance, eval_size, metric, include_kept, seed, out_dir,
+            batch_size, input_shape, by, depth, every, cuts, leaves, weights, trust_pickle, normalize, workspace, fmt):
+    """Add Gaussian noise of amplitude ε at each neighbourhood's output, and at all of them, and measure the drop.
+
+    The paper's thresholding effect (section 3, Figure 1): accuracy holds
+    while ε stays under a threshold, which differs per neighbourhood and is
+    lower when every neighbourhood is perturbed. Prints each curve's threshold
+    (the largest ε whose drop stays below --tolerance points) and writes
+    curves.csv, thresholds.png and probe.json.
+
+    MODEL|WORKSPACE is a workspace directory (default: -w), whose plan and
+    teacher are used, or a model as for `ndc partition` (file.py:factory,
+    package.module:factory, or a .pt with --trust-pickle), which is traced and
+    partitioned in memory with --input-shape and --by.
+
+    \b
+      ndc probe --data fashion-mnist
+      ndc probe --data fashion-mnist --relative --eps 0,0.01,0.1,1
+      ndc probe models.py:resnet20 --weights r20.safetensors --input-shape 1,3,32,32 --data cifar.npz
+    """
+    from ndc.data import open_data
+    from ndc.probe import parse_eps, probe, write_probe
+    from ndc.search import HeldOut, choose_metric
+    from ndc.workspace import Workspace
+
+    if not data_spec:
+        raise NdcError("ndc probe measures accuracy under noise: give --data SPEC, e.g. --data fashion-mnist")
+    if not tolerance > 0:
+        raise NdcError("--tolerance must be a positive number of points")
+    eps = parse_eps(eps_text)
+    teacher, ws, what = _teacher(model, workspace, input_shape, by, depth, every, cuts, leaves, weights, trust_pickle)
+    plan = teacher.plan
+    data = open_data(data_spec, plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
+    metric, why = choose_metric(metric, data, plan.neighbourhoods[-1].output_shape)
+    if why:
+        warn(why)
+    targets = [nb.name for nb in (plan.neighbourhoods if include_kept else plan.trainable)]
+    if not targets:
+        targets = plan.names
+        warn("the plan keeps every neighbourhood with the teacher; probing all of them")
+    heldout = HeldOut.first(data, eval_size, batch_size)
+    result = probe(teacher.parts(), plan.names, heldout, targets=targets, eps=eps, relative=relative, metric=metric,
+                   seed=seed, tolerance=tolerance)
+    folder = Path(out_dir) if out_dir else Workspace(workspace if ws is None else ws.root).path("probe")
+    title = (f"Thresholding effect: {what}\n{result.examples} held-out examples of {data_spec}, "
+             f"{score_name(result.metric)} {100 * result.baseline:.1f}% without noise")
+    files = write_probe(folder, result, title)
+    payload = {**result.to_json(), "model": what, "files": files}
+
+    def text() -> str:
+        rows = []
+        for target in result.curves:
+            drops = result.drops(target)
+            cap = result.thresholds[target]
+            shown = f">= {cap:g}" if target in result.capped else f"{cap:g}"
+            row = [target, shown, f"{drops[-1]:.2f}"]
+            if relative:
+                row.insert(1, f"{result.scales[target]:.3g}" if target in result.scales else "")
+            rows.append(row)
+        headers = ["neighbourhood", "threshold ε", f"drop at ε={result.eps[-1]:g}"]
+        if relative:
+            headers.insert(1, "activation std")
+        lines = [table(headers, rows), "",
+                 f"{what}: {score_name(result.metric)} {100 * result.baseline:.2f}% on {result.examples} held-out examples; "
+                 f"threshold = largest ε with a drop below {tolerance:g} points",
+                 f"wrote {files['png']}, {files['csv']} and {files['json']}"]
+        return "\n".join(lines)
+
+    emit(fmt, payload, text)
+
+
+def score_name(metric: str) -> str:
+    return "accuracy" if metric == "accuracy" else "agreement"
+
+
+def _teacher(model, workspace, input_shape, by, depth, every, cuts, leaves, weights, trust_pickle):
+    """The teacher to probe: a workspace's (MODEL a directory, or absent), or MODEL partitioned in memory.
+
+    Returns (teacher, workspace or None, a name for the output).
+    """
+    from ndc.plan import Teacher, load_teacher
+    from ndc.workspace import Workspace
+
+    if model is None or Path(model).is_dir():
+        ws = Workspace(model if model is not None else workspace)
+        if not ws.exists("plan.json"):
+            raise NdcError(f"no plan in workspace {ws.root}; run `ndc partition MODEL -w {ws.root}` first, "
+                           "or give a MODEL to partition in memory")
+        return load_teacher(ws), ws, f"the teacher of {ws.root.name}"
+
+    from ndc.commands.partition import guess_input_shape, parse_shape
+    from ndc.load import load_model
+    from ndc.passes.partition import STRATEGIES
+    from ndc.plan import partition_model
+
+    if by not in STRATEGIES:
+        raise NdcError(f"unknown partition strategy {by!r}; valid strategies: {', '.join(STRATEGIES)}")
+    loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
+    shape = parse_shape(input_shape) if input_shape else guess_input_shape(loaded.model)
+    if shape is None:
+        raise NdcError("cannot tell the model's input shape; pass --input-shape, e.g. 1,3,32,32")
+    if not input_shape:
+        warn(f"no --input-shape given; using {','.join(map(str, shape))} from the model's first layer")
+    loaded.model.eval()
+    plan, traced = partition_model(loaded, shape, by=by, depth=depth, every=every, cuts=tuple(cuts), leaves=tuple(leaves))
+    plan.teacher.setdefault("sha256", "in-memory")
+    return Teacher(plan, traced), None, model

@@ -1,0 +1,141 @@
+"""``ndc search``: Student Search over the trained candidates; writes the selection ``ndc stitch`` uses."""
+
+from __future__ import annotations
+
+import click
+
+from ndc.commands.common import common_options, data_options, emit, human, normalize_option, table, user_errors, warn
+from ndc.errors import NdcError
+
+
+@click.command("search")
+@click.option("--max-drop", type=float, default=None, metavar="X",
+              help="Greedy rule: per neighbourhood, the smallest candidate whose drop is below X points.")
+@click.option("--budget", "budget_text", default=None, metavar="params=N|flops=N",
+              help="Exact rule: least summed drop with the whole student within N parameters or FLOPs "
+                   "(suffixes K, M, G; or a percentage of the teacher, e.g. params=50%).")
+@data_options
+@click.option("--eval-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Held-out set: the first N examples of the test split.")
+@click.option("--metric", type=click.Choice(["auto", "accuracy", "agreement"]), default="auto", show_default=True,
+              help="Score: accuracy against the labels, or agreement with the teacher (auto: accuracy when the labels fit).")
+@click.option("--fallback", type=click.Choice(["teacher", "widest"]), default="teacher", show_default=True,
+              help="--max-drop: what a neighbourhood keeps when no candidate qualifies.")
+@click.option("--calibrate", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Training batches to recalibrate the stitched student's batch norms before measuring it (0: off).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Stitch the selected student and measure it on the held-out set.")
+@click.option("--plot", is_flag=True,
+              help="Also measure uniform and searched students and write search/pareto.png and search/pareto.csv.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Examples per forward pass.")
+@normalize_option
+@common_options
+@user_errors
+def command(max_drop, budget_text, data_spec, limit, eval_size, metric, fallback, calibrate, verify, plot, batch_size,
+            normalize, workspace, fmt):
+    """Pick one trained candidate per neighbourhood and write WORKSPACE/selection.json.
+
+    Each candidate is scored inside the teacher (only its neighbourhood
+    replaced) on the held-out set; its drop is the teacher's score minus that,
+    in percentage points. --max-drop X takes, per neighbourhood, the smallest
+    candidate (parameters, then FLOPs) whose drop is below X; --budget finds
+    the choice with the least summed drop whose whole student fits the budget
+    (solved exactly; the teacher's own neighbourhood is always an option).
+    Without a rule, the table of candidates is printed and nothing is chosen.
+    The selected student is stitched, its batch norms recalibrated, and its
+    measured score reported beside the predicted one (teacher minus summed
+    drops). `ndc stitch` then uses selection.json by default.
+
+    \b
+      ndc search --max-drop 1 --data fashion-mnist
+      ndc search --budget params=150K --data fashion-mnist --plot
+      ndc stitch -o student.onnx --data fashion-mnist
+    """
+    from ndc.data import open_data
+    from ndc.plan import load_teacher
+    from ndc.search import (HeldOut, choose_metric, greedy, load_candidates, measure_selection, parse_budget,
+                            quality_table, run_sweep, solve_budget, write_pareto, write_selection)
+    from ndc.workspace import Workspace
+
+    if max_drop is not None and budget_text is not None:
+        raise NdcError("give one of --max-drop and --budget")
+    if not data_spec:
+        raise NdcError("ndc search scores every candidate inside the teacher: give --data SPEC "
+                       "(the data the teacher was trained on), e.g. --data fashion-mnist")
+    ws = Workspace(workspace)
+    teacher = load_teacher(ws)
+    plan = teacher.plan
+    budget = parse_budget(budget_text, plan.teacher) if budget_text is not None else None
+    data = open_data(data_spec, plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
+    metric, why = choose_metric(metric, data, plan.neighbourhoods[-1].output_shape)
+    if why:
+        warn(why)
+    heldout = HeldOut.first(data, eval_size, batch_size)
+    candidates = load_candidates(ws, teacher)
+    if not candidates:
+        raise NdcError("no trained candidates in the workspace; run ndc distill first, e.g. ndc distill --width 0.25,0.5,0.75 --data SPEC")
+    missing = [nb.name for nb in plan.trainable if nb.name not in candidates]
+    if missing:
+        warn(f"no trained candidates for {', '.join(missing)}: they keep the teacher's neighbourhood")
+    quality, reused = quality_table(ws, teacher, candidates, heldout, metric)
+
+    result = None
+    if max_drop is not None:
+        result = greedy(quality, max_drop, fallback)
+    elif budget is not None:
+        result = solve_budget(quality, budget)
+    for note in result.notes if result else []:
+        warn(note)
+
+    measured = None
+    if result is not None and verify:
+        measured = measure_selection(ws, teacher, result.selection(), data, heldout, metric, calibrate)
+    doc = write_selection(ws, result, measured, data_spec) if result is not None else None
+
+    files = {}
+    if plot:
+        points = run_sweep(ws, teacher, quality, data, heldout, calibrate, result, measured,
+                           log=lambda m: None if fmt == "json" else click.echo(m, err=True))
+        files = write_pareto(ws, points, quality)
+
+    payload = {
+        **(doc or {"selection": None}),
+        "table": {name: [o.to_json() for o in opts] for name, opts in quality.options.items()},
+        "quality_reused": reused,
+        "selection_file": str(ws.path("selection.json")) if doc else None,
+        "files": files,
+    }
+    if doc is None:
+        payload.update({"metric": quality.metric, "eval_size": quality.examples, "teacher_accuracy": quality.teacher_accuracy})
+
+    def text() -> str:
+        chosen = {name: o for name, o in (result.choice.items() if result else [])}
+        rows = []
+        for name, opts in quality.options.items():
+            for o in opts:
+                mark = "<-" if chosen.get(name) == o else ""
+                rows.append([name, o.label, human(o.params), human(o.flops), f"{100 * o.accuracy:.2f}", f"{o.drop:+.2f}", mark])
+        score = "agreement %" if quality.metric == "agreement" else "accuracy %"
+        lines = [table(["neighbourhood", "candidate", "params", "FLOPs", score, "drop", ""], rows, "llrrrrl"), ""]
+        lines.append(f"teacher {100 * quality.teacher_accuracy:.2f}% on {quality.examples} held-out examples"
+                     + (" (measurements reused from search/quality.json)" if reused else ""))
+        if doc is not None:
+            rule = (f"--max-drop {max_drop:g}" if max_drop is not None else f"--budget {budget.kind}<={human(budget.limit)}")
+            lines.append(f"{rule}: student {human(doc['params'])} params ({doc['params'] / doc['teacher_params']:.0%} of the teacher), "
+                         f"{human(doc['flops'])} FLOPs ({doc['flops'] / max(doc['teacher_flops'], 1):.0%})")
+            if measured is None:
+                measured_text = "not measured (--no-verify)"
+            elif measured["calibrated_norms"]:
+                measured_text = (f"measured {100 * measured['uncalibrated_accuracy']:.2f}% as stitched, "
+                                 f"{100 * measured['accuracy']:.2f}% after recalibrating {measured['calibrated_norms']} batch norms")
+            else:
+                measured_text = f"measured {100 * measured['accuracy']:.2f}%"
+            lines.append(f"predicted {100 * doc['predicted_accuracy']:.2f}% (drop {doc['predicted_drop']:.2f} points), {measured_text}")
+            lines.append(f"wrote {payload['selection_file']}; `ndc stitch -o FILE` uses it")
+        else:
+            lines.append("no rule given: pass --max-drop X or --budget params=N to choose a student")
+        if files:
+            lines.append(f"wrote {files['png']} and {files['csv']}")
+        return "\n".join(lines)
+
+    emit(fmt, payload, text)
