@@ -253,6 +253,13 @@ def load_student(ws: Workspace, folder: str = STUDENT_DIR, teacher=None) -> fx.G
     return model.eval()
 
 
+def latest_student(ws: Workspace) -> str | None:
+    """The folder of the workspace's most recent student: ``finetune`` after ndc finetune, ``student`` after ndc stitch."""
+    found = [(ws.path(f"{folder}/{STUDENT}").stat().st_mtime_ns, folder) for folder in ("finetune", STUDENT_DIR)
+             if ws.path(f"{folder}/{STUDENT}").is_file()]
+    return max(found)[1] if found else None
+
+
 def describe_selection(selection: dict[str, Spec]) -> str:
     specs = sorted({str(s) for s in selection.values()})
     return specs[0] if len(specs) == 1 else json.dumps({k: str(v) for k, v in selection.items()})

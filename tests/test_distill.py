@@ -246,3 +246,29 @@ def test_training_a_student_never_touches_the_teacher(ws):
     rows = run_distill(w, [Spec(width=1.0)], cfg, make_backend("local"), teacher=teacher)
     assert all(r["status"] == "done" for r in rows)
     assert all(torch.equal(before[k], v) for k, v in teacher.gm.state_dict().items())
+
+
+def test_frozen_batch_norm_statistics_stay_the_teachers(run_cli, ws):
+    from safetensors.torch import load_file
+
+    teacher = load_file(str(ws / "teacher.safetensors"))
+    folder = ws / "jobs" / "layer1.0" / "width-0.5"
+    means = {}
+    for mode in ("frozen", "batch"):
+        r, _ = distill(run_cli, "--width", "0.5", *FAST, "--bn-stats", mode)
+        assert r.exit_code == 0, r.stderr
+        kept = json.loads((folder / "student.json").read_text())["record"]["dims"]["layer1.0.conv1.out_channels"]["kept"]
+        means[mode] = (load_file(str(folder / "weights.safetensors"))["layer1.0.bn1.running_mean"],
+                       teacher["layer1.0.bn1.running_mean"][kept])
+    assert torch.equal(*means["frozen"])
+    assert not torch.equal(*means["batch"])
+
+
+def test_explicit_normalisation_reaches_the_jobs(run_cli, ws):
+    r, doc = distill(run_cli, "--width", "0.5", *FAST, "--normalize", "0.5/0.25")
+    assert r.exit_code == 0, r.stderr
+    r2, doc2 = distill(run_cli, "--width", "0.5", *FAST)
+    assert [row["status"] for row in doc2["candidates"]] == ["done"] * 3  # another normalisation, another key
+    assert doc["candidates"][0]["initial_error"] != doc2["candidates"][0]["initial_error"]
+    r, _ = distill(run_cli, "--width", "0.5", *FAST, "--normalize", "nonsense")
+    assert r.exit_code == 2 and "--normalize" in r.stderr

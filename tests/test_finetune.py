@@ -115,3 +115,16 @@ def test_non_finite_loss_is_one_clear_error(digits):
     with pytest.raises(NdcError, match="loss became .* try a lower --lr"):
         train(small_net(), digits, TrainConfig(loss="ce", epochs=2, lr=1e12, weight_decay=0))
     assert math.isfinite(1.0)
+
+
+def test_end_to_end_pruning_reaches_the_target_sparsity(digits):
+    from ndc.passes.rewrite import Pruner
+
+    model = small_net()
+    pruner = Pruner(model, 0.6)
+    result = train(model, digits, TrainConfig(loss="ce", epochs=4, lr=0.05, batch_size=32, augment=False),
+                   pruner=pruner, sparsity=0.6)
+    for name, achieved in pruner.sparsity().items():
+        assert achieved == pytest.approx(0.6, abs=0.02), name
+    assert result["best_epoch"] >= 2  # chosen only once the ramp reached the target
+    assert result["best_accuracy"] > 0.5

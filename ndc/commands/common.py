@@ -180,3 +180,27 @@ def resolve_selection(ws, plan, width, spec_text, selection_file):
     if selection_file is not None:
         return read_selection(selection_file, plan)
     return default_selection(ws, plan)
+
+
+def model_options(prefix: str = ""):
+    """How to load and cut a MODEL (``ndc partition``, and ``ndc probe`` given a model instead of a workspace)."""
+
+    def wrap(f: Callable) -> Callable:
+        for option in reversed([
+            click.option("--input-shape", "input_shape", default=None, metavar="N,C,H,W",
+                         help=f"{prefix}Example input shape, e.g. 1,3,32,32 (default: the model's input_shape attribute, "
+                              "else guessed from its first layer)."),
+            click.option("--by", "by", default="residual", show_default=True, metavar="STRATEGY",
+                         help=f"{prefix}Partition strategy: residual, module, layers or cuts."),
+            click.option("--depth", type=int, default=1, show_default=True, help=f"{prefix}--by module: cut after every submodule at this depth."),
+            click.option("--every", type=int, default=1, show_default=True, help=f"{prefix}--by layers: cut after every N weight layers."),
+            click.option("--cut", "cuts", multiple=True, metavar="NAME", help=f"{prefix}--by cuts: cut at this node or module (repeatable)."),
+            click.option("--leaf", "leaves", multiple=True, metavar="MODULE", help=f"{prefix}Keep this submodule opaque when tracing (repeatable)."),
+            click.option("--weights", default=None, type=click.Path(dir_okay=False),
+                         help=f"{prefix}State dict (.pt, loaded weights-only) or .safetensors for a factory MODEL."),
+            click.option("--trust-pickle", is_flag=True, help=f"{prefix}Allow unpickling MODEL (a torch.save'd module can run code when loaded)."),
+        ]):
+            f = option(f)
+        return f
+
+    return wrap

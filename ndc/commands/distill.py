@@ -7,7 +7,7 @@ import time
 
 import click
 
-from ndc.commands.common import common_options, data_options, emit, human, table, user_errors
+from ndc.commands.common import common_options, data_options, emit, human, normalize_option, table, user_errors
 from ndc.errors import NdcError
 
 
@@ -67,6 +67,7 @@ class Progress:
 @click.option("--sparsity", "sparsities", default=None, metavar="S[,S...]", help="Fractions of conv/linear weights pruned (combined with every --width).")
 @click.option("--spec", "specs", multiple=True, metavar="SPEC", help="An explicit spec such as width=0.5,sparsity=0.3 (repeatable).")
 @data_options
+@normalize_option
 @click.option("--data-free", is_flag=True, help="Train on Gaussian noise inputs (the paper's section 6); same as --source noise.")
 @click.option("--source", type=click.Choice(["cache", "recompute", "noise"]), default=None,
               help="Where inputs come from [default: cache when it fits --cache-budget, else recompute; noise with --data-free].")
@@ -86,6 +87,8 @@ class Progress:
               help="Extra randomly translated passes of the training set (cached, or fresh per epoch with recompute).")
 @click.option("--val-size", type=int, default=1000, show_default=True, help="Held-out examples for errors and early stopping.")
 @click.option("--patience", type=int, default=3, show_default=True, help="Held-out evaluations without improvement before a job stops.")
+@click.option("--bn-stats", type=click.Choice(["auto", "batch", "frozen"]), default="auto", show_default=True,
+              help="Students' batch norms learn batch statistics, or keep the teacher's (auto: frozen with noise inputs).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--only", multiple=True, metavar="NAME", help="Distil only this neighbourhood (repeatable).")
 @click.option("--workers", type=int, default=1, show_default=True, help="Jobs at a time (processes, one torch thread each).")
@@ -98,8 +101,8 @@ class Progress:
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
 @common_options
 @user_errors
-def command(widths, sparsities, specs, data_spec, limit, data_free, source, noise, calibration, lookahead, alpha, epochs, steps,
-            batch_size, lr, init, round_to, augment_passes, val_size, patience, seed, only, workers, backend, address,
+def command(widths, sparsities, specs, data_spec, limit, normalize, data_free, source, noise, calibration, lookahead, alpha, epochs, steps,
+            batch_size, lr, init, round_to, augment_passes, val_size, patience, bn_stats, seed, only, workers, backend, address,
             device, cache_budget, force, dry_run, quiet, workspace, fmt):
     """Rewrite and train a student for every neighbourhood and spec.
 
@@ -113,8 +116,7 @@ def command(widths, sparsities, specs, data_spec, limit, data_free, source, nois
       ndc distill --sparsity 0.5 --data-free --steps 2000
       ndc distill --width 0.5 --dry-run
     """
-    from ndc.distill import DistillConfig, choose_source, expand_specs, plan_candidates, run_distill
-    from ndc.distill.config import SOURCES
+    from ndc.distill import DistillConfig, cache_layout, choose_source, expand_specs, plan_candidates, run_distill
     from ndc.plan import load_teacher
     from ndc.workspace import Workspace
 
@@ -135,19 +137,17 @@ def command(widths, sparsities, specs, data_spec, limit, data_free, source, nois
         source = "noise"
     if source is None and not data_spec:
         raise NdcError("give --data SPEC (e.g. --data fashion-mnist) or --data-free")
-    base = DistillConfig(data=data_spec, limit=limit, source=source or "recompute", noise=noise, calibration=calibration,
+    base = DistillConfig(data=data_spec, limit=limit, normalize=normalize, source=source or "recompute", noise=noise, calibration=calibration,
                          epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, lookahead=lookahead,
                          alpha=tuple(parse_floats(alpha, "--alpha")), init=init, round_to=round_to,
-                         augment_passes=augment_passes, val_size=val_size, patience=patience, seed=seed, device=device)
-    assert base.source in SOURCES
-    progress = Progress(len(candidates), quiet or fmt == "json" and not sys.stderr.isatty())
+                         augment_passes=augment_passes, val_size=val_size, patience=patience, bn_stats=bn_stats, seed=seed,
+                         device=device)
+    progress = Progress(len(candidates), quiet)
     data = None
     if data_spec:
         from ndc.distill.job import data_for
 
-        data = data_for(ws, data_spec, plan.input_shape[1:], limit)
-    from ndc.distill import cache_layout
-
+        data = data_for(ws, base, plan.input_shape[1:])
     chosen, why = choose_source(base, source, data, cache_layout(plan, lookahead), ws, parse_size(cache_budget))
     cfg = DistillConfig(**{**base.__dict__, "source": chosen})
     if not source:
@@ -184,9 +184,10 @@ def command(widths, sparsities, specs, data_spec, limit, data_free, source, nois
 
 
 def _row_json(r: dict) -> dict:
-    keys = ("neighbourhood", "spec", "status", "initial_error", "final_error", "seconds", "student_params", "teacher_params",
-            "student_flops", "steps", "stopped_early", "sparsity", "error")
-    return {k: r.get(k) for k in keys if k in r or k in ("initial_error", "final_error", "seconds")}
+    """One candidate for --format json: the issue's keys always (null when unknown), the rest when present."""
+    always = ("neighbourhood", "spec", "status", "initial_error", "final_error", "seconds")
+    optional = ("student_params", "teacher_params", "student_flops", "steps", "stopped_early", "sparsity", "error")
+    return {**{k: r.get(k) for k in always}, **{k: r[k] for k in optional if k in r}}
 
 
 def _err(v) -> str:

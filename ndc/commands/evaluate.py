@@ -67,35 +67,21 @@ def _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device) -> 
     from ndc.data import open_data
     from ndc.evaluate import evaluate
     from ndc.plan import load_teacher
+    from ndc.stitch import latest_student, load_student
 
     teacher = load_teacher(ws)
-    student, note = _stitched_student(ws, teacher)
     data = open_data(data_spec, teacher.plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
-    if student is None:
+    folder = latest_student(ws)
+    if folder is None:
         result = evaluate(teacher.gm, data, batch_size=batch_size, device=device)
+        note = "no stitched student in the workspace yet (run ndc stitch); evaluated the teacher only"
         return _payload("teacher", "teacher", result["accuracy"], result["accuracy"], None, result["examples"],
                         data, ws, note)
+    student = load_student(ws, folder, teacher=teacher)
     result = evaluate(student, data, teacher=teacher.gm, batch_size=batch_size, device=device)
-    return _payload("student", "stitched student", result["accuracy"], result["teacher_accuracy"],
+    label = "fine-tuned student" if folder == "finetune" else "stitched student"
+    return _payload("student", label, result["accuracy"], result["teacher_accuracy"],
                     result["agreement"], result["examples"], data, ws, None)
-
-
-def _stitched_student(ws, teacher):
-    """The workspace's stitched student, or (None, why not)."""
-    try:
-        from ndc.stitch import load_student
-    except ImportError as e:
-        if isinstance(e, ModuleNotFoundError) and e.name != "ndc.stitch":
-            raise  # ndc.stitch exists but is broken: a bug, not a missing stage
-        return None, "this ndc has no stitch stage yet; evaluated the teacher only"
-    try:
-        student = load_student(ws, teacher=teacher)
-    except NdcError as e:
-        why = str(e) if str(e).startswith("no stitched student") else f"cannot load the stitched student: {e}"
-        return None, f"{why}; evaluated the teacher only"
-    if student is None:
-        return None, "no stitched student in the workspace yet (run ndc stitch); evaluated the teacher only"
-    return student, None
 
 
 # ----------------------------------------------------------------------- file

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ndc.commands.common import common_options, data_options, emit, table, user_errors
+from ndc.commands.common import common_options, data_options, emit, normalize_option, table, user_errors
 from ndc.errors import NdcError
 
 
@@ -32,13 +32,13 @@ def training_options(lr_default: float):
     return wrap
 
 
-def open_training_data(ws, plan, data_spec, limit, data_free):
+def open_training_data(ws, plan, data_spec, limit, data_free, normalize=True):
     from ndc.data import open_data
     from ndc.finetune import NoiseImages
 
     if not data_spec:
         raise NdcError("give --data SPEC: training and accuracy need data (with --data-free it only measures accuracy)")
-    data = open_data(data_spec, plan.input_shape[1:], limit=limit, workspace=ws)
+    data = open_data(data_spec, plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
     return NoiseImages(plan.input_shape[1:], limit or 10_000, data) if data_free else data
 
 
@@ -54,10 +54,11 @@ def progress_log(fmt: str):
 
 @click.command("finetune")
 @data_options
+@normalize_option
 @training_options(lr_default=1e-2)
 @common_options
 @user_errors
-def command(data_spec, limit, epochs, lr, batch_size, tau, lam, patience, time_budget, no_augment, data_free, restart, seed,
+def command(data_spec, limit, normalize, epochs, lr, batch_size, tau, lam, patience, time_budget, no_augment, data_free, restart, seed,
             output, workspace, fmt):
     """Fine-tune the stitched student end to end by knowledge distillation.
 
@@ -83,7 +84,7 @@ def command(data_spec, limit, epochs, lr, batch_size, tau, lam, patience, time_b
     teacher = load_teacher(ws)
     plan = teacher.plan
     model = load_student(ws, teacher=teacher)
-    data = open_training_data(ws, plan, data_spec, limit, data_free)
+    data = open_training_data(ws, plan, data_spec, limit, data_free, normalize)
     cfg = TrainConfig(loss="kd", epochs=epochs, lr=lr, batch_size=batch_size, tau=tau, lam=0.0 if data_free else lam,
                       patience=patience, time_budget=time_budget, augment=not no_augment and not data_free, seed=seed)
     before = accuracy(model, data)

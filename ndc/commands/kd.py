@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import click
 
-from ndc.commands.common import common_options, data_options, emit, human, resolve_selection, selection_options, table, user_errors
+from ndc.commands.common import (common_options, data_options, emit, human, normalize_option, resolve_selection,
+                                 selection_options, table, user_errors)
 from ndc.commands.finetune import open_training_data, progress_log, training_options
 
 
 @click.command("kd")
 @selection_options
 @data_options
+@normalize_option
 @click.option("--loss", type=click.Choice(["kd", "ce"]), default="kd", show_default=True,
               help="Knowledge distillation from the teacher, or cross entropy with the labels alone.")
 @training_options(lr_default=0.1)
 @common_options
 @user_errors
-def command(width, spec_text, selection_file, data_spec, limit, loss, epochs, lr, batch_size, tau, lam, patience, time_budget,
+def command(width, spec_text, selection_file, data_spec, limit, normalize, loss, epochs, lr, batch_size, tau, lam, patience, time_budget,
             no_augment, data_free, restart, seed, output, workspace, fmt):
     """Train the student architecture from scratch end to end (the baselines).
 
@@ -46,7 +48,7 @@ def command(width, spec_text, selection_file, data_spec, limit, loss, epochs, lr
     plan = teacher.plan
     selection = resolve_selection(ws, plan, width, spec_text, selection_file)
     model = fresh_student(teacher, selection, seed)
-    data = open_training_data(ws, plan, data_spec, limit, data_free)
+    data = open_training_data(ws, plan, data_spec, limit, data_free, normalize)
     cfg = TrainConfig(loss=loss, epochs=epochs, lr=lr, batch_size=batch_size, tau=tau,
                       lam=0.0 if data_free else lam, patience=patience, time_budget=time_budget,
                       augment=not no_augment and not data_free, seed=seed)

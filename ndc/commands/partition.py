@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ndc.commands.common import common_options, emit, human, table, user_errors, warn
+from ndc.commands.common import common_options, emit, human, model_options, table, user_errors, warn
 from ndc.errors import NdcError
 
 
@@ -41,16 +41,7 @@ def guess_input_shape(model) -> tuple[int, ...] | None:
 
 @click.command("partition")
 @click.argument("model", metavar="MODEL")
-@click.option("--input-shape", "input_shape", default=None, metavar="N,C,H,W",
-              help="Example input shape, e.g. 1,3,32,32 (default: the model's input_shape attribute, else guessed from its first layer).")
-@click.option("--by", "by", default="residual", show_default=True, metavar="STRATEGY",
-              help="Partition strategy: residual, module, layers or cuts.")
-@click.option("--depth", type=int, default=1, show_default=True, help="--by module: cut after every submodule at this depth.")
-@click.option("--every", type=int, default=1, show_default=True, help="--by layers: cut after every N weight layers.")
-@click.option("--cut", "cuts", multiple=True, metavar="NAME", help="--by cuts: cut at this node or module (repeatable).")
-@click.option("--leaf", "leaves", multiple=True, metavar="MODULE", help="Keep this submodule opaque when tracing (repeatable).")
-@click.option("--weights", default=None, type=click.Path(dir_okay=False), help="State dict (.pt, loaded weights-only) or .safetensors for a factory MODEL.")
-@click.option("--trust-pickle", is_flag=True, help="Allow unpickling MODEL (a torch.save'd module can run code when loaded).")
+@model_options()
 @click.option("--explain", is_flag=True, help="Say why each neighbourhood could not be cut further.")
 @common_options
 @user_errors

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ndc.commands.common import common_options, data_options, emit, normalize_option, table, user_errors, warn
+from ndc.commands.common import common_options, data_options, emit, model_options, normalize_option, table, user_errors, warn
 from ndc.errors import NdcError
 
 
@@ -28,14 +28,7 @@ from ndc.errors import NdcError
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Folder for curves.csv, thresholds.png and probe.json [default: WORKSPACE/probe].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Examples per forward pass.")
-@click.option("--input-shape", "input_shape", default=None, metavar="N,C,H,W", help="MODEL: example input shape, as for ndc partition.")
-@click.option("--by", "by", default="residual", show_default=True, metavar="STRATEGY", help="MODEL: partition strategy, as for ndc partition.")
-@click.option("--depth", type=int, default=1, show_default=True, help="MODEL, --by module: cut after every submodule at this depth.")
-@click.option("--every", type=int, default=1, show_default=True, help="MODEL, --by layers: cut after every N weight layers.")
-@click.option("--cut", "cuts", multiple=True, metavar="NAME", help="MODEL, --by cuts: cut at this node or module (repeatable).")
-@click.option("--leaf", "leaves", multiple=True, metavar="MODULE", help="MODEL: keep this submodule opaque when tracing.")
-@click.option("--weights", default=None, type=click.Path(dir_okay=False), help="MODEL: state dict or .safetensors for a factory.")
-@click.option("--trust-pickle", is_flag=True, help="MODEL: allow unpickling a torch.save'd module.")
+@model_options("MODEL: ")
 @normalize_option
 @common_options
 @user_errors

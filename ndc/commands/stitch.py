@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ndc.commands.common import common_options, data_options, emit, human, resolve_selection, selection_options, table, user_errors
+from ndc.commands.common import (common_options, data_options, emit, human, normalize_option, resolve_selection,
+                                 selection_options, table, user_errors)
 from ndc.errors import NdcError
 
 
@@ -12,11 +13,12 @@ from ndc.errors import NdcError
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output file: .onnx, .pt2 or .pt (trusted-only pickle).")
 @selection_options
 @data_options
+@normalize_option
 @click.option("--calibrate", type=int, default=20, show_default=True, help="Batches used to recalibrate batch-norm statistics (needs --data; 0: off).")
 @click.option("--fold-bn", is_flag=True, help="Fold batch norms into the convolutions before export.")
 @common_options
 @user_errors
-def command(output, width, spec_text, selection_file, data_spec, limit, calibrate, fold_bn, workspace, fmt):
+def command(output, width, spec_text, selection_file, data_spec, limit, normalize, calibrate, fold_bn, workspace, fmt):
     """Replace each neighbourhood by its trained student and export the model.
 
     The format follows the suffix of -o: .onnx (checked with onnx.checker and
@@ -49,7 +51,7 @@ def command(output, width, spec_text, selection_file, data_spec, limit, calibrat
     if data_spec:
         from ndc.data import open_data
 
-        data = open_data(data_spec, plan.input_shape[1:], limit=limit, workspace=ws)
+        data = open_data(data_spec, plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
         calibrated = recalibrate_batchnorm(model, data, calibrate)
     save_student(ws, model, selection, made_from, {"calibrated_batches": calibrate if calibrated else 0, "data": data_spec})
 

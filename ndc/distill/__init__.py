@@ -108,7 +108,7 @@ def run_distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, backend: "
         if cfg.data:
             from ndc.distill.job import data_for
 
-            data = data_for(ws, cfg.data, plan.input_shape[1:], cfg.limit)
+            data = data_for(ws, cfg, plan.input_shape[1:])
         chain = None
         if cfg.source == "cache":
             layout = cache_layout(plan, cfg.lookahead)

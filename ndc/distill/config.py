@@ -17,6 +17,7 @@ from ndc.workspace import sha256_json
 
 SOURCES = ("cache", "recompute", "noise")
 NOISE_KINDS = ("gaussian", "matched")
+BN_STATS = ("auto", "batch", "frozen")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class DistillConfig:
 
     data: str | None = None  # data spec; None with source="noise" is fully data-free
     limit: int | None = None
+    normalize: bool | tuple = True  # ndc.data.open_data(normalize=...): training statistics, none, or (mean, std)
     source: str = "cache"
     noise: str = "gaussian"  # with source="noise": plain N(0, 1), or per-channel matched moments
     calibration: int = 256  # examples used to measure per-channel moments for noise="matched"
@@ -42,9 +44,12 @@ class DistillConfig:
     patience: int = 3  # evaluations without improvement before a job stops early
     evals: int = 10  # held-out evaluations per job
     seed: int = 0
+    bn_stats: str = "auto"  # batch: students' batch norms learn from batch statistics; frozen: keep the teacher's
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.normalize, bool):  # (mean, std) lists, from the CLI or a JSON round trip
+            object.__setattr__(self, "normalize", tuple(tuple(float(x) for x in v) for v in self.normalize))
         if self.source not in SOURCES:
             raise NdcError(f"unknown --source {self.source!r}; valid sources: {', '.join(SOURCES)}")
         if self.noise not in NOISE_KINDS:
@@ -67,6 +72,18 @@ class DistillConfig:
             raise NdcError(f"--alpha takes one weight or one per look-ahead step ({self.lookahead}), got {len(self.alpha)}")
         if self.init not in ("teacher", "random"):
             raise NdcError(f"unknown --init {self.init!r}; valid: teacher, random")
+        if self.bn_stats not in BN_STATS:
+            raise NdcError(f"unknown --bn-stats {self.bn_stats!r}; valid: {', '.join(BN_STATS)}")
+
+    @property
+    def frozen_bn(self) -> bool:
+        """Noise has other statistics than real activations: by default its students keep the teacher's batch-norm statistics."""
+        return self.bn_stats == "frozen" or (self.bn_stats == "auto" and self.source == "noise")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DistillConfig":
+        """The inverse of ``asdict`` after a JSON or pickle round trip."""
+        return cls(**{**d, "alpha": tuple(d.get("alpha", ()))})
 
     def alphas(self) -> list[float]:
         """α_j for j = 1..lookahead (eq. 5 of the paper); one value is repeated, the default is 1."""
@@ -81,6 +98,7 @@ class DistillConfig:
         d = asdict(self)
         d.pop("device")
         d["alpha"] = self.alphas()
+        d["bn_stats"] = "frozen" if self.frozen_bn else "batch"
         return d
 
 

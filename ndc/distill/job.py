@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ndc.distill.config import DistillConfig, Job
-from ndc.distill.sources import CachedArrays, CacheFeed, Feed, NoiseFeed, RecomputeFeed, TeacherChain
+from ndc.distill.sources import NOISE_EPOCH, CachedArrays, CacheFeed, Feed, NoiseFeed, RecomputeFeed, TeacherChain
 from ndc.errors import NdcError
 from ndc.metrics import count_flops, count_params
 from ndc.workspace import Workspace, read_json, sha256_file
@@ -57,12 +57,13 @@ def teacher_for(ws: Workspace):
     return _TEACHERS[key]
 
 
-def data_for(ws: Workspace, spec: str, shape, limit):
+def data_for(ws: Workspace, cfg: DistillConfig, shape):
+    """The run's data source, opened once per process."""
     from ndc.data import open_data
 
-    key = (str(ws.root), spec, tuple(shape), limit)
+    key = (str(ws.root), cfg.data, tuple(shape), cfg.limit, cfg.normalize)
     if key not in _DATA:
-        _DATA[key] = open_data(spec, shape, limit=limit, workspace=ws)
+        _DATA[key] = open_data(cfg.data, shape, limit=cfg.limit, workspace=ws, normalize=cfg.normalize)
     return _DATA[key]
 
 
@@ -117,7 +118,7 @@ def _run(job: Job, progress, started: float) -> dict:
     from ndc.passes.rewrite import make_student, sparsity_schedule
 
     ws = Workspace(job.workspace)
-    cfg = DistillConfig(**{**job.config, "alpha": tuple(job.config.get("alpha", ()))})
+    cfg = DistillConfig.from_dict(job.config)
     cand = job.candidate
     teacher = teacher_for(ws)
     plan = teacher.plan
@@ -153,9 +154,12 @@ def _run(job: Job, progress, started: float) -> dict:
     eval_every = max(1, total // cfg.evals)
     history, bad, step, epoch, stopped_early, last_loss = [], 0, 0, 0, False, float("nan")
 
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if cfg.frozen_bn else []
     while step < total and not stopped_early:
         for a, targets in feed.train(epoch):
             model.train()
+            for m in norms:  # --bn-stats frozen: normalise with the teacher's running statistics
+                m.eval()
             out = model(a)
             loss = F.mse_loss(out, targets[0])
             h = out
@@ -200,21 +204,19 @@ def _run(job: Job, progress, started: float) -> dict:
 
 def _feed(job: Job, cfg: DistillConfig, ws: Workspace, plan, chain: TeacherChain, i: int, lookahead: int, seed: int) -> Feed:
     nb = plan.neighbourhoods[i]
-    real = None
-    if cfg.data:
-        data = data_for(ws, cfg.data, plan.input_shape[1:], cfg.limit)
-        real = RecomputeFeed(chain, i, lookahead, data, cfg.batch_size, seed, cfg.augment_passes > 0, cfg.val_size)
     if cfg.source == "cache":
         if job.cache_dir is None:
             raise JobFailed("no activation cache was built for this job")
         targets = [plan.neighbourhoods[i + j].output for j in range(lookahead + 1)]
         return CacheFeed(CachedArrays(ws.path(job.cache_dir)), nb.input, targets, cfg.batch_size, seed, cfg.device)
     if cfg.source == "recompute":
-        return real
+        data = data_for(ws, cfg, plan.input_shape[1:])
+        return RecomputeFeed(chain, i, lookahead, data, cfg.batch_size, seed, cfg.augment_passes > 0, cfg.val_size)
+    # Data-free: trained and early-stopped on noise alone (real data, if any, only calibrated the moments).
     moments = job.extra.get("moments")
-    examples = cfg.limit or 10_000
+    examples = cfg.limit or NOISE_EPOCH
     return NoiseFeed(chain, i, lookahead, nb.input_shape[1:], cfg.batch_size, seed, examples,
-                     tuple(moments) if moments else None, real, cfg.val_size)
+                     tuple(moments) if moments else None, cfg.val_size)
 
 
 @torch.no_grad()

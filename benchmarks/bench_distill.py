@@ -1,0 +1,105 @@
+"""One epoch of neighbourhood distillation against one epoch of end-to-end KD, side by side.
+
+    python benchmarks/bench_distill.py --examples 10000 --repeats 3
+
+Teacher: ResNet-20 trained on Fashion-MNIST (benchmarks/common.py, cached).
+Student: every residual block at width 0.5. For each repeat, in one run:
+
+* ND, activation cache, 1 worker and 2 workers: building the cache (one
+  teacher pass over the examples) plus one epoch of every neighbourhood job;
+* ND, recompute, 1 worker and 2 workers: one epoch of every job, each running
+  the teacher's prefix on every batch;
+* end-to-end KD of the same student for one epoch over the same examples, in
+  one process with 1 and with 2 torch threads.
+
+Every ND job runs on one torch thread (parallelism comes from processes).
+Evaluation is excluded from every timing (ND jobs evaluate once at the end of
+their single epoch on 64 held-out examples; KD on one batch).
+Writes benchmarks/results/distill.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+
+import torch
+
+from common import CACHE, DATA, log, median, open_data, spread, teacher_info, workspace, write
+
+from ndc.backends import make_backend
+from ndc.distill import DistillConfig, run_distill
+from ndc.finetune import TrainConfig, train
+from ndc.ir import Spec
+from ndc.plan import load_teacher
+from ndc.stitch import fresh_student, uniform_selection
+
+
+def nd_epoch(source: str, workers: int, examples: int) -> dict:
+    ws = workspace("bench-distill")
+    for sub in ("jobs", "cache"):
+        shutil.rmtree(ws.path(sub), ignore_errors=True)
+    cfg = DistillConfig(data=DATA, limit=examples, source=source, epochs=1, batch_size=128, val_size=64, evals=1)
+    teacher = load_teacher(ws)
+    cache_done = []
+    t = time.perf_counter()
+    rows = run_distill(ws, [Spec(width=0.5)], cfg, make_backend("local", workers), teacher=teacher, force=True,
+                       on_progress=lambda u: u.get("label") == "teacher pass" and cache_done.append(time.perf_counter()))
+    total = time.perf_counter() - t
+    assert all(r["status"] == "done" for r in rows), rows
+    return {"seconds": total, "cache_seconds": (cache_done[-1] - t) if cache_done else 0.0,
+            "job_seconds": sum(r["seconds"] for r in rows), "jobs": len(rows),
+            "final_error": median([r["final_error"] for r in rows])}
+
+
+def kd_epoch(threads: int, examples: int) -> dict:
+    ws = workspace("bench-distill")
+    teacher = load_teacher(ws)
+    data = open_data(DATA, (3, 32, 32), limit=examples, workspace=ws)
+    student = fresh_student(teacher, uniform_selection(teacher.plan, Spec(width=0.5)))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t = time.perf_counter()
+        train(student, data, TrainConfig(loss="kd", epochs=1, lr=0.1, batch_size=128, eval_batches=1), teacher=teacher.gm)
+        return {"seconds": time.perf_counter() - t}
+    finally:
+        torch.set_num_threads(previous)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--examples", type=int, default=10_000, help="training examples per epoch")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    routes = {
+        "ND, cache, 1 worker": lambda: nd_epoch("cache", 1, args.examples),
+        "ND, cache, 2 workers": lambda: nd_epoch("cache", 2, args.examples),
+        "ND, recompute, 1 worker": lambda: nd_epoch("recompute", 1, args.examples),
+        "ND, recompute, 2 workers": lambda: nd_epoch("recompute", 2, args.examples),
+        "KD, 1 thread": lambda: kd_epoch(1, args.examples),
+        "KD, 2 threads": lambda: kd_epoch(2, args.examples),
+    }
+    results: dict[str, list[dict]] = {name: [] for name in routes}
+    for r in range(args.repeats):
+        for name, run in routes.items():  # interleaved: every repeat runs every route once
+            out = run()
+            results[name].append(out)
+            log(f"repeat {r + 1}: {name}: {out['seconds']:.1f}s")
+    kd = median([x["seconds"] for x in results["KD, 2 threads"]])
+    print(f"\n{'route':<26} {'seconds (median, min-max)':>27} {'vs KD 2 threads':>16} {'teacher pass':>13}")
+    rows = []
+    for name, outs in results.items():
+        secs = [x["seconds"] for x in outs]
+        cache = [x.get("cache_seconds", 0.0) for x in outs]
+        row = {"route": name, "seconds": secs, "median": median(secs), "ratio_to_kd_2_threads": median(secs) / kd,
+               "cache_seconds": cache, "details": outs}
+        rows.append(row)
+        print(f"{name:<26} {spread(secs):>27} {median(secs) / kd:>15.2f}x {median(cache):>12.1f}s")
+    write("distill.json", {"examples": args.examples, "repeats": args.repeats, "teacher": teacher_info(), "rows": rows,
+                           "cache_dir": str(CACHE)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Shared pieces of the benchmarks: the cached teacher, workspaces, timing, and result files.
+
+The teacher of every paper benchmark is the CIFAR ResNetV1-20 (option A
+shortcuts) trained by cross entropy on the full Fashion-MNIST training set,
+images repeated to 3 channels and zero-padded to 32 x 32. Training it takes
+about 20 minutes on the 2-core development machine, so it is trained once and
+kept in ``benchmarks/results/cache/`` (git-ignored); every later run reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ndc.data import open_data  # noqa: E402
+from ndc.finetune import TrainConfig, accuracy, train  # noqa: E402
+from ndc.load import load_model  # noqa: E402
+from ndc.plan import load_teacher, partition_model, write_plan  # noqa: E402
+from ndc.workspace import Workspace  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = RESULTS / "cache"
+DATA = "fashion-mnist"
+INPUT_SHAPE = (1, 3, 32, 32)
+TEACHER = CACHE / "teacher-resnet20-fmnist.safetensors"
+TEACHER_EPOCHS = 10
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def teacher_weights(threads: int = 2) -> Path:
+    """The trained ResNet-20 teacher's weights, trained now if not cached."""
+    if TEACHER.is_file():
+        return TEACHER
+    from safetensors.torch import save_file
+
+    from ndc.zoo import resnet20
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    data = open_data(DATA, INPUT_SHAPE[1:])
+    model = resnet20()
+    log(f"training the ResNet-20 teacher on {data.train_size} images for {TEACHER_EPOCHS} epochs (once; cached)")
+    t = time.perf_counter()
+    result = train(model, data, TrainConfig(loss="ce", epochs=TEACHER_EPOCHS, lr=0.1, batch_size=128, seed=0),
+                   log=lambda e: e.get("event") == "epoch" and log(f"  epoch {e['epoch']}: {e['accuracy']:.2%}"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(TEACHER))
+    (CACHE / "teacher-resnet20-fmnist.json").write_text(json.dumps(
+        {"accuracy": result["best_accuracy"], "seconds": time.perf_counter() - t, "epochs": TEACHER_EPOCHS,
+         "train_examples": data.train_size, "machine": machine()}, indent=2))
+    return TEACHER
+
+
+def teacher_info() -> dict:
+    path = CACHE / "teacher-resnet20-fmnist.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def workspace(name: str, fresh: bool = False) -> Workspace:
+    """A workspace under benchmarks/results/cache/ holding the partitioned teacher (--by residual)."""
+    import shutil
+
+    ws = Workspace(CACHE / name)
+    if fresh and ws.root.exists():
+        shutil.rmtree(ws.root)
+    if not ws.exists("plan.json"):
+        loaded = load_model("ndc.zoo:resnet20", weights=str(teacher_weights()))
+        plan, _ = partition_model(loaded, INPUT_SHAPE, by="residual")
+        write_plan(ws, plan, loaded.model)
+    return ws
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def spread(values: list[float]) -> str:
+    return f"{median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def write(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    log(f"wrote {path}")
+    return path
+
+
+__all__ = ["open_data", "TrainConfig", "accuracy", "train", "load_teacher", "Workspace", "teacher_weights", "workspace",
+           "machine", "log", "median", "spread", "write", "DATA", "INPUT_SHAPE", "RESULTS", "CACHE", "teacher_info"]

@@ -1,0 +1,103 @@
+"""`ndc finetune`, `ndc kd` and `ndc eval` on a stitched student, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = pathlib.Path(__file__).resolve().parent
+TINY = f"{HERE / 'models_for_tests.py'}:tiny_resnet"
+DATA = ["--data", "digits", "--limit", "300"]
+
+
+@pytest.fixture(scope="module")
+def stitched(tmp_path_factory, tiny_teacher):
+    """A workspace with an under-trained width-0.5 student stitched (5 distillation steps per block)."""
+    from click.testing import CliRunner
+
+    from ndc.cli import main
+
+    ws = tmp_path_factory.mktemp("ft") / "ws"
+    runner = CliRunner()
+    for args in (["partition", TINY, "--weights", tiny_teacher, "--input-shape", "1,3,16,16"],
+                 ["distill", "--width", "0.5", *DATA, "--steps", "5", "--batch-size", "32", "--val-size", "64", "--quiet"],
+                 ["stitch", "-o", str(ws.parent / "s.onnx"), *DATA]):
+        r = runner.invoke(main, [*args, "-w", str(ws)])
+        assert r.exit_code == 0, r.output
+    return ws
+
+
+@pytest.fixture
+def ws(stitched, tmp_path):
+    shutil.copytree(stitched, tmp_path / "ndc-work")
+    return tmp_path / "ndc-work"
+
+
+def test_finetune_raises_an_undertrained_student(run_cli, ws, tmp_path):
+    r = run_cli("finetune", *DATA, "--epochs", "3", "--lr", "0.05", "--no-augment", "-o", "ft.onnx", "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["accuracy"] > doc["initial_accuracy"] + 0.05
+    assert len(doc["history"]) == 3 and (tmp_path / "ft.onnx").is_file()
+    assert (ws / "finetune" / "weights.safetensors").is_file()
+    r = run_cli("eval", *DATA, "--format", "json")  # the workspace's latest student: the fine-tuned one
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["accuracy"] == pytest.approx(doc["accuracy"], abs=1e-9)
+
+
+def test_a_killed_finetune_resumes_from_its_last_checkpoint(ws):
+    args = [sys.executable, "-m", "ndc", "finetune", *DATA, "--epochs", "40", "--lr", "0.05", "--no-augment",
+            "-w", str(ws), "--format", "json"]
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = ws / "finetune" / "checkpoint.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if checkpoint.is_file() and json.loads(checkpoint.read_text()).get("epoch", 0) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    epoch = json.loads(checkpoint.read_text())["epoch"]
+    assert 2 <= epoch < 40, "the run should be killed part-way"
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert f"resuming after epoch {epoch}" in out.stderr
+    doc = json.loads(out.stdout)
+    assert [h["epoch"] for h in doc["history"]] == list(range(1, doc["epochs"] + 1))
+
+
+def test_kd_and_ce_baselines_train_the_same_architecture_from_scratch(run_cli, ws):
+    for loss in ("kd", "ce"):
+        r = run_cli("kd", "--width", "0.5", *DATA, "--loss", loss, "--epochs", "2", "--lr", "0.05", "--no-augment",
+                    "--format", "json")
+        assert r.exit_code == 0, r.stderr
+        doc = json.loads(r.stdout)
+        assert doc["loss"] == loss and len(doc["history"]) == 2
+        assert all(h["seconds"] > 0 for h in doc["history"])
+        assert (ws / doc["folder"] / "checkpoint.json").is_file()
+    stitched = json.loads((ws / "student" / "report.json").read_text())
+    assert doc["params"] == stitched["params"]
+
+
+def test_time_budget_limits_the_baseline(run_cli, ws):
+    r = run_cli("kd", "--width", "0.5", *DATA, "--epochs", "500", "--time-budget", "1", "--no-augment", "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["epochs"] < 500
+
+
+def test_errors(run_cli, ws, tmp_path):
+    for args, needle in ((["finetune", "--epochs", "1"], "give --data SPEC"),
+                         (["finetune", *DATA, "-o", "x.tflite"], "suffix"),
+                         (["kd", "--width", "0.5", *DATA, "--loss", "mse"], "Invalid value for '--loss'"),
+                         (["finetune", *DATA, "-w", str(tmp_path / "empty")], "no plan in workspace")):
+        r = run_cli(*args)
+        assert r.exit_code in (1, 2) and needle in r.stderr, (args, r.stderr)
