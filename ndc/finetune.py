@@ -25,7 +25,9 @@ logged (time-to-accuracy curves),
 a checkpoint is written atomically (model, optimizer, history), and a killed
 run resumes from it. Early stopping watches that accuracy with ``patience``
 epochs; the best epoch's weights are kept. Weights that were exactly zero
-when training started (pruned students) stay zero.
+when training started (pruned students) stay zero. ``freeze_bn`` keeps every
+batch norm's running statistics (data-free fine-tuning: training on noise in
+train mode would replace the statistics of real data with those of noise).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class TrainConfig:
     time_budget: float | None = None  # seconds of training (resumed runs count earlier time)
     seed: int = 0
     eval_batches: int | None = None  # limit the per-epoch evaluation (None: the whole test split)
+    freeze_bn: bool = False  # keep batch norms' running statistics (data-free fine-tuning: noise has other statistics)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -146,8 +149,11 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, teacher: nn.Module | None
 
     start = time.perf_counter() - state["seconds"]
     out_of_time = False
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if cfg.freeze_bn else []
     for epoch in range(state["epoch"], cfg.epochs):
         model.train()
+        for m in norms:
+            m.eval()
         losses = []
         for k, (x, y) in enumerate(data.batches("train", cfg.batch_size, shuffle=True, augment=cfg.augment,
                                                 seed=cfg.seed, epoch=epoch, drop_last=data.train_size > cfg.batch_size)):

@@ -128,3 +128,13 @@ def test_end_to_end_pruning_reaches_the_target_sparsity(digits):
         assert achieved == pytest.approx(0.6, abs=0.02), name
     assert result["best_epoch"] >= 2  # chosen only once the ramp reached the target
     assert result["best_accuracy"] > 0.5
+
+
+def test_frozen_batch_norms_keep_their_statistics(digits):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+    before = model[2].running_mean.clone()
+    noise = NoiseImages((1, 8, 8), 128, digits)
+    train(model, noise, TrainConfig(loss="ce", epochs=1, lr=0.05, batch_size=32, augment=False, freeze_bn=True))
+    assert torch.equal(model[2].running_mean, before)
+    train(model, noise, TrainConfig(loss="ce", epochs=1, lr=0.05, batch_size=32, augment=False))
+    assert not torch.equal(model[2].running_mean, before)

@@ -86,6 +86,7 @@ class Progress:
 @click.option("--augment-passes", type=int, default=0, show_default=True,
               help="Extra randomly translated passes of the training set (cached, or fresh per epoch with recompute).")
 @click.option("--val-size", type=int, default=1000, show_default=True, help="Held-out examples for errors and early stopping.")
+@click.option("--evals", type=int, default=10, show_default=True, help="Held-out evaluations per job (for early stopping).")
 @click.option("--patience", type=int, default=3, show_default=True, help="Held-out evaluations without improvement before a job stops.")
 @click.option("--bn-stats", type=click.Choice(["auto", "batch", "frozen"]), default="auto", show_default=True,
               help="Students' batch norms learn batch statistics, or keep the teacher's (auto: frozen with noise inputs).")
@@ -102,7 +103,7 @@ class Progress:
 @common_options
 @user_errors
 def command(widths, sparsities, specs, data_spec, limit, normalize, data_free, source, noise, calibration, lookahead, alpha, epochs, steps,
-            batch_size, lr, init, round_to, augment_passes, val_size, patience, bn_stats, seed, only, workers, backend, address,
+            batch_size, lr, init, round_to, augment_passes, val_size, evals, patience, bn_stats, seed, only, workers, backend, address,
             device, cache_budget, force, dry_run, quiet, workspace, fmt):
     """Rewrite and train a student for every neighbourhood and spec.
 
@@ -140,7 +141,7 @@ def command(widths, sparsities, specs, data_spec, limit, normalize, data_free, s
     base = DistillConfig(data=data_spec, limit=limit, normalize=normalize, source=source or "recompute", noise=noise, calibration=calibration,
                          epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, lookahead=lookahead,
                          alpha=tuple(parse_floats(alpha, "--alpha")), init=init, round_to=round_to,
-                         augment_passes=augment_passes, val_size=val_size, patience=patience, bn_stats=bn_stats, seed=seed,
+                         augment_passes=augment_passes, val_size=val_size, evals=evals, patience=patience, bn_stats=bn_stats, seed=seed,
                          device=device)
     progress = Progress(len(candidates), quiet)
     data = None

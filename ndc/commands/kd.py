@@ -6,7 +6,10 @@ import click
 
 from ndc.commands.common import (common_options, data_options, emit, human, normalize_option, resolve_selection,
                                  selection_options, table, user_errors)
-from ndc.commands.finetune import open_training_data, progress_log, training_options
+from ndc.commands.finetune import learning_rate, open_training_data, progress_log, training_options
+
+
+SCRATCH_LR = 0.1  # SGD from scratch, the usual rate for CIFAR ResNets
 
 
 @click.command("kd")
@@ -15,7 +18,7 @@ from ndc.commands.finetune import open_training_data, progress_log, training_opt
 @normalize_option
 @click.option("--loss", type=click.Choice(["kd", "ce"]), default="kd", show_default=True,
               help="Knowledge distillation from the teacher, or cross entropy with the labels alone.")
-@training_options(lr_default=0.1)
+@training_options(lr_default=SCRATCH_LR)
 @common_options
 @user_errors
 def command(width, spec_text, selection_file, data_spec, limit, normalize, loss, epochs, lr, batch_size, tau, lam, patience, time_budget,
@@ -49,7 +52,7 @@ def command(width, spec_text, selection_file, data_spec, limit, normalize, loss,
     selection = resolve_selection(ws, plan, width, spec_text, selection_file)
     model = fresh_student(teacher, selection, seed)
     data = open_training_data(ws, plan, data_spec, limit, data_free, normalize)
-    cfg = TrainConfig(loss=loss, epochs=epochs, lr=lr, batch_size=batch_size, tau=tau,
+    cfg = TrainConfig(loss=loss, epochs=epochs, lr=learning_rate(lr, SCRATCH_LR, data_free), batch_size=batch_size, tau=tau,
                       lam=0.0 if data_free else lam, patience=patience, time_budget=time_budget,
                       augment=not no_augment and not data_free, seed=seed)
     label = describe_selection(selection)

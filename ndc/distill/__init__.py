@@ -117,13 +117,13 @@ def run_distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, backend: "
             log(f"activation cache: {len(layout.boundaries)} boundaries, "
                 f"{data.train_size * (1 + cfg.augment_passes)} + {min(cfg.val_size, data.test_size)} examples, "
                 f"{size / 2**20:.1f} MiB (fp16)")
-            chain = TeacherChain(teacher.parts(), plan.names, cfg.device)
+            chain = TeacherChain(teacher, cfg.device)
             folder = build_cache(ws, chain, [nb.output for nb in plan.neighbourhoods], plan.neighbourhoods[0].input, data,
                                  layout, key, cfg.augment_passes, cfg.val_size, cfg.seed,
                                  progress=lambda d, t: on_progress and on_progress({"label": "teacher pass", "step": d, "total": t}))
             cache_dir = str(folder.relative_to(ws.root))
         elif cfg.source == "noise" and cfg.noise == "matched":
-            chain = TeacherChain(teacher.parts(), plan.names, cfg.device)
+            chain = TeacherChain(teacher, cfg.device)
             indices = sorted({plan.names.index(c.neighbourhood) for c in pending})
             moments = channel_moments(chain, data, indices, cfg.calibration)
         jobs = []

@@ -133,8 +133,8 @@ def _run(job: Job, progress, started: float) -> dict:
     model = student.module.to(device)
     lookahead = min(cfg.lookahead, len(plan.neighbourhoods) - 1 - i)
     alphas = cfg.alphas()[:lookahead]
-    chain = TeacherChain(teacher.parts(), plan.names, device)
-    ahead = chain.parts[i + 1: i + 1 + lookahead]
+    chain = TeacherChain(teacher, device)
+    ahead = [chain.part(k) for k in range(i + 1, i + 1 + lookahead)]
     feed = _feed(job, cfg, ws, plan, chain, i, lookahead, seed)
 
     total = cfg.steps or cfg.epochs * feed.steps_per_epoch

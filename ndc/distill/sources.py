@@ -54,19 +54,28 @@ def feature_channels(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 class TeacherChain:
-    """The teacher as a list of neighbourhood modules, run in eval mode without gradients."""
+    """The teacher as its sequence of neighbourhoods, run in eval mode without gradients.
 
-    def __init__(self, parts: list[nn.Module], names: list[str], device: str = "cpu"):
-        self.parts = [p.eval().requires_grad_(False).to(device) for p in parts]
-        self.names = names
-        self.device = device
+    Parts are extracted on first use, so a job that needs only its look-ahead
+    parts never copies the rest of the teacher.
+    """
+
+    def __init__(self, teacher, device: str = "cpu"):
+        self.teacher, self.device = teacher, device
+        self.names = teacher.plan.names
+        self._parts: dict[int, nn.Module] = {}
+
+    def part(self, k: int) -> nn.Module:
+        if k not in self._parts:
+            self._parts[k] = self.teacher.part(self.names[k]).eval().requires_grad_(False).to(self.device)
+        return self._parts[k]
 
     @torch.no_grad()
     def run(self, x: torch.Tensor, start: int, stop: int) -> list[torch.Tensor]:
         """Outputs of parts ``start .. stop-1`` applied in turn to ``x``."""
         outs = []
-        for part in self.parts[start:stop]:
-            x = part(x)
+        for k in range(start, stop):
+            x = self.part(k)(x)
             outs.append(x)
         return outs
 
@@ -207,8 +216,11 @@ class Feed:
 
 
 def _to_float(a: np.ndarray, device: str) -> torch.Tensor:
-    # torch converts half precision with vector instructions; numpy's astype is several times slower
-    return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=torch.float32)
+    """fp16 rows of a memory map -> a float32 tensor (torch converts half precision ~10x faster than numpy)."""
+    a = np.ascontiguousarray(a)
+    if not a.flags.writeable:  # a slice of the read-only map: copy, so torch owns writable memory
+        a = a.copy()
+    return torch.from_numpy(a).to(device=device, dtype=torch.float32)
 
 
 class CacheFeed(Feed):

@@ -1,0 +1,25 @@
+"""`ndc demo --quick`: the whole pipeline runs and prints its table (the README's main command, scaled down)."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+
+
+def test_quick_demo_on_digits(run_cli, tmp_path):
+    r = run_cli("demo", "--quick", "--data", "digits", "--workers", "1", "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["data"] == "digits"
+    assert doc["finetuned"]["params"] < doc["teacher"]["params"]
+    assert doc["finetuned"]["max_abs_diff"] < 1e-3
+    for route in ("teacher", "distilled", "finetuned", "kd_baseline"):
+        assert 0 <= doc[route]["accuracy"] <= 1
+    assert set(doc["seconds"]) == {"teacher training", "partition", "distill", "stitch", "fine-tune", "export + verify"}
+    onnx.checker.check_model(doc["finetuned"]["onnx"])
+    assert (tmp_path / "ndc-work" / "demo" / "teacher.safetensors").is_file()
+    again = run_cli("demo", "--quick", "--data", "digits", "--workers", "1")  # the teacher is reused
+    assert again.exit_code == 0, again.stderr
+    assert "training the teacher" not in again.stderr
+    assert "student, + fine-tuned" in again.stdout and "end-to-end KD" in again.stdout
