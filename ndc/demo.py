@@ -6,7 +6,7 @@ ResNet-14 (six residual blocks, 8 base channels) for one-channel 28 × 28
 images, trained on the fly by cross entropy and kept in the workspace, so a
 second run skips it. Then, timed stage by stage, exactly what a user runs::
 
-    ndc partition ndc.zoo:demo_teacher --weights teacher.safetensors --input-shape 1,1,28,28
+    ndc partition ndc.zoo:demo_teacher --weights demo/teacher-<key>.safetensors --input-shape 1,1,28,28
     ndc distill --width 0.5 --data SPEC --workers 2
     ndc stitch -o student.onnx --data SPEC
     ndc finetune --data SPEC --epochs E
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ndc.errors import NdcError
-from ndc.workspace import Workspace
+from ndc.workspace import Workspace, sha256_json
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 INPUT_SHAPE = (1, 1, 28, 28)
@@ -36,7 +36,7 @@ class DemoConfig:
     limit: int | None = 10_000
     width: float = 0.5
     workers: int = 2
-    teacher_epochs: int = 4
+    teacher_epochs: int = 10
     distill_epochs: int = 4
     finetune_epochs: int = 2
     batch_size: int = 128
@@ -68,7 +68,9 @@ def run_demo(ws: Workspace, cfg: DemoConfig, log=lambda message: None) -> dict:
     log(f"data: {data_spec} ({data.train_size} training, {data.test_size} test examples, fitted to {'x'.join(map(str, data.shape))})")
 
     # 1. the teacher, trained once and kept
-    weights = ws.path("demo/teacher.safetensors")
+    # keyed by what trained it, so a --quick teacher is never reused by a full run
+    made_by = sha256_json({"data": data_spec, "limit": cfg.limit, "epochs": cfg.teacher_epochs, "seed": cfg.seed})[:12]
+    weights = ws.path(f"demo/teacher-{made_by}.safetensors")
     t = time.perf_counter()
     if not weights.is_file():
         from ndc.zoo import demo_teacher
@@ -78,7 +80,7 @@ def run_demo(ws: Workspace, cfg: DemoConfig, log=lambda message: None) -> dict:
         model = demo_teacher()
         train(model, data, TrainConfig(loss="ce", epochs=cfg.teacher_epochs, lr=0.1, batch_size=cfg.batch_size, seed=cfg.seed),
               log=_epoch_log(log, "teacher"))
-        ws.save_tensors("demo/teacher.safetensors", model.state_dict())
+        ws.save_tensors(f"demo/teacher-{made_by}.safetensors", model.state_dict())
     times["teacher training"] = time.perf_counter() - t
 
     # 2. partition

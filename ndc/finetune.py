@@ -24,7 +24,9 @@ the test-split accuracy and the training wall time (evaluation excluded) are
 logged (time-to-accuracy curves),
 a checkpoint is written atomically (model, optimizer, history), and a killed
 run resumes from it. Early stopping watches that accuracy with ``patience``
-epochs; the best epoch's weights are kept. Weights that were exactly zero
+epochs; the best epoch's weights are kept (with ``keep_initial``, the
+starting weights count as epoch 0, so fine-tuning that only hurts returns the
+model it was given). Weights that were exactly zero
 when training started (pruned students) stay zero. ``freeze_bn`` keeps every
 batch norm's running statistics (data-free fine-tuning: training on noise in
 train mode would replace the statistics of real data with those of noise).
@@ -64,6 +66,7 @@ class TrainConfig:
     seed: int = 0
     eval_batches: int | None = None  # limit the per-epoch evaluation (None: the whole test split)
     freeze_bn: bool = False  # keep batch norms' running statistics (data-free fine-tuning: noise has other statistics)
+    keep_initial: bool = False  # the starting weights compete for best (fine-tuning never returns a worse model)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -146,6 +149,10 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, teacher: nn.Module | None
         best_weights = ws.load_tensors(f"{folder}/best.safetensors")
     else:
         best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if cfg.keep_initial and state["epoch"] == 0:
+            state.update(best_accuracy=accuracy(model, data, max_batches=cfg.eval_batches), best_epoch=0)
+            if checkpoint:
+                ws.save_tensors(f"{folder}/best.safetensors", best_weights)
 
     start = time.perf_counter() - state["seconds"]
     out_of_time = False

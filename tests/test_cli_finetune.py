@@ -53,6 +53,14 @@ def test_finetune_raises_an_undertrained_student(run_cli, ws, tmp_path):
     assert json.loads(r.stdout)["accuracy"] == pytest.approx(doc["accuracy"], abs=1e-9)
 
 
+def test_data_free_finetune_never_returns_a_worse_student(run_cli, ws):
+    r = run_cli("finetune", *DATA, "--data-free", "--epochs", "2", "--lr", "0.05", "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["accuracy"] >= doc["initial_accuracy"]  # judged on --data's test split; epoch 0 is the stitched student
+    assert doc["history"][0]["epoch"] == 1 and len(doc["history"]) == 2
+
+
 def test_a_killed_finetune_resumes_from_its_last_checkpoint(ws):
     args = [sys.executable, "-m", "ndc", "finetune", *DATA, "--epochs", "40", "--lr", "0.05", "--no-augment",
             "-w", str(ws), "--format", "json"]

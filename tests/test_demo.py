@@ -18,8 +18,11 @@ def test_quick_demo_on_digits(run_cli, tmp_path):
         assert 0 <= doc[route]["accuracy"] <= 1
     assert set(doc["seconds"]) == {"teacher training", "partition", "distill", "stitch", "fine-tune", "export + verify"}
     onnx.checker.check_model(doc["finetuned"]["onnx"])
-    assert (tmp_path / "ndc-work" / "demo" / "teacher.safetensors").is_file()
+    assert len(list((tmp_path / "ndc-work" / "demo").glob("teacher-*.safetensors"))) == 1
     again = run_cli("demo", "--quick", "--data", "digits", "--workers", "1")  # the teacher is reused
     assert again.exit_code == 0, again.stderr
     assert "training the teacher" not in again.stderr
     assert "student, + fine-tuned" in again.stdout and "end-to-end KD" in again.stdout
+    other = run_cli("demo", "--quick", "--data", "digits", "--workers", "1", "--limit", "300")  # another teacher
+    assert other.exit_code == 0, other.stderr
+    assert "training the teacher" in other.stderr

@@ -138,3 +138,21 @@ def test_frozen_batch_norms_keep_their_statistics(digits):
     assert torch.equal(model[2].running_mean, before)
     train(model, noise, TrainConfig(loss="ce", epochs=1, lr=0.05, batch_size=32, augment=False))
     assert not torch.equal(model[2].running_mean, before)
+
+
+def test_fine_tuning_that_only_hurts_returns_the_model_it_was_given(tmp_path, digits):
+    model = small_net()
+    train(model, digits, TrainConfig(loss="ce", epochs=4, lr=0.05, batch_size=32, augment=False))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    good = accuracy(model, digits)
+    misleading = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))  # an untrained "teacher": its targets are noise
+    cfg = TrainConfig(loss="kd", epochs=2, lr=0.5, lam=0.0, batch_size=32, augment=False, keep_initial=True)
+    ws = Workspace(tmp_path / "ws")
+    result = train(model, digits, cfg, teacher=misleading, ws=ws, folder="ft")
+    assert result["history"][-1]["accuracy"] < good - 0.2  # training did hurt
+    assert result["best_epoch"] == 0 and result["best_accuracy"] == pytest.approx(good)
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    # a rerun resumes the finished run and still hands back the starting weights
+    other = small_net()
+    again = train(other, digits, cfg, teacher=misleading, ws=ws, folder="ft")
+    assert again["best_epoch"] == 0 and all(torch.equal(v, start[k]) for k, v in other.state_dict().items())

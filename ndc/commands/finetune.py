@@ -25,7 +25,7 @@ def training_options(lr_default: float):
             click.option("--patience", type=int, default=None, help="Stop after N epochs without better accuracy [default: never]."),
             click.option("--time-budget", type=float, default=None, metavar="SECONDS", help="Stop training after this much wall time."),
             click.option("--no-augment", is_flag=True, help="No random translations."),
-            click.option("--data-free", is_flag=True, help="Train on Gaussian-noise images with the teacher's soft targets only (--data still measures accuracy)."),
+            click.option("--data-free", is_flag=True, help="Train on Gaussian-noise images with the teacher's soft targets only (--data still measures accuracy and picks the epoch kept)."),
             click.option("--restart", is_flag=True, help="Ignore an earlier checkpoint and start again."),
             click.option("--seed", type=int, default=0, show_default=True),
             click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Also export the result (.onnx, .pt2, .pt)."),
@@ -98,8 +98,8 @@ def command(data_spec, limit, normalize, epochs, lr, batch_size, tau, lam, patie
     data = open_training_data(ws, plan, data_spec, limit, data_free, normalize)
     cfg = TrainConfig(loss="kd", epochs=epochs, lr=learning_rate(lr, FINETUNE_LR, data_free), batch_size=batch_size, tau=tau,
                       lam=0.0 if data_free else lam, patience=patience, time_budget=time_budget, augment=not no_augment and not data_free, seed=seed,
-                      freeze_bn=data_free)
-    before = accuracy(model, data)
+                      freeze_bn=data_free, keep_initial=True)
+    before = accuracy(model, data, max_batches=cfg.eval_batches)
     result = train(model, data, cfg, teacher=teacher.gm, ws=ws, folder="finetune", log=progress_log(fmt), resume=not restart)
     doc = ws.read_json(f"{STUDENT_DIR}/student.json")
     save_student(ws, model, {k: Spec.parse(v) for k, v in doc["selection"].items()}, doc["candidates"], {"finetuned": {"epochs": result["epochs"], "best_epoch": result["best_epoch"]}}, folder="finetune")
@@ -115,9 +115,11 @@ def command(data_spec, limit, normalize, epochs, lr, batch_size, tau, lam, patie
     ws.write_json("finetune/report.json", payload)
 
     def text() -> str:
-        rows = [["teacher", f"{teacher_acc:.2%}"], ["stitched student", f"{before:.2%}"],
-                [f"fine-tuned (epoch {result['best_epoch']})", f"{result['best_accuracy']:.2%}"]]
-        tail = f"\nwrote {payload['output']}" if output else ""
+        rows = [["teacher", f"{teacher_acc:.2%}"], ["stitched student", f"{before:.2%}"]]
+        if result["best_epoch"]:
+            rows.append([f"fine-tuned (epoch {result['best_epoch']})", f"{result['best_accuracy']:.2%}"])
+        tail = "" if result["best_epoch"] else "\nno epoch beat the stitched student: it is kept unchanged"
+        tail += f"\nwrote {payload['output']}" if output else ""
         return table(["model", "accuracy"], rows, "lr") + f"\n\n{result['epochs']} epochs in {result['seconds']:.0f}s" + tail
 
     emit(fmt, payload, text)
