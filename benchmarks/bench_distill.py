@@ -1,6 +1,7 @@
 """One epoch of neighbourhood distillation against one epoch of end-to-end KD, side by side.
 
     python benchmarks/bench_distill.py --examples 10000 --repeats 3
+    python benchmarks/bench_distill.py --epochs 8 --repeats 3 --routes "ND, cache"   # 1 vs 2 workers over a longer run
 
 Teacher: ResNet-20 trained on Fashion-MNIST (benchmarks/common.py, cached).
 Student: every residual block at width 0.5. For each repeat, in one run:
@@ -12,10 +13,13 @@ Student: every residual block at width 0.5. For each repeat, in one run:
 * end-to-end KD of the same student for one epoch over the same examples, in
   one process with 1 and with 2 torch threads.
 
+``--epochs N`` runs every route for N epochs instead (the cache is still
+built once per run), and ``--routes`` keeps only some routes.
+
 Every ND job runs on one torch thread (parallelism comes from processes).
 Evaluation is excluded from every timing (ND jobs evaluate once at the end of
-their single epoch on 64 held-out examples; KD on one batch).
-Writes benchmarks/results/distill.json.
+their last epoch on 64 held-out examples; KD on one batch per epoch).
+Writes benchmarks/results/distill.json (distill-eN.json with --epochs N).
 """
 
 from __future__ import annotations
@@ -36,11 +40,11 @@ from ndc.plan import load_teacher
 from ndc.stitch import fresh_student, uniform_selection
 
 
-def nd_epoch(source: str, workers: int, examples: int) -> dict:
+def nd_epoch(source: str, workers: int, examples: int, epochs: int = 1) -> dict:
     ws = workspace("bench-distill")
     for sub in ("jobs", "cache"):
         shutil.rmtree(ws.path(sub), ignore_errors=True)
-    cfg = DistillConfig(data=DATA, limit=examples, source=source, epochs=1, batch_size=128, val_size=64, evals=1)
+    cfg = DistillConfig(data=DATA, limit=examples, source=source, epochs=epochs, batch_size=128, val_size=64, evals=1)
     teacher = load_teacher(ws)
     cache_done = []
     t = time.perf_counter()
@@ -53,7 +57,7 @@ def nd_epoch(source: str, workers: int, examples: int) -> dict:
             "final_error": median([r["final_error"] for r in rows])}
 
 
-def kd_epoch(threads: int, examples: int) -> dict:
+def kd_epoch(threads: int, examples: int, epochs: int = 1) -> dict:
     ws = workspace("bench-distill")
     teacher = load_teacher(ws)
     data = open_data(DATA, (3, 32, 32), limit=examples, workspace=ws)
@@ -62,7 +66,7 @@ def kd_epoch(threads: int, examples: int) -> dict:
     torch.set_num_threads(threads)
     try:
         t = time.perf_counter()
-        train(student, data, TrainConfig(loss="kd", epochs=1, lr=0.1, batch_size=128, eval_batches=1), teacher=teacher.gm)
+        train(student, data, TrainConfig(loss="kd", epochs=epochs, lr=0.1, batch_size=128, eval_batches=1), teacher=teacher.gm)
         return {"seconds": time.perf_counter() - t}
     finally:
         torch.set_num_threads(previous)
@@ -72,15 +76,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--examples", type=int, default=10_000, help="training examples per epoch")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=1, help="epochs of every route (ND jobs and KD)")
+    ap.add_argument("--routes", default=None, help="only the routes whose names contain one of these |-separated parts "
+                    "(KD on 2 threads, the reference, always runs)")
     args = ap.parse_args()
     routes = {
-        "ND, cache, 1 worker": lambda: nd_epoch("cache", 1, args.examples),
-        "ND, cache, 2 workers": lambda: nd_epoch("cache", 2, args.examples),
-        "ND, recompute, 1 worker": lambda: nd_epoch("recompute", 1, args.examples),
-        "ND, recompute, 2 workers": lambda: nd_epoch("recompute", 2, args.examples),
-        "KD, 1 thread": lambda: kd_epoch(1, args.examples),
-        "KD, 2 threads": lambda: kd_epoch(2, args.examples),
+        "ND, cache, 1 worker": lambda: nd_epoch("cache", 1, args.examples, args.epochs),
+        "ND, cache, 2 workers": lambda: nd_epoch("cache", 2, args.examples, args.epochs),
+        "ND, recompute, 1 worker": lambda: nd_epoch("recompute", 1, args.examples, args.epochs),
+        "ND, recompute, 2 workers": lambda: nd_epoch("recompute", 2, args.examples, args.epochs),
+        "KD, 1 thread": lambda: kd_epoch(1, args.examples, args.epochs),
+        "KD, 2 threads": lambda: kd_epoch(2, args.examples, args.epochs),
     }
+    if args.routes:
+        routes = {name: run for name, run in routes.items() 
+                  if name == "KD, 2 threads" or any(part in name for part in args.routes.split("|"))}
     results: dict[str, list[dict]] = {name: [] for name in routes}
     for r in range(args.repeats):
         for name, run in routes.items():  # interleaved: every repeat runs every route once
@@ -97,8 +107,9 @@ def main() -> None:
                "cache_seconds": cache, "details": outs}
         rows.append(row)
         print(f"{name:<26} {spread(secs):>27} {median(secs) / kd:>15.2f}x {median(cache):>12.1f}s")
-    write("distill.json", {"examples": args.examples, "repeats": args.repeats, "teacher": teacher_info(), "rows": rows,
-                           "cache_dir": str(CACHE)})
+    write("distill.json" if args.epochs == 1 else f"distill-e{args.epochs}.json",
+          {"examples": args.examples, "repeats": args.repeats, "epochs": args.epochs, "teacher": teacher_info(), "rows": rows,
+           "cache_dir": str(CACHE)})
 
 
 if __name__ == "__main__":

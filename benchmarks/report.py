@@ -25,18 +25,17 @@ def secs(x: float | None) -> str:
 
 
 def distill() -> None:
-    d = load("distill.json")
-    if not d:
-        return
-    print(f"\n### One epoch over {d['examples']} images, {d['repeats']} repeats\n")
-    print("| route | seconds, median (min–max) | × KD (2 threads) | of which teacher pass |")
-    print("|---|---:|---:|---:|")
-    for r in d["rows"]:
-        s = r["seconds"]
-        cache = sorted(r["cache_seconds"])[len(r["cache_seconds"]) // 2]
-        print(f"| {r['route']} | {r['median']:.1f} ({min(s):.1f}–{max(s):.1f}) | {r['ratio_to_kd_2_threads']:.2f} | "
-              f"{cache:.1f} |" if cache else f"| {r['route']} | {r['median']:.1f} ({min(s):.1f}–{max(s):.1f}) | "
-              f"{r['ratio_to_kd_2_threads']:.2f} | – |")
+    for path in sorted(RESULTS.glob("distill*.json")):
+        d = json.loads(path.read_text())
+        epochs = d.get("epochs", 1)
+        print(f"\n### {'One epoch' if epochs == 1 else f'{epochs} epochs'} over {d['examples']} images, {d['repeats']} repeats\n")
+        print("| route | seconds, median (min–max) | × KD (2 threads) | of which teacher pass |")
+        print("|---|---:|---:|---:|")
+        for r in d["rows"]:
+            s = r["seconds"]
+            cache = sorted(r["cache_seconds"])[len(r["cache_seconds"]) // 2]
+            print(f"| {r['route']} | {r['median']:.1f} ({min(s):.1f}–{max(s):.1f}) | {r['ratio_to_kd_2_threads']:.2f} | "
+                  f"{f'{cache:.1f}' if cache else '–'} |")
 
 
 def table1() -> None:
