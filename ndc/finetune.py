@@ -150,7 +150,8 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, teacher: nn.Module | None
     else:
         best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if cfg.keep_initial and state["epoch"] == 0:
-            state.update(best_accuracy=accuracy(model, data, max_batches=cfg.eval_batches), best_epoch=0)
+            initial = accuracy(model, data, max_batches=cfg.eval_batches)
+            state.update(best_accuracy=initial, best_epoch=0, initial_accuracy=initial)
             if checkpoint:
                 ws.save_tensors(f"{folder}/best.safetensors", best_weights)
 
@@ -221,7 +222,7 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, teacher: nn.Module | None
         pruner.apply()
     model.eval()
     return {"history": state["history"], "best_accuracy": state["best_accuracy"], "best_epoch": state["best_epoch"],
-            "seconds": state["seconds"], "epochs": state["epoch"]}
+            "initial_accuracy": state.get("initial_accuracy"), "seconds": state["seconds"], "epochs": state["epoch"]}
 
 
 def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

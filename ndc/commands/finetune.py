@@ -99,8 +99,8 @@ def command(data_spec, limit, normalize, epochs, lr, batch_size, tau, lam, patie
     cfg = TrainConfig(loss="kd", epochs=epochs, lr=learning_rate(lr, FINETUNE_LR, data_free), batch_size=batch_size, tau=tau,
                       lam=0.0 if data_free else lam, patience=patience, time_budget=time_budget, augment=not no_augment and not data_free, seed=seed,
                       freeze_bn=data_free, keep_initial=True)
-    before = accuracy(model, data, max_batches=cfg.eval_batches)
     result = train(model, data, cfg, teacher=teacher.gm, ws=ws, folder="finetune", log=progress_log(fmt), resume=not restart)
+    before = result["initial_accuracy"]  # measured by train() before its first epoch, kept in its checkpoint
     doc = ws.read_json(f"{STUDENT_DIR}/student.json")
     save_student(ws, model, {k: Spec.parse(v) for k, v in doc["selection"].items()}, doc["candidates"], {"finetuned": {"epochs": result["epochs"], "best_epoch": result["best_epoch"]}}, folder="finetune")
     teacher_acc = accuracy(teacher.gm, data)
