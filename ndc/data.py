@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ndc.errors import NdcError
+from ndc.errors import NdcError, fmt_shape, one_line
 from ndc.workspace import sha256_json
 
 if TYPE_CHECKING:
@@ -184,7 +184,7 @@ def _layout(per_example: Sequence[int], what: str) -> str:
     if len(per_example) == 3:
         channels_last = per_example[-1] in (1, 3) and per_example[0] not in (1, 3)
         return "nhwc" if channels_last else "nchw"
-    raise NdcError(f"{what} has examples of shape {_dims(per_example)}; expected a vector (D), "
+    raise NdcError(f"{what} has examples of shape {fmt_shape(per_example)}; expected a vector (D), "
                    "a grey image (H, W) or an image (C, H, W) / (H, W, C)")
 
 
@@ -307,7 +307,7 @@ def read_idx(path: str | os.PathLike, kind: str) -> np.ndarray:
     expected = math.prod(dims)
     actual = (len(data) if data is not None else path.stat().st_size) - header_size
     if actual != expected:
-        raise NdcError(f"{path}: the header promises {_dims(dims)} = {expected} bytes of data "
+        raise NdcError(f"{path}: the header promises {fmt_shape(dims)} = {expected} bytes of data "
                        f"but the file holds {actual}")
     if data is None:
         if expected == 0:
@@ -418,14 +418,14 @@ def _array_split(x: Any, y: Any, what_x: str, what_y: str) -> _ArraySplit:
     if not (x.dtype == np.uint8 or x.dtype.kind == "f"):
         raise NdcError(f"{what_x} has dtype {x.dtype}; expected uint8 pixels (0..255) or floating point")
     if x.ndim < 2:
-        raise NdcError(f"{what_x} has shape {_dims(x.shape)}; expected one row per example, (N, ...)")
+        raise NdcError(f"{what_x} has shape {fmt_shape(x.shape)}; expected one row per example, (N, ...)")
     if len(x) == 0:
         raise NdcError(f"{what_x} holds no examples")
     layout = _layout(x.shape[1:], what_x)
     if y.dtype.kind not in "iu":
         raise NdcError(f"{what_y} has dtype {y.dtype}; expected integer class labels")
     if y.shape != (len(x),):
-        raise NdcError(f"{what_y} has shape {_dims(y.shape)}; expected ({len(x)},), one label per example of x")
+        raise NdcError(f"{what_y} has shape {fmt_shape(y.shape)}; expected ({len(x)},), one label per example of x")
     if y.dtype.kind == "i" and int(y.min()) < 0:
         raise NdcError(f"{what_y} holds negative labels; expected classes 0..K-1")
     return _ArraySplit(x, y, layout)
@@ -433,8 +433,8 @@ def _array_split(x: Any, y: Any, what_x: str, what_y: str) -> _ArraySplit:
 
 def _same_examples(train: _Split, test: _Split, what_train: str, what_test: str) -> None:
     if train.example_shape != test.example_shape:
-        raise NdcError(f"{what_test} has examples of shape {_dims(test.example_shape)} but "
-                       f"{what_train} has {_dims(train.example_shape)}")
+        raise NdcError(f"{what_test} has examples of shape {fmt_shape(test.example_shape)} but "
+                       f"{what_train} has {fmt_shape(train.example_shape)}")
     arrays = isinstance(train, _ArraySplit) and isinstance(test, _ArraySplit)
     if arrays and (train.x.dtype == np.uint8) != (test.x.dtype == np.uint8):
         raise NdcError(f"{what_test} is {test.x.dtype} but {what_train} is {train.x.dtype}; "
@@ -478,7 +478,7 @@ def _imagefolder_source(root: Path) -> _Raw:
             mode = "L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
             width, height = im.size
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-        raise NdcError(f"imagefolder: cannot read image {first} ({_short(e)})") from None
+        raise NdcError(f"imagefolder: cannot read image {first} ({one_line(e)})") from None
     shape = (1 if mode == "L" else 3, height, width)
 
     def loader(files: list[tuple[Path, int]]) -> Callable[[int], tuple[np.ndarray, int]]:
@@ -492,7 +492,7 @@ def _imagefolder_source(root: Path) -> _Raw:
                         im = im.resize((width, height), Image.Resampling.BILINEAR)
                     a = np.asarray(im, dtype=np.float32) / 255.0
             except Exception as e:  # noqa: BLE001 - as above: any failure to decode is the file's fault
-                raise NdcError(f"imagefolder: cannot read image {path} ({_short(e)})") from None
+                raise NdcError(f"imagefolder: cannot read image {path} ({one_line(e)})") from None
             return (a[None] if a.ndim == 2 else a.transpose(2, 0, 1)), label
         return load
 
@@ -556,7 +556,7 @@ def _function_source(spec: str) -> _Raw:
     except NdcError:
         raise
     except Exception as e:  # noqa: BLE001 - user code may raise anything; report it in one line
-        raise NdcError(f"data function {spec} raised {type(e).__name__}: {_short(e)}") from None
+        raise NdcError(f"data function {spec} raised {type(e).__name__}: {one_line(e)}") from None
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
         raise NdcError(f"data function {spec} returned {type(result).__name__}; expected a pair (train, test), "
                        "test may be None")
@@ -588,7 +588,7 @@ def _user_split(obj: Any, what: str) -> _Split:
     def load(i: int) -> tuple[np.ndarray, int]:
         x, y = _user_item(obj, i, what, mode)
         if x.shape != shape:
-            raise NdcError(f"{what}: example {i} has shape {_dims(x.shape)} but example 0 has {_dims(shape)}")
+            raise NdcError(f"{what}: example {i} has shape {fmt_shape(x.shape)} but example 0 has {fmt_shape(shape)}")
         return x, y
 
     return _LazySplit(n, load, tuple(shape))
@@ -609,7 +609,7 @@ def _user_item(dataset: Any, i: int, what: str, mode: str | None) -> tuple[np.nd
     try:
         item = dataset[i]
     except Exception as e:  # noqa: BLE001 - user code, as above
-        raise NdcError(f"{what}: reading example {i} raised {type(e).__name__}: {_short(e)}") from None
+        raise NdcError(f"{what}: reading example {i} raised {type(e).__name__}: {one_line(e)}") from None
     if not (isinstance(item, (tuple, list)) and len(item) >= 2):
         raise NdcError(f"{what}: example {i} is a {type(item).__name__}; expected a pair (x, y)")
     x, y = item[0], item[1]
@@ -703,7 +703,7 @@ class _Fit:
     def describe(self) -> str:
         steps = []
         if self.reshape:
-            steps.append(f"reshape {_dims(self.raw)} to {_dims(self.shape)}")
+            steps.append(f"reshape {fmt_shape(self.raw)} to {fmt_shape(self.shape)}")
         if self.pad is not None:
             left, right, top, bottom = self.pad
             if len({left, right, top, bottom}) == 1:
@@ -735,7 +735,7 @@ def plan_fit(raw: Sequence[int], shape: Sequence[int] | None) -> _Fit:
         return _Fit(raw, raw)
     shape = tuple(int(d) for d in shape)
     if not shape or any(d <= 0 for d in shape):
-        raise NdcError(f"bad input shape {_dims(shape)}: expected positive sizes such as 3x32x32")
+        raise NdcError(f"bad input shape {fmt_shape(shape)}: expected positive sizes such as 3x32x32")
     if len(raw) == 3 and len(shape) == 3:
         (c, h, w), (C, H, W) = raw, shape
         if c == C:
@@ -756,7 +756,7 @@ def plan_fit(raw: Sequence[int], shape: Sequence[int] | None) -> _Fit:
         return _Fit(raw, shape, reshape=True)
     hint = ("; the input shape is per example, leave out the batch size"
             if len(shape) == len(raw) + 1 and shape[0] == 1 else "")
-    raise NdcError(f"cannot fit examples of shape {_dims(raw)} to the model's input {_dims(shape)}: "
+    raise NdcError(f"cannot fit examples of shape {fmt_shape(raw)} to the model's input {fmt_shape(shape)}: "
                    f"images need a C x H x W input, other data the same number of elements{hint}")
 
 
@@ -1080,15 +1080,6 @@ def _explicit_statistics(normalize: tuple[Sequence[float], Sequence[float]],
 # helpers
 
 
-def _dims(shape: Sequence[int]) -> str:
-    return "x".join(str(int(d)) for d in shape) or "()"
-
-
 def _file_stamp(path: Path) -> list:
     st = path.stat()
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
-
-
-def _short(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) < 160 else text[:157] + "..."

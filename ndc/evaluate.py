@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
-from ndc.errors import NdcError
+from ndc.errors import NdcError, first_line
 
 if TYPE_CHECKING:
     from ndc.data import DataSource
@@ -92,7 +92,7 @@ def _load_onnx(path: Path) -> Predictor:
     try:
         session = ort_session(path, threads=torch.get_num_threads())
     except Exception as e:
-        raise NdcError(f"{path} is not a readable ONNX model: {_first_line(e)}") from None
+        raise NdcError(f"{path} is not a readable ONNX model: {first_line(e)}") from None
     inp = session.get_inputs()[0]
     dims = list(inp.shape)
     per_example = tuple(dims[1:]) if all(isinstance(d, int) for d in dims[1:]) else None
@@ -120,7 +120,7 @@ def _load_pt2(path: Path) -> Predictor:
     try:
         program = torch.export.load(path)
     except Exception as e:
-        raise NdcError(f"{path} is not a readable torch.export archive: {_first_line(e)}") from None
+        raise NdcError(f"{path} is not a readable torch.export archive: {first_line(e)}") from None
     module = program.module()
     return Predictor(_torch_fn(module), "pt2", path, _program_input_shape(program), module)
 
@@ -200,7 +200,7 @@ def _runner(model: Any, device: str, what: str) -> Iterator[Callable[[torch.Tens
         try:
             model.to(device)
         except Exception as e:
-            raise NdcError(f"cannot move {what} to {device}: {_first_line(e)}") from None
+            raise NdcError(f"cannot move {what} to {device}: {first_line(e)}") from None
         try:
             yield lambda x: model(x.to(device))
         finally:
@@ -220,7 +220,7 @@ def _predict(run: Callable[[torch.Tensor], Any], x: torch.Tensor, data: DataSour
         raise
     except Exception as e:
         raise NdcError(f"{what} does not run on {data.name} batches of shape {'x'.join(map(str, x.shape))}: "
-                       f"{type(e).__name__}: {_first_line(e)}") from None
+                       f"{type(e).__name__}: {first_line(e)}") from None
     leaves = [t for t in tree_leaves(out) if isinstance(t, (torch.Tensor, np.ndarray))]
     if not leaves:
         raise NdcError(f"{what} returned no tensor")
@@ -230,9 +230,3 @@ def _predict(run: Callable[[torch.Tensor], Any], x: torch.Tensor, data: DataSour
     if logits.shape[1] < data.classes:
         raise NdcError(f"{what} scores {logits.shape[1]} classes but {data.name} has {data.classes}")
     return logits.argmax(dim=1)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(e).__name__
-    return text if len(text) <= 200 else text[:197] + "..."

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ndc.errors import NdcError
+from ndc.errors import NdcError, first_line
 from ndc.workspace import load_tensors, sha256_file
 
 @dataclass
@@ -145,7 +145,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         kind = _pickle_kind(path)
         if kind == "module":
             raise NdcError(f"{path} holds a pickled module, not weights; load it as MODEL with --trust-pickle if you trust it") from None
-        raise NdcError(f"{path} is truncated or corrupt: {_first_line(e)}") from None
+        raise NdcError(f"{path} is truncated or corrupt: {first_line(e, 160)}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -201,7 +201,7 @@ def _load_pickled_module(path: Path, trust_pickle: bool) -> nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise NdcError(f"{path} is truncated or corrupt: {_first_line(e)}") from None
+        raise NdcError(f"{path} is truncated or corrupt: {first_line(e, 160)}") from None
     if isinstance(obj, nn.Module):
         return obj
     if isinstance(obj, dict):
@@ -292,9 +292,3 @@ def _sha(path: str | os.PathLike) -> str:
 
 def _few(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(e).__name__
-    return text if len(text) < 160 else text[:157] + "..."

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ndc.errors import NdcError
+from ndc.errors import NdcError, one_line
 
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
@@ -89,7 +89,7 @@ def load_tensors(path: str | os.PathLike) -> dict:
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises several types for a bad header
-        raise NdcError(f"{path}: not a readable safetensors file ({_short(e)})") from None
+        raise NdcError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -99,12 +99,7 @@ def read_json(path: str | os.PathLike) -> Any:
     except FileNotFoundError:
         raise NdcError(f"{path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise NdcError(f"{path}: corrupt JSON ({_short(e)})") from None
-
-
-def _short(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) < 160 else text[:157] + "..."
+        raise NdcError(f"{path}: corrupt JSON ({one_line(e)})") from None
 
 
 class Workspace:

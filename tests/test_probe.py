@@ -56,22 +56,15 @@ def invoke(*args):
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A trained residual MLP with batch norms on digits, its factory file and weights, and a workspace partitioning it."""
-    from ndc.data import open_data
     from ndc.load import load_model
+    from tests.conftest import fit_on_digits
 
     root = tmp_path_factory.mktemp("probe")
     factory = root / "net.py"
     factory.write_text(FACTORY)
     torch.manual_seed(0)
     net = load_model(f"{factory}:teacher").model
-    data = open_data("digits", (1, 8, 8), limit=600)
-    opt = torch.optim.Adam(net.parameters(), 1e-2)
-    for epoch in range(20):
-        for x, y in data.batches("train", 128, shuffle=True, epoch=epoch):
-            loss = torch.nn.functional.cross_entropy(net(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    fit_on_digits(net, epochs=20)
     torch.save(net.state_dict(), root / "net.pt")
     ws = root / "ws"
     r = invoke("partition", f"{factory}:teacher", "--weights", root / "net.pt", "--input-shape", "1,1,8,8", "-w", ws)

@@ -61,24 +61,20 @@ def invoke(*args: str):
 
 def train_teacher(factory_file, path) -> None:
     """Train on digits; block1 keeps only LIVE hidden units (the rest are zero), so it compresses exactly."""
-    from ndc.data import open_data
     from ndc.load import load_model
+    from tests.conftest import fit_on_digits
 
     torch.manual_seed(0)
     model = load_model(f"{factory_file}:teacher").model
-    data = open_data("digits", (1, 8, 8), limit=600)
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
     block = model.block1
-    for epoch in range(40):
-        for x, y in data.batches("train", 128, shuffle=True, epoch=epoch):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                block.fc1.weight[LIVE:] = 0
-                block.fc1.bias[LIVE:] = 0
-                block.fc2.weight[:, LIVE:] = 0
+
+    @torch.no_grad()
+    def keep_dead_units_dead() -> None:
+        block.fc1.weight[LIVE:] = 0
+        block.fc1.bias[LIVE:] = 0
+        block.fc2.weight[:, LIVE:] = 0
+
+    fit_on_digits(model, epochs=40, after_step=keep_dead_units_dead)
     torch.save(model.state_dict(), path)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ndc.commands.common import common_options, data_options, emit, normalize_option, table, user_errors, warn
-from ndc.errors import NdcError
+from ndc.errors import NdcError, fmt_shape
 
 
 @click.command("eval")
@@ -110,7 +110,7 @@ def _input_shape(predictor, teacher, model: str) -> tuple[int, ...]:
     teacher_shape = tuple(teacher.plan.input_shape[1:]) if teacher is not None else None
     own = predictor.input_shape
     if own is not None and teacher_shape is not None and own != teacher_shape:
-        raise NdcError(f"{model} takes inputs of shape {_dims(own)} but the workspace's teacher takes {_dims(teacher_shape)}; "
+        raise NdcError(f"{model} takes inputs of shape {fmt_shape(own)} but the workspace's teacher takes {fmt_shape(teacher_shape)}; "
                        "pass -w with the workspace this model was made from")
     shape = own or teacher_shape
     if shape is None:
@@ -120,7 +120,7 @@ def _input_shape(predictor, teacher, model: str) -> tuple[int, ...]:
         if guessed is None:
             raise NdcError(f"cannot tell the input shape of {model}; pass -w with the workspace it was made from")
         shape = tuple(guessed[1:])
-        warn(f"{model} does not record its input shape; using {_dims(shape)} from its first layer")
+        warn(f"{model} does not record its input shape; using {fmt_shape(shape)} from its first layer")
     return shape
 
 
@@ -157,7 +157,3 @@ def _text(p: dict) -> str:
         rows.append([p["model"], pct(p["accuracy"]), pct(p["agreement"])])
     out = table(["model", "accuracy", "agreement with teacher"], rows, "lrr")
     return f"{out}\n\n{p['examples']} test examples of {p['data']} ({p['split_source']})"
-
-
-def _dims(shape) -> str:
-    return "x".join(str(int(d)) for d in shape)

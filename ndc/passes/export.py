@@ -54,7 +54,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
-from ndc.errors import NdcError
+from ndc.errors import NdcError, first_line, fmt_shape
 from ndc.metrics import count_flops, count_params
 from ndc.report import library_versions, measure_latency, ort_session
 from ndc.workspace import atomic_write, write_json_atomic
@@ -101,8 +101,8 @@ def export_model(module: nn.Module, path: str | os.PathLike, input_shape: Sequen
         try:
             model(_example(shape, seed + 1))
         except Exception as e:
-            raise NdcError(f"the model does not run on an input of shape {_dims((EXAMPLE_BATCH, *shape[1:]))}: "
-                           f"{type(e).__name__}: {_first_line(e)}") from None
+            raise NdcError(f"the model does not run on an input of shape {fmt_shape((EXAMPLE_BATCH, *shape[1:]))}: "
+                           f"{type(e).__name__}: {first_line(e)}") from None
 
     report_dir = Path(report_dir) if report_dir is not None else path.parent / f"{path.name}.repro"
     with _temporary_beside(path) as tmp:
@@ -199,7 +199,7 @@ def verify(model: nn.Module, run: Callable[[torch.Tensor], list[np.ndarray]], in
             with torch.no_grad():
                 expected = [t.detach().cpu().numpy() for t in tree_leaves(model(x)) if isinstance(t, torch.Tensor)]
         except Exception as e:
-            raise NdcError(f"the model does not run at batch size {b}: {type(e).__name__}: {_first_line(e)}") from None
+            raise NdcError(f"the model does not run at batch size {b}: {type(e).__name__}: {first_line(e)}") from None
         got = run(x)
         diff, ok = _compare(expected, got, atol, rtol)
         diffs[str(b)] = diff
@@ -338,13 +338,13 @@ def _write_onnx(model: nn.Module, tmp: Path, shape: tuple[int, ...], seed: int) 
         try:
             onnx_program.save(tmp, external_data=False)
         except ValueError as e:  # protobuf's 2 GiB limit on one file
-            raise NdcError(f"cannot write one self-contained ONNX file: {_first_line(e)}") from None
+            raise NdcError(f"cannot write one self-contained ONNX file: {first_line(e)}") from None
     import onnx
 
     try:
         onnx.checker.check_model(str(tmp), full_check=True)
     except Exception as e:
-        raise NdcError(f"the exported ONNX model fails onnx.checker: {_first_line(e)}") from None
+        raise NdcError(f"the exported ONNX model fails onnx.checker: {first_line(e)}") from None
 
 
 def _name_batch_dimension(graph: Any) -> None:
@@ -367,7 +367,7 @@ def _write_pt(model: nn.Module, tmp: Path, shape: tuple[int, ...], seed: int) ->
     try:
         torch.save(model, tmp)
     except Exception as e:  # a lambda or local class somewhere in the module
-        raise NdcError(f"cannot pickle the model to .pt: {_first_line(e)}; export to .pt2 or .onnx instead") from None
+        raise NdcError(f"cannot pickle the model to .pt: {first_line(e)}; export to .pt2 or .onnx instead") from None
 
 
 def _make_picklable(gm: fx.GraphModule) -> None:
@@ -430,7 +430,7 @@ def _load_pt2(tmp: Path) -> _Loaded:
     try:
         module = torch.export.load(tmp).module()
     except Exception as e:
-        raise NdcError(f"the written .pt2 file does not load back with torch.export.load: {_first_line(e)}") from None
+        raise NdcError(f"the written .pt2 file does not load back with torch.export.load: {first_line(e)}") from None
     return _Loaded(_torch_call(module), module)
 
 
@@ -439,7 +439,7 @@ def _load_pt(tmp: Path) -> _Loaded:
     try:
         module = torch.load(tmp, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise NdcError(f"the written .pt file does not load back: {_first_line(e)}; export to .pt2 or .onnx instead") from None
+        raise NdcError(f"the written .pt file does not load back: {first_line(e)}; export to .pt2 or .onnx instead") from None
     module.eval()
     return _Loaded(_torch_call(module), module)
 
@@ -498,14 +498,4 @@ def _export_failure(what: str, e: BaseException) -> str:
         fixed = f" to {constant.group(1)}" if constant else ""
         return (f"{what} cannot give the model a dynamic batch dimension: its code fixes the batch size{fixed} "
                 "(e.g. x.view(N, -1) with a constant N); use x.shape[0] or x.flatten(1) instead")
-    return f"{what} failed: {type(e).__name__}: {_first_line(e)}"
-
-
-def _dims(shape: Sequence[int]) -> str:
-    return "x".join(str(int(d)) for d in shape)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(e).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
+    return f"{what} failed: {type(e).__name__}: {first_line(e)}"

@@ -43,27 +43,15 @@ class Registry:
 
     def module(self, *classes: type) -> Callable[[Rule], Rule]:
         """Decorator: ``@registry.module(nn.Conv2d)`` registers a rule for those module classes."""
-        def deco(rule: Rule) -> Rule:
-            for c in classes:
-                self.modules[c] = rule
-            return rule
-        return deco
+        return _register(self.modules, classes)
 
     def function(self, *functions: object) -> Callable[[Rule], Rule]:
         """Decorator: ``@registry.function(torch.cat)`` registers a rule for those callables."""
-        def deco(rule: Rule) -> Rule:
-            for f in functions:
-                self.functions[f] = rule
-            return rule
-        return deco
+        return _register(self.functions, functions)
 
     def method(self, *names: str) -> Callable[[Rule], Rule]:
         """Decorator: ``@registry.method("flatten")`` registers a rule for ``tensor.flatten(...)``."""
-        def deco(rule: Rule) -> Rule:
-            for n in names:
-                self.methods[n] = rule
-            return rule
-        return deco
+        return _register(self.methods, names)
 
     def lookup(self, node: fx.Node, root: nn.Module) -> Rule | None:
         """The rule for ``node``, or None when no rule covers it."""
@@ -88,6 +76,14 @@ class Registry:
         new = Registry()
         new.modules, new.functions, new.methods = dict(self.modules), dict(self.functions), dict(self.methods)
         return new
+
+
+def _register(table: dict, keys: tuple) -> Callable[[Rule], Rule]:
+    def deco(rule: Rule) -> Rule:
+        for key in keys:
+            table[key] = rule
+        return rule
+    return deco
 
 
 #: The registry the rewrite pass uses; :mod:`ndc.passes.rewrite.rules` fills it.

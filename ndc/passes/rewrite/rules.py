@@ -125,6 +125,15 @@ def broadcast(an: Analysis, node: fx.Node) -> None:
 # ------------------------------------------------------- convolutions
 
 
+def _channels_out(an: Analysis, node: fx.Node, axes: list, ch: int, out) -> None:
+    """A convolution's output: leading axes as the input's, channel layout ``out`` (shared by the bias), spatial axes pinned."""
+    if an.module(node).bias is not None:
+        an.param(f"{node.target}.bias", 0, out)
+    for k in range(ch + 1, len(axes)):
+        an.pin(axes[k], _spatial(an, node))
+    an.set(node, axes[:ch] + [out] + [an.fresh(d, _spatial(an, node)) for d in an.shape(node)[ch + 1:]])
+
+
 @RULES.module(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def conv(an: Analysis, node: fx.Node) -> None:
     """Convolution: input channels bind ``weight[:, i]``, output channels are ``weight[o]`` (a producer).
@@ -154,14 +163,7 @@ def conv(an: Analysis, node: fx.Node) -> None:
         an.pin(lin, why)
         an.pin(out, why)
         an.label(out, f"{name}.out_channels")
-    if m.bias is not None:
-        an.param(f"{name}.bias", 0, out)
-    result = an.shape(node)
-    layouts = [axes[k] for k in range(ch)] + [out]
-    for k in range(ch + 1, len(shape)):
-        an.pin(axes[k], _spatial(an, node))
-    layouts += [an.fresh(d, _spatial(an, node)) for d in result[ch + 1:]]
-    an.set(node, layouts)
+    _channels_out(an, node, axes, ch, out)
     depthwise = g > 1 and g == m.in_channels
 
     def fix(rw, n: fx.Node) -> None:
@@ -195,12 +197,7 @@ def conv_transpose(an: Analysis, node: fx.Node) -> None:
         an.pin(lin, why)
         an.pin(out, why)
         an.label(out, f"{name}.out_channels")
-    if m.bias is not None:
-        an.param(f"{name}.bias", 0, out)
-    result = an.shape(node)
-    for k in range(ch + 1, len(shape)):
-        an.pin(axes[k], _spatial(an, node))
-    an.set(node, [axes[k] for k in range(ch)] + [out] + [an.fresh(d, _spatial(an, node)) for d in result[ch + 1:]])
+    _channels_out(an, node, axes, ch, out)
 
     def fix(rw, n: fx.Node) -> None:
         mod = rw.module(n)
