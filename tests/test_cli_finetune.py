@@ -61,6 +61,19 @@ def test_data_free_finetune_never_returns_a_worse_student(run_cli, ws):
     assert doc["history"][0]["epoch"] == 1 and len(doc["history"]) == 2
 
 
+def test_learning_rate_defaults_per_stage(run_cli, ws):
+    def lr(*args):
+        r = run_cli(*args, *DATA, "--epochs", "1", "--restart", "--format", "json")
+        assert r.exit_code == 0, r.stderr
+        return json.loads(r.stdout)["lr"]
+
+    assert lr("finetune") == 1e-2  # the paper's fine-tuning rate
+    assert lr("finetune", "--data-free") == pytest.approx(1e-3)  # a tenth on noise
+    assert lr("finetune", "--data-free", "--lr", "0.02") == 0.02  # an explicit rate always wins
+    assert lr("kd", "--width", "0.5") == 0.1  # from scratch
+    assert lr("kd", "--width", "0.5", "--data-free") == pytest.approx(0.01)
+
+
 def test_a_killed_finetune_resumes_from_its_last_checkpoint(ws):
     args = [sys.executable, "-m", "ndc", "finetune", *DATA, "--epochs", "40", "--lr", "0.05", "--no-augment",
             "-w", str(ws), "--format", "json"]

@@ -97,6 +97,16 @@ def test_rerun_skips_finished_jobs_and_redoes_corrupt_ones(run_cli, ws):
     assert [row["status"] for row in doc["candidates"]] == ["done"] * 3
 
 
+def test_evals_sets_how_often_each_job_is_measured_on_held_out_inputs(run_cli, ws):
+    r, doc = distill(run_cli, "--width", "0.5", *FAST, "--evals", "4", "--patience", "100")
+    assert r.exit_code == 0, r.stderr
+    jobs = list(ws.glob("jobs/*/*/metrics.json"))
+    assert len(jobs) == len(doc["candidates"]) == 3
+    for metrics in jobs:
+        history = json.loads(metrics.read_text())["history"]
+        assert [h["step"] for h in history] == [3, 6, 9, 12]  # 12 steps, measured every 12 / 4
+
+
 def test_a_changed_configuration_redoes_the_jobs(run_cli, ws):
     assert distill(run_cli, "--width", "0.5", *FAST)[0].exit_code == 0
     _, doc = distill(run_cli, "--width", "0.5", *FAST, "--lr", "0.002")

@@ -104,7 +104,7 @@ def command(data_spec, limit, normalize, epochs, lr, batch_size, tau, lam, patie
     doc = ws.read_json(f"{STUDENT_DIR}/student.json")
     save_student(ws, model, {k: Spec.parse(v) for k, v in doc["selection"].items()}, doc["candidates"], {"finetuned": {"epochs": result["epochs"], "best_epoch": result["best_epoch"]}}, folder="finetune")
     teacher_acc = accuracy(teacher.gm, data)
-    payload = {"accuracy": result["best_accuracy"], "initial_accuracy": before, "teacher_accuracy": teacher_acc,
+    payload = {"accuracy": result["best_accuracy"], "initial_accuracy": before, "teacher_accuracy": teacher_acc, "lr": cfg.lr,
                "epochs": result["epochs"], "best_epoch": result["best_epoch"], "seconds": result["seconds"],
                "history": result["history"]}
     if output:

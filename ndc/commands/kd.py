@@ -63,7 +63,7 @@ def command(width, spec_text, selection_file, data_spec, limit, normalize, loss,
     teacher_acc = accuracy(teacher.gm, data)
     payload = {"loss": loss, "student": label, "params": count_params(model), "accuracy": result["best_accuracy"],
                "teacher_accuracy": teacher_acc, "epochs": result["epochs"], "best_epoch": result["best_epoch"],
-               "seconds": result["seconds"], "history": result["history"], "folder": folder}
+               "seconds": result["seconds"], "history": result["history"], "folder": folder, "lr": cfg.lr}
     if output:
         from ndc.passes.export import export_model
 
