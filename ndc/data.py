@@ -870,6 +870,7 @@ class DataSource:
         self.name = name
         self.kind = raw.kind
         self.where = raw.where
+        self.fingerprint = raw.fingerprint  # JSON-able identity of the underlying files
         self.classes = raw.classes
         self.class_names = raw.class_names
         self.raw_shape = fit.raw

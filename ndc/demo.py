@@ -9,7 +9,7 @@ second run skips it. Then, timed stage by stage, exactly what a user runs::
     ndc partition ndc.zoo:demo_teacher --weights demo/teacher-<key>.safetensors --input-shape 1,1,28,28
     ndc distill --width 0.5 --data SPEC --workers 2
     ndc stitch -o student.onnx --data SPEC
-    ndc finetune --data SPEC --epochs E
+    ndc finetune --data SPEC --epochs E -o student.onnx
 
 and, for comparison, the same student architecture trained from scratch by
 end-to-end KD for the same wall time as distillation plus fine-tuning.
@@ -41,6 +41,7 @@ class DemoConfig:
     finetune_epochs: int = 2
     batch_size: int = 128
     seed: int = 0
+    device: str = "cpu"
 
 
 def default_data() -> str:
@@ -48,111 +49,107 @@ def default_data() -> str:
 
 
 def run_demo(ws: Workspace, cfg: DemoConfig, log=lambda message: None) -> dict:
-    """Run every stage; returns the numbers of the final table."""
-    from ndc.backends import make_backend
+    """Run every stage (:mod:`ndc.stages`, as the commands do); returns the numbers of the final table."""
+    from ndc import stages
     from ndc.data import open_data
-    from ndc.distill import DistillConfig, choose_source, cache_layout, run_distill
-    from ndc.evaluate import evaluate
-    from ndc.finetune import TrainConfig, accuracy, train
+    from ndc.distill import DistillConfig
+    from ndc.finetune import TrainConfig, train
     from ndc.ir import Spec
     from ndc.load import load_model
     from ndc.metrics import count_flops, count_params
     from ndc.passes.export import export_model
     from ndc.plan import load_teacher, partition_model, write_plan
-    from ndc.stitch import build_student, fresh_student, recalibrate_batchnorm, save_student, uniform_selection
 
     data_spec = cfg.data or default_data()
     ws.ensure()
     times: dict[str, float] = {}
-    data = open_data(data_spec, INPUT_SHAPE[1:], limit=cfg.limit, workspace=ws)
-    log(f"data: {data_spec} ({data.train_size} training, {data.test_size} test examples, fitted to {'x'.join(map(str, data.shape))})")
+    with ws.writing("ndc demo"):
+        data = open_data(data_spec, INPUT_SHAPE[1:], limit=cfg.limit, workspace=ws)
+        log(f"data: {data_spec} ({data.train_size} training, {data.test_size} test examples, "
+            f"fitted to {'x'.join(map(str, data.shape))})")
 
-    # 1. the teacher, trained once and kept
-    # keyed by what trained it, so a --quick teacher is never reused by a full run
-    made_by = sha256_json({"data": data_spec, "limit": cfg.limit, "epochs": cfg.teacher_epochs, "seed": cfg.seed})[:12]
-    weights = ws.path(f"demo/teacher-{made_by}.safetensors")
-    t = time.perf_counter()
-    if not weights.is_file():
-        from ndc.zoo import demo_teacher
+        # 1. the teacher, trained once and kept
+        # keyed by what trained it, so a --quick teacher is never reused by a full run
+        made_by = sha256_json({"data": data_spec, "limit": cfg.limit, "epochs": cfg.teacher_epochs, "seed": cfg.seed})[:12]
+        weights = ws.path(f"demo/teacher-{made_by}.safetensors")
+        t = time.perf_counter()
+        if not weights.is_file():
+            from ndc.zoo import demo_teacher
 
-        log(f"training the teacher (ResNet-14, {cfg.teacher_epochs} epochs) ...")
-        torch.manual_seed(cfg.seed)
-        model = demo_teacher()
-        train(model, data, TrainConfig(loss="ce", epochs=cfg.teacher_epochs, lr=0.1, batch_size=cfg.batch_size, seed=cfg.seed),
-              log=_epoch_log(log, "teacher"))
-        ws.save_tensors(f"demo/teacher-{made_by}.safetensors", model.state_dict())
-    times["teacher training"] = time.perf_counter() - t
+            log(f"training the teacher (ResNet-14, {cfg.teacher_epochs} epochs) ...")
+            torch.manual_seed(cfg.seed)
+            model = demo_teacher()
+            train(model, data, TrainConfig(loss="ce", epochs=cfg.teacher_epochs, lr=0.1, batch_size=cfg.batch_size, seed=cfg.seed),
+                  log=_epoch_log(log, "teacher"), device=cfg.device)
+            ws.save_tensors(f"demo/teacher-{made_by}.safetensors", model.state_dict())
+        times["teacher training"] = time.perf_counter() - t
 
-    # 2. partition
-    t = time.perf_counter()
-    loaded = load_model("ndc.zoo:demo_teacher", weights=str(weights))
-    plan, _ = partition_model(loaded, INPUT_SHAPE, by="residual")
-    write_plan(ws, plan, loaded.model)
-    teacher = load_teacher(ws)
-    times["partition"] = time.perf_counter() - t
-    log(f"partition: {len(plan.trainable)} neighbourhoods to distil, {len(plan.neighbourhoods) - len(plan.trainable)} kept")
+        # 2. partition
+        t = time.perf_counter()
+        loaded = load_model("ndc.zoo:demo_teacher", weights=str(weights))
+        plan, _ = partition_model(loaded, INPUT_SHAPE, by="residual")
+        write_plan(ws, plan, loaded.model)
+        times["partition"] = time.perf_counter() - t
+        log(f"partition: {len(plan.trainable)} neighbourhoods to distil, {len(plan.neighbourhoods) - len(plan.trainable)} kept")
 
-    # 3. distill every neighbourhood at the chosen width, in parallel
-    spec = Spec(width=cfg.width)
-    t = time.perf_counter()
-    base = DistillConfig(data=data_spec, limit=cfg.limit, source="cache", epochs=cfg.distill_epochs,
-                         batch_size=cfg.batch_size, seed=cfg.seed)
-    source, _ = choose_source(base, None, data, cache_layout(plan, 0), ws)
-    dcfg = DistillConfig(**{**base.__dict__, "source": source})
-    # Only the teacher is reused from an earlier run: every timed stage is redone, so the times are real.
-    rows = run_distill(ws, [spec], dcfg, make_backend("local", cfg.workers), teacher=teacher, force=True,
-                       on_done=lambda m: log(f"  distilled {m['neighbourhood']}: relative error "
-                                             f"{m.get('initial_error', float('nan')):.3f} -> {m.get('final_error', float('nan')):.3f}"))
-    failed = [r for r in rows if r.get("status") == "failed"]
-    if failed:
-        raise NdcError(f"distillation of {failed[0]['neighbourhood']} failed: {failed[0].get('error')}")
-    times["distill"] = time.perf_counter() - t
+        # 3. distill every neighbourhood at the chosen width, in parallel
+        # Only the teacher is reused from an earlier run: every timed stage is redone, so the times are real.
+        t = time.perf_counter()
+        distilled = stages.distill(ws, [Spec(width=cfg.width)], DistillConfig(data=data_spec, limit=cfg.limit, epochs=cfg.distill_epochs,
+                                                                              batch_size=cfg.batch_size, seed=cfg.seed),
+                                   workers=cfg.workers, device=cfg.device, force=True,
+                                   on_done=lambda m: log(f"  distilled {m['neighbourhood']}: relative error "
+                                                         f"{m.get('initial_error', float('nan')):.3f} -> {m.get('final_error', float('nan')):.3f}"))
+        if distilled.failed:
+            first = distilled.failed[0]
+            raise NdcError(f"distillation of {first['neighbourhood']} failed: {first.get('error')}")
+        times["distill"] = time.perf_counter() - t
 
-    # 4. stitch, recalibrate batch norms, measure
-    t = time.perf_counter()
-    selection = uniform_selection(plan, spec)
-    student, made_from = build_student(ws, teacher, selection)
-    recalibrate_batchnorm(student, data, 20, cfg.batch_size)
-    save_student(ws, student, selection, made_from, {"calibrated_batches": 20, "data": data_spec})
-    times["stitch"] = time.perf_counter() - t
-    nd = evaluate(student, data, teacher=teacher.gm)
+        # 4. stitch, recalibrate batch norms, measure
+        t = time.perf_counter()
+        nd = stages.stitch(ws, None, width=cfg.width, data=data_spec, limit=cfg.limit, calibrate=20, device=cfg.device).summary
+        times["stitch"] = time.perf_counter() - t
 
-    # 5. fine-tune briefly by KD
-    t = time.perf_counter()
-    ft = train(student, data, TrainConfig(loss="kd", epochs=cfg.finetune_epochs, lr=1e-2, batch_size=cfg.batch_size, seed=cfg.seed),
-               teacher=teacher.gm, ws=ws, folder="finetune", log=_epoch_log(log, "fine-tune"), resume=False)
-    save_student(ws, student, selection, made_from, {"finetuned": {"epochs": ft["epochs"]}}, folder="finetune")
-    times["fine-tune"] = time.perf_counter() - t
+        # 5. fine-tune briefly by KD
+        t = time.perf_counter()
+        ft = stages.finetune(ws, TrainConfig(loss="kd", epochs=cfg.finetune_epochs, lr=stages.FINETUNE_LR, batch_size=cfg.batch_size,
+                                             seed=cfg.seed, keep_initial=True),
+                             data=data_spec, limit=cfg.limit, restart=True, device=cfg.device, on_epoch=_epoch_log(log, "fine-tune"))
+        times["fine-tune"] = time.perf_counter() - t
+        student = ft.model
 
-    # 6. export ONNX, verified against PyTorch with onnxruntime
-    t = time.perf_counter()
-    onnx_path = ws.path("demo/student.onnx")
-    export = export_model(student, onnx_path, INPUT_SHAPE, report_dir=ws.path("demo/export-failure"))
-    teacher_export = export_model(teacher.gm, ws.path("demo/teacher.onnx"), INPUT_SHAPE, report_dir=ws.path("demo/export-failure"))
-    times["export + verify"] = time.perf_counter() - t
+        # 6. export ONNX, verified against PyTorch with onnxruntime
+        t = time.perf_counter()
+        onnx_path = ws.path("demo/student.onnx")
+        export = export_model(student, onnx_path, INPUT_SHAPE, report_dir=ws.path("demo/export-failure"))
+        teacher = load_teacher(ws)
+        teacher_export = export_model(teacher.gm, ws.path("demo/teacher.onnx"), INPUT_SHAPE, report_dir=ws.path("demo/export-failure"))
+        times["export + verify"] = time.perf_counter() - t
 
-    # 7. the baseline: the same student from scratch by end-to-end KD, for the same wall time
-    budget = times["distill"] + times["stitch"] + times["fine-tune"]
-    log(f"baseline: the same student trained from scratch by KD for {budget:.0f}s ...")
-    baseline = fresh_student(teacher, selection, cfg.seed)
-    kd = train(baseline, data, TrainConfig(loss="kd", epochs=1000, lr=0.1, batch_size=cfg.batch_size, time_budget=budget, seed=cfg.seed),
-               teacher=teacher.gm, log=_epoch_log(log, "KD baseline"))
+        # 7. the baseline: the same student from scratch by end-to-end KD, for the same wall time
+        budget = times["distill"] + times["stitch"] + times["fine-tune"]
+        log(f"baseline: the same student trained from scratch by KD for {budget:.0f}s ...")
+        baseline = stages.kd(ws, TrainConfig(loss="kd", epochs=1000, lr=stages.SCRATCH_LR, batch_size=cfg.batch_size,
+                                             time_budget=budget, seed=cfg.seed),
+                             width=cfg.width, data=data_spec, limit=cfg.limit, restart=True, device=cfg.device,
+                             on_epoch=_epoch_log(log, "KD baseline")).payload
 
-    teacher_acc = accuracy(teacher.gm, data)
     return {
         "data": data_spec,
         "train_examples": data.train_size,
         "test_examples": data.test_size,
         "width": cfg.width,
         "workers": cfg.workers,
-        "source": source,
-        "teacher": {"accuracy": teacher_acc, "params": count_params(teacher.gm), "flops": count_flops(teacher.gm, INPUT_SHAPE),
-                    "onnx_bytes": teacher_export["bytes"], "latency_ms": teacher_export["latency_ms"]},
+        "device": cfg.device,
+        "source": distilled.source,
+        "teacher": {"accuracy": nd["teacher_accuracy"], "params": count_params(teacher.gm),
+                    "flops": count_flops(teacher.gm, INPUT_SHAPE), "onnx_bytes": teacher_export["bytes"],
+                    "latency_ms": teacher_export["latency_ms"]},
         "distilled": {"accuracy": nd["accuracy"], "agreement": nd.get("agreement")},
-        "finetuned": {"accuracy": ft["best_accuracy"], "params": count_params(student), "flops": count_flops(student, INPUT_SHAPE),
+        "finetuned": {"accuracy": ft.payload["accuracy"], "params": count_params(student), "flops": count_flops(student, INPUT_SHAPE),
                       "onnx_bytes": export["bytes"], "latency_ms": export["latency_ms"], "max_abs_diff": export["max_abs_diff"],
                       "onnx": str(onnx_path)},
-        "kd_baseline": {"accuracy": kd["best_accuracy"], "seconds": kd["seconds"], "epochs": kd["epochs"]},
+        "kd_baseline": {"accuracy": baseline["accuracy"], "seconds": baseline["seconds"], "epochs": baseline["epochs"]},
         "seconds": times,
         "nd_seconds": budget,
     }
@@ -160,6 +157,6 @@ def run_demo(ws: Workspace, cfg: DemoConfig, log=lambda message: None) -> dict:
 
 def _epoch_log(log, what: str):
     def on(event: dict) -> None:
-        if event.get("event") == "epoch":
+        if event.get("event", "epoch") == "epoch":
             log(f"  {what} epoch {event['epoch']}: accuracy {event['accuracy']:.2%} ({event['seconds']:.0f}s)")
     return on

@@ -34,7 +34,11 @@ train mode would replace the statistics of real data with those of noise).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -44,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ndc.errors import NdcError
+from ndc.training import BestWeights, SparsityRamp, cosine, set_lr
 from ndc.workspace import Workspace, read_json, sha256_json
 
 LOSSES = ("kd", "ce")
@@ -73,10 +78,18 @@ class TrainConfig:
             raise NdcError(f"unknown --loss {self.loss!r}; valid: {', '.join(LOSSES)}")
         if self.epochs < 1:
             raise NdcError("--epochs must be at least 1")
-        if self.lr <= 0 or self.tau <= 0:
-            raise NdcError("--lr and --tau must be positive")
-        if self.time_budget is not None and self.time_budget <= 0:
+        for name in ("lr", "tau"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise NdcError(f"--{name} must be a positive number, not {value}")
+        for name in ("lam", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise NdcError(f"--{'lambda' if name == 'lam' else name.replace('_', '-')} must be 0 or a positive number, not {value}")
+        if self.time_budget is not None and not (self.time_budget > 0):
             raise NdcError("--time-budget must be positive")
+        if self.batch_size < 1:
+            raise NdcError("--batch-size must be at least 1")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, tau: float = 2.5,
@@ -93,14 +106,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 def accuracy(model: nn.Module, data, split: str = "test", batch_size: int = 256, max_batches: int | None = None) -> float:
     was = model.training
     model.eval()
-    correct = total = 0
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    correct, total = torch.zeros((), dtype=torch.long, device=device), 0
     for k, (x, y) in enumerate(data.batches(split, batch_size)):
         if max_batches is not None and k >= max_batches:
             break
-        correct += int((model(x).argmax(1) == y).sum())
+        correct += (model(x.to(device)).argmax(1) == y.to(device)).sum()
         total += len(y)
     model.train(was)
-    return correct / max(total, 1)
+    return int(correct) / max(total, 1)
 
 
 def _zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -114,46 +128,139 @@ def _zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return masks
 
 
+def module_digest(model: nn.Module) -> str:
+    """Hash of a model's architecture (its graph or repr) and every tensor of its state: what it *is*."""
+    h = hashlib.sha256()
+    graph = getattr(model, "graph", None)
+    h.update(str(graph if graph is not None else model).encode())
+    for name, value in model.state_dict().items():
+        h.update(name.encode())
+        t = value.detach().cpu().contiguous()
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def data_identity(data) -> dict:
+    """What a data source's examples are: its spec, the identity of its files, limit and normalisation."""
+    real = getattr(data, "real", None)
+    if real is not None:  # noise inputs, measured on real data
+        return {"noise": list(data.shape), "examples": data.train_size, "real": data_identity(real)}
+    return {"spec": getattr(data, "name", None), "files": getattr(data, "fingerprint", None), "limit": getattr(data, "limit", None),
+            "mean": getattr(data, "mean", None), "std": getattr(data, "std", None), "shape": list(getattr(data, "shape", ())),
+            "train": getattr(data, "train_size", None), "test": getattr(data, "test_size", None)}
+
+
+class Checkpoint:
+    """One file, ``<folder>/checkpoint.safetensors``: model, optimiser and best weights with the run's state as metadata.
+
+    One atomic write holds all of it, so the best weights can never belong
+    to another run than the state that describes them (a killed ``--restart``
+    used to leave exactly that mismatch). ``checkpoint.json`` beside it is a
+    copy of the state for people and tools; nothing reads it back.
+    """
+
+    def __init__(self, ws: Workspace, folder: str):
+        self.ws, self.folder = ws, folder
+        self.path = f"{folder}/checkpoint.safetensors"
+
+    def load(self, key: str) -> tuple[dict, dict[str, torch.Tensor]] | str | None:
+        """``(state, tensors)`` for ``key``; the reason it cannot be used when it is stale or unreadable; None when absent."""
+        path = self.ws.path(self.path)
+        if not path.is_file():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                state = json.loads(f.metadata()["ndc"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception:
+            return "it is unreadable"
+        if state.get("key") != key:
+            return "it was made from another teacher, student, data set or configuration"
+        return state, tensors
+
+    def save(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+        self.ws.save_tensors(self.path, tensors, metadata={"ndc": json.dumps(state)})
+        self.ws.write_json(f"{self.folder}/checkpoint.json", state)
+
+    def set_aside(self) -> str:
+        """Move a checkpoint that must not be resumed out of the way (kept for inspection, never read)."""
+        target = f"{self.folder}/checkpoint.stale.safetensors"
+        os.replace(self.ws.path(self.path), self.ws.path(target))
+        with contextlib.suppress(FileNotFoundError):
+            self.ws.path(f"{self.folder}/checkpoint.json").unlink()
+        return target
+
+    def discard(self) -> None:
+        for name in ("checkpoint.safetensors", "checkpoint.json"):
+            with contextlib.suppress(FileNotFoundError):
+                self.ws.path(f"{self.folder}/{name}").unlink()
+
+
 def train(model: nn.Module, data, cfg: TrainConfig, *, teacher: nn.Module | None = None, ws: Workspace | None = None,
           folder: str | None = None, log: Callable[[dict], None] | None = None, resume: bool = True,
-          pruner=None, sparsity: float = 0.0) -> dict:
+          pruner=None, sparsity: float = 0.0, made_from: dict | None = None, device: str = "cpu") -> dict:
     """Train ``model`` end to end; checkpoints in ``ws/folder`` and resumes from them. Returns the history and best accuracy.
 
+    The checkpoint's key covers the configuration, the starting model's
+    architecture and weights, the teacher's, the data's identity and
+    ``made_from`` (what the caller built the model from): a checkpoint of any
+    other run is set aside (``log`` hears why) and training starts fresh.
+    ``resume=False`` discards an earlier checkpoint first.
+
     With ``pruner`` (a :class:`ndc.passes.rewrite.Pruner` over ``model``), magnitude pruning ramps to
-    ``sparsity`` over the first half of training (Zhu & Gupta), as neighbourhood jobs do; the
-    end-to-end baseline of the sparsification experiments.
+    ``sparsity`` over the first half of training (Zhu & Gupta), as neighbourhood jobs do
+    (:class:`ndc.training.SparsityRamp`); the end-to-end baseline of the sparsification experiments.
+
+    On a GPU the data set is held in device memory when it fits
+    (:mod:`ndc.devicedata`) and the loop reads nothing back to the host until
+    the end of an epoch.
     """
+    from ndc.devicedata import on_device, synchronize
+
     if cfg.loss == "kd" and teacher is None:
         raise NdcError("knowledge distillation needs a teacher")
-    if teacher is not None:
-        teacher.eval()  # runs under no_grad below; its parameters' flags are the caller's business
-    torch.manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise NdcError("the model has no trainable parameters: there is nothing to train")
+    model.to(device)
+    if teacher is not None:
+        teacher.eval().to(device)  # runs under no_grad below; its parameters' flags are the caller's business
+    key = sha256_json({"config": asdict(cfg), "model": module_digest(model),
+                       "teacher": module_digest(teacher) if teacher is not None else None,
+                       "data": data_identity(data), "made_from": made_from or {}, "format": 2})
+    data = on_device(data, device)
+    torch.manual_seed(cfg.seed)
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
     masks = _zero_masks(model)
     named = dict(model.named_parameters())
-    key = sha256_json({"config": asdict(cfg), "params": [list(p.shape) for p in params]})
     state = {"epoch": 0, "seconds": 0.0, "history": [], "best_accuracy": -1.0, "best_epoch": 0, "bad": 0, "key": key}
-    checkpoint = f"{folder}/checkpoint.safetensors" if ws is not None and folder else None
-    if checkpoint and resume and ws.exists(f"{folder}/checkpoint.json"):
-        saved = ws.read_json(f"{folder}/checkpoint.json")
-        if saved.get("key") == key and saved.get("epoch", 0) > 0:
-            tensors = ws.load_tensors(checkpoint)
+    checkpoint = Checkpoint(ws, folder) if ws is not None and folder else None
+    best = BestWeights(model, None, cfg.patience, lower_is_better=False)
+    if checkpoint is not None and not resume:
+        checkpoint.discard()
+    elif checkpoint is not None:
+        found = checkpoint.load(key)
+        if isinstance(found, str):
+            aside = checkpoint.set_aside()
+            if log:
+                log({"event": "stale", "why": found, "moved_to": aside})
+        elif found is not None and found[0].get("epoch", 0) > 0:
+            state, tensors = found
             _restore(model, optimizer, tensors)
-            state = saved
+            best.state = {k[len("best."):]: v.to(device) for k, v in tensors.items() if k.startswith("best.")} or None
+            best.score, best.bad = state["best_accuracy"], state["bad"]
             if log:
                 log({"event": "resumed", "epoch": state["epoch"]})
     steps_per_epoch = max(1, math.ceil(data.train_size / cfg.batch_size))
     total_steps = cfg.epochs * steps_per_epoch
-    if checkpoint and state["epoch"] and ws.exists(f"{folder}/best.safetensors"):
-        best_weights = ws.load_tensors(f"{folder}/best.safetensors")
-    else:
-        best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if cfg.keep_initial and state["epoch"] == 0:
-            initial = accuracy(model, data, max_batches=cfg.eval_batches)
-            state.update(best_accuracy=initial, best_epoch=0, initial_accuracy=initial)
-            if checkpoint:
-                ws.save_tensors(f"{folder}/best.safetensors", best_weights)
+    ramp = SparsityRamp(pruner, sparsity, total_steps) if pruner is not None else None
+    if state["epoch"] == 0 and cfg.keep_initial:
+        initial = accuracy(model, data, max_batches=cfg.eval_batches)
+        state.update(best_accuracy=initial, best_epoch=0, initial_accuracy=initial)
+        best = BestWeights(model, initial, cfg.patience, lower_is_better=False)
 
     start = time.perf_counter() - state["seconds"]
     out_of_time = False
@@ -162,12 +269,12 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, teacher: nn.Module | None
         model.train()
         for m in norms:
             m.eval()
-        losses = []
+        loss_sum, batches = torch.zeros((), device=device), 0
         for k, (x, y) in enumerate(data.batches("train", cfg.batch_size, shuffle=True, augment=cfg.augment,
                                                 seed=cfg.seed, epoch=epoch, drop_last=data.train_size > cfg.batch_size)):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             step = epoch * steps_per_epoch + k
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+            set_lr(optimizer, cfg.lr * cosine(step, total_steps))
             logits = model(x)
             if cfg.loss == "kd":
                 with torch.no_grad():
@@ -175,51 +282,48 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, teacher: nn.Module | None
                 loss = kd_loss(logits, t, y, cfg.tau, cfg.lam, cfg.tau_squared)
             else:
                 loss = F.cross_entropy(logits, y)
-            if not torch.isfinite(loss):
-                raise NdcError(f"the training loss became {loss.item()} in epoch {epoch + 1}; try a lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if pruner is not None:
-                from ndc.passes.rewrite import sparsity_schedule
-
-                if step % max(1, total_steps // 100) == 0 or step == total_steps // 2:
-                    pruner.update(sparsity_schedule(step, total_steps, sparsity))
-                pruner.apply()
+            if ramp is not None:
+                ramp.after_step(step + 1)
             if masks:
                 with torch.no_grad():
                     for name, mask in masks.items():
                         named[name].mul_(mask)
-            losses.append(loss.item())
+            loss_sum += loss.detach()
+            batches += 1
             if cfg.time_budget is not None and time.perf_counter() - start > cfg.time_budget:
                 out_of_time = True
                 break
+        train_loss = float(loss_sum) / max(batches, 1)  # the epoch's one host synchronisation
+        if not math.isfinite(train_loss):
+            raise NdcError(f"the training loss became {train_loss} in epoch {epoch + 1}; try a lower --lr")
+        synchronize(device)
         state["seconds"] = time.perf_counter() - start
         evaluated = time.perf_counter()
         acc = accuracy(model, data, max_batches=cfg.eval_batches)
         start += time.perf_counter() - evaluated  # the clock counts training, not the per-epoch evaluation
         state["epoch"] = epoch + 1
-        entry = {"epoch": epoch + 1, "seconds": state["seconds"], "train_loss": sum(losses) / max(len(losses), 1), "accuracy": acc}
+        entry = {"epoch": epoch + 1, "seconds": state["seconds"], "train_loss": train_loss, "accuracy": acc}
         state["history"].append(entry)
-        ramped = pruner is None or (epoch + 1) * steps_per_epoch >= total_steps // 2  # at full sparsity
-        if ramped and acc > state["best_accuracy"]:
-            state.update(best_accuracy=acc, best_epoch=epoch + 1, bad=0)
-            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if checkpoint:
-                ws.save_tensors(f"{folder}/best.safetensors", best_weights)
+        if ramp is None or ramp.ramped((epoch + 1) * steps_per_epoch):  # a denser model is not a valid best
+            if best.offer(acc):
+                state.update(best_accuracy=acc, best_epoch=epoch + 1)
         else:
-            state["bad"] += 1
-        if checkpoint:
-            ws.save_tensors(checkpoint, _snapshot(model, optimizer))
-            ws.write_json(f"{folder}/checkpoint.json", state)
+            best.bad += 1
+        state["bad"] = best.bad
+        if checkpoint is not None:
+            tensors = _snapshot(model, optimizer)
+            tensors.update({f"best.{k}": v for k, v in (best.state or {}).items()})
+            checkpoint.save(state, tensors)
         if log:
             log({"event": "epoch", **entry})
-        if out_of_time or (cfg.patience is not None and state["bad"] >= cfg.patience):
+        if out_of_time or best.exhausted:
             break
-    model.load_state_dict(best_weights)
-    if pruner is not None:
-        pruner.update(sparsity)
-        pruner.apply()
+    best.restore()
+    if ramp is not None:
+        ramp.finish()
     model.eval()
     return {"history": state["history"], "best_accuracy": state["best_accuracy"], "best_epoch": state["best_epoch"],
             "initial_accuracy": state.get("initial_accuracy"), "seconds": state["seconds"], "epochs": state["epoch"]}
@@ -235,12 +339,13 @@ def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, t
 
 
 def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    device = next(model.parameters()).device
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     state = optimizer.state_dict()
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, i, name = key.split(".", 2)
-            state["state"].setdefault(int(i), {})[name] = value
+            state["state"].setdefault(int(i), {})[name] = value.to(device)
     optimizer.load_state_dict(state)
 
 
@@ -270,5 +375,6 @@ class NoiseImages:
 
 
 def read_history(ws: Workspace, folder: str) -> list[dict]:
+    """The per-epoch history of the run checkpointed in ``folder`` (empty when there is none)."""
     path = ws.path(f"{folder}/checkpoint.json")
     return read_json(path).get("history", []) if path.is_file() else []

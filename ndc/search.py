@@ -56,7 +56,7 @@ import torch.nn as nn
 
 from ndc.errors import NdcError
 from ndc.ir import Spec
-from ndc.workspace import Workspace, read_json, sha256_json
+from ndc.workspace import Workspace, sha256_json
 
 SEARCH_DIR = "search"
 QUALITY = f"{SEARCH_DIR}/quality.json"
@@ -563,8 +563,6 @@ def pareto_choices(table: QualityTable, kind: str = "params") -> list[SearchResu
 
 def load_candidates(ws: Workspace, teacher) -> dict[str, list[tuple[Spec, nn.Module, dict]]]:
     """Every finished candidate of the workspace, rebuilt with its weights: ``{neighbourhood: [(spec, module, info)]}``."""
-    from ndc.distill.config import Candidate
-    from ndc.distill.job import METRICS
     from ndc.stitch import load_candidate, trained_specs
 
     plan = teacher.plan
@@ -575,9 +573,6 @@ def load_candidates(ws: Workspace, teacher) -> dict[str, list[tuple[Spec, nn.Mod
             continue
         for spec in specs:
             module, info = load_candidate(ws, teacher, name, spec)
-            metrics_path = ws.path(f"{Candidate(name, spec).folder}/{METRICS}")
-            if metrics_path.is_file():
-                info = {**info, "final_error": read_json(metrics_path).get("final_error")}
             out.setdefault(name, []).append((spec, module.eval(), info))
     return {nb.name: out[nb.name] for nb in plan.trainable if nb.name in out}
 

@@ -25,8 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ndc.distill.config import Candidate
-from ndc.distill.job import METRICS, STUDENT, WEIGHTS, finished
+from ndc.distill.store import STUDENT, WEIGHTS, JobStore
 from ndc.errors import NdcError
 from ndc.ir import Spec
 from ndc.load import check_and_load_state_dict
@@ -61,13 +60,24 @@ def read_selection(path: str | Path, plan) -> dict[str, Spec]:
 
 
 def trained_specs(ws: Workspace, plan) -> dict[str, list[Spec]]:
-    """Specs with a finished job, per neighbourhood (from the manifest)."""
-    jobs = ws.manifest().get("jobs", {})
-    out: dict[str, list[Spec]] = {}
-    for entry in jobs.values():
-        if entry.get("status") == "done":
-            out.setdefault(entry["neighbourhood"], []).append(Spec.parse(entry["spec"]))
-    return {k: sorted(set(v)) for k, v in out.items()}
+    """Specs with a finished student, per neighbourhood of the plan."""
+    names = set(plan.names)
+    return {k: v for k, v in JobStore(ws).trained().items() if k in names}
+
+
+def resolve_selection(ws: Workspace, plan, width: float | None = None, spec_text: str | None = None,
+                      selection_file: str | None = None) -> dict[str, Spec]:
+    """The student per neighbourhood from one of ``--width``, ``--spec``, ``--selection`` (else :func:`default_selection`)."""
+    given = [x is not None for x in (width, spec_text, selection_file)]
+    if sum(given) > 1:
+        raise NdcError("give one of --width, --spec and --selection")
+    if width is not None:
+        return uniform_selection(plan, Spec(width=width))
+    if spec_text is not None:
+        return uniform_selection(plan, Spec.parse(spec_text))
+    if selection_file is not None:
+        return read_selection(selection_file, plan)
+    return default_selection(ws, plan)
 
 
 def default_selection(ws: Workspace, plan) -> dict[str, Spec]:
@@ -94,22 +104,14 @@ def load_candidate(ws: Workspace, teacher, name: str, spec: Spec) -> tuple[nn.Mo
     """The trained student for (name, spec), rebuilt from its record with its weights; identity specs fall back to the teacher."""
     from ndc.passes.rewrite import rebuild_student
 
-    cand = Candidate(name, spec)
-    metrics_path = ws.path(f"{cand.folder}/{METRICS}")
-    if not metrics_path.is_file():
-        if spec.is_identity:
-            return teacher.part(name), {"teacher": True}
-        raise NdcError(f"no trained student for {name} {spec}; run ndc distill --spec {spec} (or choose another spec)")
-    metrics = read_json(metrics_path)
-    if metrics.get("status") != "done":
-        raise NdcError(f"the job for {name} {spec} did not finish ({metrics.get('error', metrics.get('status'))}); rerun ndc distill")
-    if finished(ws, cand.folder, metrics.get("key")) is None:
-        raise NdcError(f"the student files of {name} {spec} do not verify (corrupt or changed); rerun ndc distill --force --only {name}")
-    info = read_json(ws.path(f"{cand.folder}/{STUDENT}"))
-    module = rebuild_student(teacher.part(name), spec, info["record"])
-    state = ws.load_tensors(f"{cand.folder}/{WEIGHTS}")
-    check_and_load_state_dict(module, state, str(ws.path(f"{cand.folder}/{WEIGHTS}")))
-    return module.eval(), {"record": info["record"], "key": metrics["key"], "weights_sha256": metrics["weights_sha256"]}
+    store = JobStore(ws)
+    if store.metrics(name, spec) is None and spec.is_identity:
+        return teacher.part(name), {"teacher": True}
+    record, state, metrics = store.load(name, spec)
+    module = rebuild_student(teacher.part(name), spec, record)
+    check_and_load_state_dict(module, state, str(ws.path(f"{store.folder(name, spec)}/{WEIGHTS}")))
+    return module.eval(), {"record": record, "key": metrics["key"], "weights_sha256": metrics["weights_sha256"],
+                           "final_error": metrics.get("final_error")}
 
 
 def stitch(teacher, replacements: dict[str, nn.Module]) -> fx.GraphModule:
@@ -229,19 +231,30 @@ def save_student(ws: Workspace, model: fx.GraphModule, selection: dict[str, Spec
     ws.write_json(f"{folder}/{STUDENT}", doc)
 
 
-def load_student(ws: Workspace, folder: str = STUDENT_DIR, teacher=None) -> fx.GraphModule:
-    """Rebuild a stitched (or fine-tuned) student saved in the workspace."""
-    from ndc.passes.rewrite import rebuild_student
-    from ndc.plan import load_teacher
-
+def student_document(ws: Workspace, folder: str = STUDENT_DIR) -> dict:
+    """The ``student.json`` of a saved student (selection, records, weights hash, what made it)."""
     path = ws.path(f"{folder}/{STUDENT}")
     if not path.is_file():
         raise NdcError(f"no stitched student in {ws.root}; run ndc stitch first")
     doc = read_json(path)
+    if not isinstance(doc, dict) or not isinstance(doc.get("selection"), dict):
+        raise NdcError(f"{path} is not a student description; rerun ndc stitch")
+    return doc
+
+
+def load_student(ws: Workspace, folder: str = STUDENT_DIR, teacher=None) -> fx.GraphModule:
+    """Rebuild a stitched (or fine-tuned) student saved in the workspace; one made from another teacher is refused."""
+    from ndc.passes.rewrite import rebuild_student
+    from ndc.plan import load_teacher
+
+    doc = student_document(ws, folder)
+    path = ws.path(f"{folder}/{STUDENT}")
     weights = ws.path(f"{folder}/{WEIGHTS}")
     if not weights.is_file() or sha256_file(weights) != doc.get("weights_sha256"):
         raise NdcError(f"{weights} is missing or does not match {path}; rerun ndc stitch")
     teacher = teacher or load_teacher(ws)
+    if doc.get("teacher", teacher.sha256) != teacher.sha256:
+        raise NdcError(f"the student in {ws.path(folder)} was made from another teacher than the workspace's plan; rerun ndc stitch")
     replacements = {}
     for name, text in doc["selection"].items():
         info = doc["candidates"].get(name, {})
@@ -253,11 +266,26 @@ def load_student(ws: Workspace, folder: str = STUDENT_DIR, teacher=None) -> fx.G
     return model.eval()
 
 
-def latest_student(ws: Workspace) -> str | None:
-    """The folder of the workspace's most recent student: ``finetune`` after ndc finetune, ``student`` after ndc stitch."""
-    found = [(ws.path(f"{folder}/{STUDENT}").stat().st_mtime_ns, folder) for folder in ("finetune", STUDENT_DIR)
-             if ws.path(f"{folder}/{STUDENT}").is_file()]
-    return max(found)[1] if found else None
+def latest_student(ws: Workspace, teacher=None) -> str | None:
+    """The folder of the workspace's current student: ``finetune`` when it fine-tuned the current ``student``, else ``student``.
+
+    A fine-tuned student of an earlier stitch (or teacher) is never presented
+    as the workspace's student.
+    """
+    current = {}
+    for folder in (STUDENT_DIR, "finetune"):
+        try:
+            current[folder] = student_document(ws, folder)
+        except NdcError:
+            pass
+    sha = teacher.sha256 if teacher is not None else None
+    stitched = current.get(STUDENT_DIR)
+    if stitched is None or (sha is not None and stitched.get("teacher", sha) != sha):
+        return None
+    tuned = current.get("finetune")
+    if tuned is not None and tuned.get("from_student") == stitched.get("weights_sha256") and tuned.get("teacher", sha) == sha:
+        return "finetune"
+    return STUDENT_DIR
 
 
 def describe_selection(selection: dict[str, Spec]) -> str:

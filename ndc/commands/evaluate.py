@@ -47,7 +47,8 @@ def command(model, data_spec, limit, batch_size, trust_pickle, device, normalize
         ws = Workspace(model if model is not None else workspace)
         if not ws.root.is_dir():
             raise NdcError(f"no workspace at {ws.root}; run `ndc partition MODEL -w {ws.root}` first, or give a MODEL file")
-        payload = _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device)
+        with ws.reading():
+            payload = _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device)
     else:
         ws = Workspace(workspace)
         has_plan = ws.exists(PLAN)
@@ -71,7 +72,7 @@ def _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device) -> 
 
     teacher = load_teacher(ws)
     data = open_data(data_spec, teacher.plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
-    folder = latest_student(ws)
+    folder = latest_student(ws, teacher)
     if folder is None:
         result = evaluate(teacher.gm, data, batch_size=batch_size, device=device)
         note = "no stitched student in the workspace yet (run ndc stitch); evaluated the teacher only"

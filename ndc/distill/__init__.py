@@ -4,22 +4,25 @@ The pipeline of ``ndc distill``::
 
     teacher    = load_teacher(ws)                        # plan + traced graph
     candidates = trainable neighbourhoods × specs
-    jobs       = [Job(candidate, key) for those not already done]
-    cache      = build_cache(...)                        # --source cache: one teacher pass
-    backend.run(jobs)                                     # local / pool / Ray; each job: ndc.distill.job.run_job
+    pending    = candidates not finished for their key   # JobStore: finished ones are skipped
+    cache      = build_cache(...)                        # --source cache: one teacher pass, verified on reuse
+    units      = make_units(pending, engine, ...)        # jobs: one per candidate; fused: one per device/worker
+    backend.run(units)                                   # local / pool / Ray; each unit: ndc.distill.engine.run_unit
     rows       = metrics of every candidate              # done, skipped (done before) or failed
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from ndc.distill.config import Candidate, DistillConfig, Job, expand_specs, job_key
-from ndc.distill.job import finished
+from ndc.distill.config import Candidate, DistillConfig, expand_specs, job_key
+from ndc.distill.engine import (CHECKPOINT_SECONDS, ENGINES, Item, data_for, make_units, planned_steps, steps_per_epoch,
+                                unit_config)
 from ndc.distill.sources import (CacheLayout, TeacherChain, build_cache, cache_key, cache_size, channel_moments,
-                                 free_bytes, DISK_MARGIN)
+                                 free_bytes, verify_cache, DISK_MARGIN)
+from ndc.distill.store import JobStore
 from ndc.errors import NdcError
 from ndc.ir import Spec
 from ndc.workspace import Workspace
@@ -27,7 +30,7 @@ from ndc.workspace import Workspace
 if TYPE_CHECKING:  # the backends import this package: no import at run time
     from ndc.backends.base import Backend
 
-__all__ = ["DistillConfig", "Candidate", "expand_specs", "run_distill", "plan_candidates", "choose_source"]
+__all__ = ["DistillConfig", "Candidate", "expand_specs", "run_distill", "plan_candidates", "choose_source", "ENGINES"]
 
 DEFAULT_CACHE_BUDGET = 16 * 2**30
 
@@ -76,80 +79,108 @@ def choose_source(cfg: DistillConfig, requested: str | None, data, layout: Cache
     free = free_bytes(ws) - DISK_MARGIN
     if size <= min(budget, free):
         return "cache", f"the activation cache takes {size / 2**20:.1f} MiB"
-    return "recompute", (f"the activation cache would take {size / 2**30:.2f} GiB, over the budget "
-                         f"({min(budget, free) / 2**30:.2f} GiB): recomputing the teacher's prefix per batch")
+    if free < budget:
+        return "recompute", (f"the activation cache would take {size / 2**30:.2f} GiB and the disk has "
+                             f"{max(free + DISK_MARGIN, 0) / 2**30:.2f} GiB free: recomputing the teacher's prefix per batch")
+    return "recompute", (f"the activation cache would take {size / 2**30:.2f} GiB, over the --cache-budget "
+                         f"({budget / 2**30:.2f} GiB): recomputing the teacher's prefix per batch")
 
 
 def run_distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, backend: "Backend", *, teacher=None,
                 only: tuple[str, ...] = (), force: bool = False, log: Callable[[str], None] = lambda m: None,
-                on_progress: Callable[[dict], None] | None = None, on_done: Callable[[dict], None] | None = None) -> list[dict]:
-    """Train every candidate of ``specs`` over the plan's trainable neighbourhoods; returns one row per candidate."""
+                on_progress: Callable[[dict], None] | None = None, on_done: Callable[[dict], None] | None = None,
+                on_start: Callable[[int, int], None] | None = None, fence: str | None = None, checkpoint_seconds: float = CHECKPOINT_SECONDS,
+                memory_budget: int | None = None) -> list[dict]:
+    """Train every candidate of ``specs`` over the plan's trainable neighbourhoods; returns one row per candidate.
+
+    ``fence`` is the token of the workspace lock the caller holds (workers
+    publish nothing once it no longer holds); ``memory_budget`` bounds the
+    activation cache a unit loads into (device) memory (default: half the free
+    memory of a GPU, none on a CPU, where the memory map is as fast).
+    """
     from ndc.plan import load_teacher
 
     teacher = teacher or load_teacher(ws)
     plan = teacher.plan
+    store = JobStore(ws)
+    store.recover()
     candidates = plan_candidates(plan, specs, only)
-    for stale in ws.root.glob("jobs/**/.*.tmp"):  # temporary files of writes a killed run never finished
-        stale.unlink(missing_ok=True)
     nb_json = {nb.name: nb.to_json() for nb in plan.neighbourhoods}
     keys = {c: job_key(teacher.sha256, nb_json[c.neighbourhood], c.spec, cfg) for c in candidates}
     rows: dict[Candidate, dict] = {}
     pending = []
     for c in candidates:
-        done = None if force else finished(ws, c.folder, keys[c])
+        done = None if force else store.finished(c.neighbourhood, c.spec, keys[c])
         if done is not None:
             rows[c] = {**done, "status": "skipped"}
         else:
             pending.append(c)
 
-    cache_dir, moments = None, {}
     if pending:
-        data = None
-        if cfg.data:
-            from ndc.distill.job import data_for
-
-            data = data_for(ws, cfg, plan.input_shape[1:])
-        chain = None
+        data = data_for(ws, cfg, plan.input_shape[1:]) if cfg.data else None
+        cache_dir, moments = None, {}
         if cfg.source == "cache":
-            layout = cache_layout(plan, cfg.lookahead)
-            key = cache_key(teacher.sha256, data, layout, cfg.augment_passes, cfg.val_size, cfg.seed)
-            size = cache_size(data, layout, cfg.augment_passes, cfg.val_size)
-            log(f"activation cache: {len(layout.boundaries)} boundaries, "
-                f"{data.train_size * (1 + cfg.augment_passes)} + {min(cfg.val_size, data.test_size)} examples, "
-                f"{size / 2**20:.1f} MiB (fp16)")
-            chain = TeacherChain(teacher, cfg.device)
-            folder = build_cache(ws, chain, [nb.output for nb in plan.neighbourhoods], plan.neighbourhoods[0].input, data,
-                                 layout, key, cfg.augment_passes, cfg.val_size, cfg.seed,
-                                 progress=lambda d, t: on_progress and on_progress({"label": "teacher pass", "step": d, "total": t}))
-            cache_dir = str(folder.relative_to(ws.root))
+            cache_dir = _cache(ws, teacher, cfg, data, log, on_progress)
         elif cfg.source == "noise" and cfg.noise == "matched":
-            chain = TeacherChain(teacher, cfg.device)
             indices = sorted({plan.names.index(c.neighbourhood) for c in pending})
-            moments = channel_moments(chain, data, indices, cfg.calibration)
-        jobs = []
+            moments = channel_moments(TeacherChain(teacher, backend.devices[0]), data, indices, cfg.calibration)
+        items = []
         for c in pending:
             nb = plan[c.neighbourhood]
             i = plan.names.index(c.neighbourhood)
-            extra = {"moments": moments[i]} if i in moments else {}
-            steps = cfg.steps or cfg.epochs
-            cost = float(nb.flops) * (1 + cfg.lookahead) * steps * (c.spec.width ** 2)
-            jobs.append(Job(str(ws.root), c.neighbourhood, str(c.spec), keys[c], _config_dict(cfg), cost, cache_dir, extra))
+            cost = float(nb.flops) * (1 + cfg.lookahead) * (cfg.steps or cfg.epochs) * (c.spec.width ** 2)
+            items.append(Item(c.neighbourhood, str(c.spec), keys[c], cost, {"moments": moments[i]} if i in moments else {}))
+        units = make_units(items, cfg.engine, backend.slots, backend.devices, workspace=str(ws.root), config=unit_config(cfg),
+                           cache_dir=cache_dir, fence=fence, checkpoint_seconds=checkpoint_seconds,
+                           resident_budget=_resident_budget(memory_budget, backend.devices, backend.slots))
+
+        if on_start:
+            on_start(len(pending), planned_steps(cfg, steps_per_epoch(cfg, data)))
 
         def done(metrics: dict) -> None:
-            cand = Candidate(metrics["neighbourhood"], Spec.parse(metrics["spec"]))
-            rows[cand] = metrics
+            rows[Candidate(metrics["neighbourhood"], Spec.parse(metrics["spec"]))] = metrics
             if on_done:
                 on_done(metrics)
 
-        backend.run(jobs, done, on_progress)
+        backend.run(units, done, on_progress)
     _record(ws, rows)
-    return [rows[c] for c in candidates]
+    return [rows[c] for c in candidates if c in rows]
 
 
-def _config_dict(cfg: DistillConfig) -> dict:
-    d = asdict(cfg)
-    d["alpha"] = list(cfg.alpha)
-    return d
+def _cache(ws: Workspace, teacher, cfg: DistillConfig, data, log, on_progress) -> str:
+    """The activation cache's folder (workspace-relative): reused when it verifies, else (re)built."""
+    plan = teacher.plan
+    layout = cache_layout(plan, cfg.lookahead)
+    key = cache_key(teacher.sha256, data, layout, cfg.augment_passes, cfg.val_size, cfg.seed)
+    folder = ws.path(f"cache/{key}")
+    if (folder / "meta.json").is_file():
+        problem = verify_cache(folder)
+        if problem is None:
+            return str(folder.relative_to(ws.root))
+        log(f"activation cache {folder.name}: {problem}; rebuilding it")
+        shutil.rmtree(folder, ignore_errors=True)
+    size = cache_size(data, layout, cfg.augment_passes, cfg.val_size)
+    log(f"activation cache: {len(layout.boundaries)} boundaries, "
+        f"{data.train_size * (1 + cfg.augment_passes)} + {min(cfg.val_size, data.test_size)} examples, "
+        f"{size / 2**20:.1f} MiB (fp16)")
+    chain = TeacherChain(teacher, cfg.device)
+    folder = build_cache(ws, chain, [nb.output for nb in plan.neighbourhoods], plan.neighbourhoods[0].input, data,
+                         layout, key, cfg.augment_passes, cfg.val_size, cfg.seed,
+                         progress=lambda d, t: on_progress and on_progress({"event": "teacher", "step": d, "total": t}))
+    return str(folder.relative_to(ws.root))
+
+
+def _resident_budget(budget: int | None, devices: list[str], slots: int) -> int:
+    """Bytes of activation cache each unit may hold in (device) memory."""
+    if budget is not None:
+        return budget // max(1, slots)
+    if not devices[0].startswith("cuda"):
+        return 0
+    import torch
+
+    free = min(torch.cuda.mem_get_info(d)[0] for d in devices)
+    per_device = max(1, -(-slots // len(devices)))
+    return int(free * 0.5) // per_device
 
 
 def _record(ws: Workspace, rows: dict) -> None:

@@ -1,15 +1,16 @@
 """What a distillation run is: its configuration, its candidates, and the keys of their artefacts.
 
-A *candidate* is one (neighbourhood, spec) pair and the unit of work. Its
-artefacts live in ``jobs/<neighbourhood>/<spec>/`` and are keyed by
+A *candidate* is one (neighbourhood, spec) pair. Its artefacts live in
+``jobs/<neighbourhood>/<spec>/`` (:mod:`ndc.distill.store`) and are keyed by
 everything that made them (teacher, neighbourhood, spec, training
-configuration), so a finished job is skipped on a rerun, a changed
-configuration redoes it, and a file that no longer verifies is redone.
+configuration, engine), so a finished candidate is skipped on a rerun, a
+changed configuration redoes it, and a file that no longer verifies is redone.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass
 
 from ndc.errors import NdcError
 from ndc.ir import Spec
@@ -45,6 +46,7 @@ class DistillConfig:
     evals: int = 10  # held-out evaluations per job
     seed: int = 0
     bn_stats: str = "auto"  # batch: students' batch norms learn from batch statistics; frozen: keep the teacher's
+    engine: str = "jobs"  # jobs: one unit per candidate; fused: candidates trained together (batch order differs)
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -64,8 +66,12 @@ class DistillConfig:
                 raise NdcError(f"--{name.replace('_', '-')} must be at least 1")
         if self.steps is not None and self.steps < 1:
             raise NdcError("--steps must be at least 1")
-        if self.lr <= 0:
-            raise NdcError("--lr must be positive")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise NdcError(f"--lr must be a positive number, not {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise NdcError(f"--weight-decay must be 0 or a positive number, not {self.weight_decay}")
+        if not all(math.isfinite(a) for a in self.alpha):
+            raise NdcError(f"--alpha must be finite numbers, not {','.join(str(a) for a in self.alpha)}")
         if self.lookahead < 0:
             raise NdcError("--lookahead must be 0 or more")
         if self.alpha and len(self.alpha) not in (1, self.lookahead):
@@ -74,6 +80,8 @@ class DistillConfig:
             raise NdcError(f"unknown --init {self.init!r}; valid: teacher, random")
         if self.bn_stats not in BN_STATS:
             raise NdcError(f"unknown --bn-stats {self.bn_stats!r}; valid: {', '.join(BN_STATS)}")
+        if self.engine not in ("jobs", "fused"):
+            raise NdcError(f"unknown --engine {self.engine!r}; valid: jobs, fused")
 
     @property
     def frozen_bn(self) -> bool:
@@ -109,29 +117,13 @@ class Candidate:
 
     @property
     def folder(self) -> str:
-        """Workspace-relative folder of this candidate's artefacts."""
-        return f"jobs/{safe_name(self.neighbourhood)}/{self.spec.slug()}"
+        """Workspace-relative folder of this candidate's artefacts (see :class:`ndc.distill.store.JobStore`)."""
+        from ndc.distill.store import JOBS_DIR, folder_name
+
+        return f"{JOBS_DIR}/{folder_name(self.neighbourhood)}/{self.spec.slug()}"
 
     def label(self) -> str:
         return f"{self.neighbourhood} {self.spec}"
-
-
-@dataclass
-class Job:
-    """Everything a worker needs to train one candidate; plain data, so it pickles to any backend."""
-
-    workspace: str
-    neighbourhood: str
-    spec: str
-    key: str
-    config: dict
-    cost: float = 0.0  # estimated work, for longest-first scheduling
-    cache_dir: str | None = None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def candidate(self) -> Candidate:
-        return Candidate(self.neighbourhood, Spec.parse(self.spec))
 
 
 def job_key(teacher_sha: str, neighbourhood: dict, spec: Spec, config: DistillConfig) -> str:
@@ -141,16 +133,8 @@ def job_key(teacher_sha: str, neighbourhood: dict, spec: Spec, config: DistillCo
         "neighbourhood": {k: neighbourhood[k] for k in ("name", "input", "output", "nodes")},
         "spec": str(spec),
         "config": config.key_fields(),
-        "format": 1,
+        "format": 2,
     })
-
-
-def safe_name(name: str) -> str:
-    """A neighbourhood name as one path component (names never contain '/', but be sure)."""
-    cleaned = "".join(c if c.isalnum() or c in "._-~+" else "_" for c in name)
-    if cleaned in ("", ".", ".."):
-        raise NdcError(f"neighbourhood name {name!r} cannot be used as a folder name")
-    return cleaned
 
 
 def expand_specs(widths: list[float], sparsities: list[float], specs: list[str]) -> list[Spec]:

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from ndc.errors import NdcError
-from ndc.workspace import Workspace, read_json, sha256_json, write_json_atomic
+from ndc.workspace import Workspace, read_json, sha256_file, sha256_json, write_json_atomic
 
 CACHE_DIR = "cache"
 DISK_MARGIN = 512 * 2**20  # keep this much disk free beside a cache
@@ -174,9 +174,27 @@ def build_cache(ws: Workspace, chain: TeacherChain, boundary_of_part: list[str],
     for arr in arrays.values():
         arr.flush()
     del arrays
+    checksums = {p.name: sha256_file(p) for p in sorted(folder.glob("*.f16.npy"))}
     write_json_atomic(folder / "meta.json", {"key": key, "train": n_train, "test": n_test, "boundaries": layout.boundaries,
-                                             "augment_passes": augment_passes, "dtype": "float16", "bytes": size})
+                                             "augment_passes": augment_passes, "dtype": "float16", "bytes": size,
+                                             "sha256": checksums})
     return folder
+
+
+def verify_cache(folder: Path) -> str | None:
+    """None when every array of a complete cache still has the checksum it was written with, else what is wrong."""
+    try:
+        meta = read_json(folder / "meta.json")
+        checksums = meta["sha256"]
+    except (NdcError, KeyError, TypeError):
+        return "its metadata is unreadable or from an older ndc"
+    for name, digest in checksums.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if sha256_file(path) != digest:
+            return f"{name} changed since it was written (corrupt)"
+    return None
 
 
 class CachedArrays:
@@ -201,17 +219,35 @@ class CachedArrays:
 
 
 # ----------------------------------------------------------------------- feeds
+#
+# A feed serves every candidate of a unit of work from one stream of batches.
+# Each batch answers ``pair(i, lookahead)``: the input of neighbourhood ``i``
+# and its targets (its output, then ``lookahead`` outputs further on). Cache
+# and recompute batches hold teacher activations at named boundaries, read or
+# computed once per step whatever the number of candidates; noise batches draw
+# each neighbourhood's inputs on first use. The batch order comes from
+# ``(seed, epoch)`` alone, so a unit can resume at any step.
+
+
+class BoundaryBatch:
+    """Teacher activations at named boundaries for one batch of examples."""
+
+    def __init__(self, values: dict[str, torch.Tensor], inputs: list[str], outputs: list[str]):
+        self.values, self.inputs, self.outputs = values, inputs, outputs
+
+    def pair(self, i: int, lookahead: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self.values[self.inputs[i]], [self.values[self.outputs[i + j]] for j in range(lookahead + 1)]
 
 
 class Feed:
-    """Batches of (input, targets) for one job."""
+    """Batches for the candidates of one unit: ``train(epoch, skip)`` and ``heldout()``."""
 
     steps_per_epoch: int
 
-    def train(self, epoch: int) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+    def train(self, epoch: int, skip: int = 0) -> Iterator:
         raise NotImplementedError
 
-    def heldout(self) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+    def heldout(self) -> Iterator:
         raise NotImplementedError
 
 
@@ -220,53 +256,90 @@ def _to_float(a: np.ndarray, device: str) -> torch.Tensor:
     a = np.ascontiguousarray(a)
     if not a.flags.writeable:  # a slice of the read-only map: copy, so torch owns writable memory
         a = a.copy()
-    return torch.from_numpy(a).to(device=device, dtype=torch.float32)
+    t = torch.from_numpy(a)
+    if str(device).startswith("cuda"):
+        return t.pin_memory().to(device, non_blocking=True).float()
+    return t.to(dtype=torch.float32)
+
+
+class ResidentArrays:
+    """The boundaries a unit needs, loaded once from the cache into (device) memory as fp16 tensors.
+
+    Serving a batch is then one index_select per boundary on the device: no
+    host round trip, no per-step copy (BRECQ's and airbench's habit).
+    """
+
+    def __init__(self, arrays: CachedArrays, names: list[str], device: str):
+        self.device = device
+        self.tensors = {(name, split): torch.from_numpy(np.ascontiguousarray(arrays.get(name, split))).to(device)
+                        for name in names for split in ("train", "test")}
+
+    def rows(self, name: str, split: str, idx) -> torch.Tensor:
+        t = self.tensors[name, split]
+        if isinstance(idx, slice):
+            return t[idx].float()
+        return t.index_select(0, torch.as_tensor(idx, device=t.device)).float()
+
+
+def resident_bytes(arrays: CachedArrays, names: list[str]) -> int:
+    return sum(arrays.get(n, s).nbytes for n in names for s in ("train", "test"))
 
 
 class CacheFeed(Feed):
-    def __init__(self, arrays: CachedArrays, inp: str, targets: list[str], batch_size: int, seed: int, device: str):
-        self.arrays, self.inp, self.targets = arrays, inp, targets
+    """Batches read from the activation cache: memory-mapped, or resident in (device) memory when it fits."""
+
+    def __init__(self, arrays: CachedArrays, names: list[str], inputs: list[str], outputs: list[str], batch_size: int,
+                 seed: int, device: str, resident_budget: int = 0):
+        self.arrays, self.names, self.inputs, self.outputs = arrays, names, inputs, outputs
         self.batch_size, self.seed, self.device = batch_size, seed, device
         self.n = arrays.meta["train"]
         self.steps_per_epoch = max(1, math.ceil(self.n / batch_size))
+        self.resident = ResidentArrays(arrays, names, device) if resident_bytes(arrays, names) <= resident_budget else None
 
-    def train(self, epoch: int):
+    def train(self, epoch: int, skip: int = 0):
         order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        for start in range(0, self.n, self.batch_size):
+        for start in range(skip * self.batch_size, self.n, self.batch_size):
             # Sorted indices read the memmap front to back; the batch order stays random.
-            idx = np.sort(order[start:start + self.batch_size])
-            yield self._batch(idx, "train")
+            yield self._batch(np.sort(order[start:start + self.batch_size]), "train")
 
     def heldout(self):
         n = self.arrays.meta["test"]
         for start in range(0, n, 256):
             yield self._batch(slice(start, min(start + 256, n)), "test")
 
-    def _batch(self, idx, split: str):
-        a = _to_float(self.arrays.get(self.inp, split)[idx], self.device)
-        return a, [_to_float(self.arrays.get(t, split)[idx], self.device) for t in self.targets]
+    def _batch(self, idx, split: str) -> BoundaryBatch:
+        if self.resident is not None:
+            values = {name: self.resident.rows(name, split, idx) for name in self.names}
+        else:
+            values = {name: _to_float(self.arrays.get(name, split)[idx], self.device) for name in self.names}
+        return BoundaryBatch(values, self.inputs, self.outputs)
 
 
 class RecomputeFeed(Feed):
-    """The teacher's prefix runs on every batch of real data."""
+    """One teacher forward per batch of real data captures every boundary the unit needs."""
 
-    def __init__(self, chain: TeacherChain, index: int, lookahead: int, data, batch_size: int, seed: int,
-                 augment: bool, val_size: int):
-        self.chain, self.index, self.lookahead = chain, index, lookahead
-        self.data, self.batch_size, self.seed, self.augment = data, batch_size, seed, augment
+    def __init__(self, chain: TeacherChain, data, names: list[str], inputs: list[str], outputs: list[str], batch_size: int,
+                 seed: int, augment: bool, val_size: int):
+        self.chain, self.data, self.inputs, self.outputs = chain, data, inputs, outputs
+        self.names = set(names)
+        self.batch_size, self.seed, self.augment = batch_size, seed, augment
         self.val_size = min(val_size, data.test_size)
         self.steps_per_epoch = max(1, math.ceil(data.train_size / batch_size))
+        self.parts = max((k for k, out in enumerate(outputs) if out in self.names), default=-1) + 1
 
-    def _split(self, x: torch.Tensor):
-        x = x.to(self.chain.device)
-        prefix = self.chain.run(x, 0, self.index)
-        a = prefix[-1] if prefix else x
-        return a, self.chain.run(a, self.index, self.index + 1 + self.lookahead)
+    def _batch(self, x: torch.Tensor) -> BoundaryBatch:
+        x = x.to(self.chain.device, non_blocking=True)
+        values = {self.inputs[0]: x}
+        for k, out in enumerate(self.chain.run(x, 0, self.parts)):
+            if self.outputs[k] in self.names:
+                values[self.outputs[k]] = out
+        return BoundaryBatch(values, self.inputs, self.outputs)
 
-    def train(self, epoch: int):
-        for x, _ in self.data.batches("train", self.batch_size, shuffle=True, augment=self.augment,
-                                      seed=self.seed, epoch=epoch):
-            yield self._split(x)
+    def train(self, epoch: int, skip: int = 0):
+        batches = self.data.batches("train", self.batch_size, shuffle=True, augment=self.augment, seed=self.seed, epoch=epoch)
+        for k, (x, _) in enumerate(batches):
+            if k >= skip:
+                yield self._batch(x)
 
     def heldout(self):
         seen = 0
@@ -275,46 +348,56 @@ class RecomputeFeed(Feed):
             if not len(x):
                 return
             seen += len(x)
-            yield self._split(x)
+            yield self._batch(x)
+
+
+class NoiseBatch:
+    """Gaussian inputs at each neighbourhood's input, drawn on first use; targets from the teacher."""
+
+    def __init__(self, feed: "NoiseFeed", n: int, draw: tuple[int, ...]):
+        self.feed, self.n, self.draw = feed, n, draw
+        self._pairs: dict[tuple[int, int], tuple[torch.Tensor, list[torch.Tensor]]] = {}
+
+    def pair(self, i: int, lookahead: int):
+        if (i, lookahead) not in self._pairs:
+            a = self.feed.sample(i, self.n, self.draw)
+            self._pairs[i, lookahead] = (a, self.feed.chain.run(a, i, i + 1 + lookahead))
+        return self._pairs[i, lookahead]
 
 
 class NoiseFeed(Feed):
-    """Gaussian inputs at the neighbourhood's input; targets from the teacher."""
+    """Gaussian inputs at each neighbourhood's input (N(0,1), or matched per-channel moments)."""
 
-    def __init__(self, chain: TeacherChain, index: int, lookahead: int, shape: list[int], batch_size: int, seed: int,
-                 examples: int, moments: tuple[list[float], list[float]] | None, val_size: int):
-        self.chain, self.index, self.lookahead = chain, index, lookahead
-        self.shape, self.batch_size, self.seed = list(shape), batch_size, seed
-        self.examples = examples
+    def __init__(self, chain: TeacherChain, shapes: dict[int, list[int]], batch_size: int, seed: int, examples: int,
+                 moments: dict[int, tuple[list[float], list[float]]], val_size: int):
+        self.chain, self.shapes = chain, {i: list(s) for i, s in shapes.items()}
+        self.batch_size, self.seed, self.examples, self.val_size = batch_size, seed, examples, val_size
         self.steps_per_epoch = max(1, math.ceil(examples / batch_size))
-        self.moments = None
-        if moments is not None:
-            mean, std = (torch.tensor(m, dtype=torch.float32) for m in moments)
+        self.moments = {}
+        for i, (mean, std) in moments.items():
+            shape = self.shapes[i]
             view = [1] * (len(shape) + 1)
             axis = feature_channels((1, *shape))
             if axis:
                 view[axis[0]] = -1
-            self.moments = (mean.view(view).to(chain.device), std.view(view).to(chain.device))
-        self.val_size = val_size
+            self.moments[i] = tuple(torch.tensor(m, dtype=torch.float32).view(view).to(chain.device) for m in (mean, std))
 
-    def _sample(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        a = torch.randn((n, *self.shape), generator=gen).to(self.chain.device)
-        if self.moments is not None:
-            a = a * self.moments[1] + self.moments[0]
+    def sample(self, i: int, n: int, draw: tuple[int, ...]) -> torch.Tensor:
+        seed = int(np.random.SeedSequence([self.seed, i, *draw]).generate_state(1, np.uint64)[0] >> 1)
+        gen = torch.Generator(device=self.chain.device).manual_seed(seed)
+        a = torch.randn((n, *self.shapes[i]), generator=gen, device=self.chain.device)
+        if i in self.moments:
+            mean, std = self.moments[i]
+            a = a * std + mean
         return a
 
-    def _pair(self, a: torch.Tensor):
-        return a, self.chain.run(a, self.index, self.index + 1 + self.lookahead)
-
-    def train(self, epoch: int):
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        for start in range(0, self.examples, self.batch_size):
-            yield self._pair(self._sample(min(self.batch_size, self.examples - start), gen))
+    def train(self, epoch: int, skip: int = 0):
+        for k in range(skip, self.steps_per_epoch):
+            yield NoiseBatch(self, min(self.batch_size, self.examples - k * self.batch_size), (epoch, k))
 
     def heldout(self):
-        gen = torch.Generator().manual_seed(10**9 + self.seed)
-        for start in range(0, self.val_size, 256):
-            yield self._pair(self._sample(min(256, self.val_size - start), gen))
+        for k, start in enumerate(range(0, self.val_size, 256)):
+            yield NoiseBatch(self, min(256, self.val_size - start), (2**31 - 1, k))
 
 
 @torch.no_grad()

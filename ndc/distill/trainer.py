@@ -1,0 +1,240 @@
+"""One candidate's training, with no file I/O: both engines drive it step by step.
+
+A :class:`CandidateTrainer` owns its student, optimiser, learning-rate
+schedule, sparsity ramp, early stopping and best weights. An engine feeds it
+batches (:meth:`loss`, then a backward the engine runs, then :meth:`step`),
+asks it to :meth:`evaluate` now and then, and finally takes its
+:meth:`result`. Its loss depends only on its own parameters, so summing the
+losses of many trainers and running one backward trains each of them exactly
+as alone.
+
+Loss (the paper's eq. 4-5): ``L_i = L_{i,0} + Σ_j α_j L_{i,j}`` where
+``L_{i,j}`` is the mean squared error, normalised by the feature size, between
+``T_{i+j}∘…∘T_{i+1}(S_i(a))`` and the teacher's own activation there.
+
+Nothing here reads a value back to the host per step: training losses are
+summed on the device and read at evaluation points, where finiteness is
+checked (a non-finite loss fails this candidate alone).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ndc.distill.config import DistillConfig
+from ndc.ir import Spec
+from ndc.training import BestWeights, SparsityRamp, cosine
+
+
+class CandidateFailed(Exception):
+    """This candidate cannot train on (its loss is not finite, or its student raised); the others go on."""
+
+
+@dataclass
+class Evaluation:
+    step: int
+    train_loss: float
+    heldout_mse: float
+    heldout_relative: float
+
+
+@dataclass
+class Outcome:
+    """What a finished trainer hands its engine to publish."""
+
+    model: nn.Module
+    initial: dict
+    final: dict
+    history: list[dict]
+    steps: int
+    stopped_early: bool
+    sparsity: float | None
+    extra: dict = field(default_factory=dict)
+
+
+class CandidateTrainer:
+    """Training state of one (neighbourhood, spec) candidate.
+
+    ``index`` is the neighbourhood's position in the plan; ``ahead`` the frozen
+    teacher parts of its look-ahead terms; ``total`` the planned optimiser steps.
+    """
+
+    def __init__(self, name: str, index: int, spec: Spec, key: str, student, ahead: list[nn.Module], cfg: DistillConfig,
+                 total: int, device: str):
+        self.name, self.index, self.spec, self.key = name, index, spec, key
+        self.student = student
+        self.model = student.module.to(device)
+        self.ahead = ahead
+        self.alphas = cfg.alphas()[: len(ahead)]
+        self.lookahead = len(ahead)
+        self.total = total
+        self.patience = cfg.patience
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay) if self.params else None
+        self.base_lr = cfg.lr
+        self.norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if cfg.frozen_bn else []
+        self.ramp = SparsityRamp(student.pruner, spec.sparsity, total) if student.pruner is not None else None
+        self.best: BestWeights | None = None
+        self.steps = 0
+        self.history: list[dict] = []
+        self.initial: dict | None = None
+        self.stopped_early = False
+        self.failed: str | None = None
+        self._loss_sum = torch.zeros((), device=device)
+        self._loss_count = 0
+        self._last_finite_check = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.spec}"
+
+    @property
+    def active(self) -> bool:
+        return self.failed is None and not self.stopped_early and self.steps < self.total
+
+    # ------------------------------------------------------------------ steps
+    def loss(self, batch) -> torch.Tensor:
+        """The loss on one batch (train mode, graph kept for the engine's backward)."""
+        a, targets = batch.pair(self.index, self.lookahead)
+        self.model.train()
+        for m in self.norms:  # --bn-stats frozen: normalise with the teacher's running statistics
+            m.eval()
+        out = self.model(a)
+        loss = F.mse_loss(out, targets[0])
+        h = out
+        for j, part in enumerate(self.ahead):
+            h = part(h)
+            loss = loss + self.alphas[j] * F.mse_loss(h, targets[j + 1])
+        self._loss_sum += loss.detach()
+        self._loss_count += 1
+        return loss
+
+    def zero_grad(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        """After the engine's backward: one optimiser step, the schedule, the sparsity ramp."""
+        if self.optimizer is not None:
+            self.optimizer.step()
+        self.steps += 1
+        for group in self.optimizer.param_groups if self.optimizer is not None else ():
+            group["lr"] = self.base_lr * cosine(self.steps, self.total)
+        if self.ramp is not None:
+            self.ramp.after_step(self.steps)
+
+    # ------------------------------------------------------------- measuring
+    def start(self, initial: dict) -> None:
+        """The held-out error before training; a dense student's starting weights compete for best."""
+        self.initial = initial
+        dense = self.ramp is None
+        self.best = BestWeights(self.model, initial["mse"] if dense else None, self.patience)
+
+    def evaluate(self, heldout: dict) -> None:
+        """Record a held-out measurement: history, best weights, early stopping, a non-finite loss."""
+        train_loss = float(self._loss_sum) / max(self._loss_count, 1)
+        self._loss_sum.zero_()
+        self._loss_count = 0
+        if not math.isfinite(train_loss) or not math.isfinite(heldout["mse"]):
+            raise CandidateFailed(f"{self.label}: the loss became {train_loss if not math.isfinite(train_loss) else heldout['mse']} "
+                                  f"by step {self.steps}; try a lower --lr")
+        self.history.append({"step": self.steps, "train_loss": train_loss, "heldout_mse": heldout["mse"]})
+        if self.ramp is None or self.ramp.ramped(self.steps):
+            self.best.offer(heldout["mse"])
+            self.stopped_early = self.best.exhausted and self.steps < self.total
+
+    def fail(self, message: str) -> None:
+        self.failed = " ".join(message.split())
+
+    def outcome(self, final: dict) -> Outcome:
+        sparsity = None
+        if self.ramp is not None:
+            achieved = self.student.pruner.sparsity()
+            sparsity = sum(achieved.values()) / len(achieved) if achieved else 0.0
+        return Outcome(self.model, self.initial, final, self.history, self.steps, self.stopped_early, sparsity)
+
+    def settle(self) -> None:
+        """The weights to publish: the best measured ones, at the target sparsity."""
+        self.best.restore()
+        if self.ramp is not None:
+            self.ramp.finish()
+
+    # ------------------------------------------------------------ checkpoints
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors and JSON that resume this trainer exactly (see :meth:`load_state`)."""
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.best is not None and self.best.state is not None:
+            tensors.update({f"best.{k}": v for k, v in self.best.state.items()})
+        if self.optimizer is not None:
+            for i, group_state in self.optimizer.state_dict()["state"].items():
+                for name, value in group_state.items():
+                    if isinstance(value, torch.Tensor):
+                        tensors[f"optim.{i}.{name}"] = value
+        if self.ramp is not None:
+            tensors.update({f"mask.{k}": v for k, v in self.student.pruner.masks.items()})
+        meta = {"key": self.key, "steps": self.steps, "history": self.history, "initial": self.initial,
+                "best_score": None if self.best is None else self.best.score, "bad": 0 if self.best is None else self.best.bad}
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        device = next(iter(self.model.state_dict().values())).device
+        self.model.load_state_dict(part("model."))
+        if self.optimizer is not None:
+            state = self.optimizer.state_dict()
+            for k, v in tensors.items():
+                if k.startswith("optim."):
+                    _, i, name = k.split(".", 2)
+                    state["state"].setdefault(int(i), {})[name] = v
+            self.optimizer.load_state_dict(state)
+        if self.ramp is not None:
+            self.student.pruner.masks.update({k: v.to(device) for k, v in part("mask.").items()})
+        self.steps, self.history, self.initial = meta["steps"], meta["history"], meta["initial"]
+        self.best = BestWeights(self.model, None, self.patience)
+        best = part("best.")
+        if best:
+            self.best.state = {k: v.to(device) for k, v in best.items()}
+        if meta.get("best_score") is not None:
+            self.best.score = meta["best_score"]
+        self.best.bad = meta.get("bad", 0)
+        for group in self.optimizer.param_groups if self.optimizer is not None else ():
+            group["lr"] = self.base_lr * cosine(self.steps, self.total)
+
+
+@torch.no_grad()
+def heldout_errors(trainers: list[CandidateTrainer], batches) -> list[dict]:
+    """Mean squared error and relative error ‖S(a) − T(a)‖ / ‖T(a)‖ of every trainer on the held-out batches.
+
+    One pass over the held-out batches serves every trainer; sums stay on the
+    device and are read once at the end.
+    """
+    if not trainers:
+        return []
+    sums = [[0.0, 0.0, 0] for _ in trainers]
+    modes = [t.model.training for t in trainers]
+    for t in trainers:
+        t.model.eval()
+    for batch in batches:
+        for s, t in zip(sums, trainers):
+            a, targets = batch.pair(t.index, 0)
+            out = t.model(a)
+            s[0] = s[0] + ((out - targets[0]) ** 2).sum()
+            s[1] = s[1] + (targets[0] ** 2).sum()
+            s[2] += targets[0].numel()
+    for t, mode in zip(trainers, modes):
+        t.model.train(mode)
+    out = []
+    for sq_diff, sq_target, count in sums:
+        sq_diff, sq_target = float(sq_diff), float(sq_target)
+        if not count:
+            out.append({"mse": math.nan, "relative": math.nan})
+        else:
+            out.append({"mse": sq_diff / count, "relative": math.sqrt(sq_diff / sq_target) if sq_target else math.nan})
+    return out

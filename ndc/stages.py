@@ -1,0 +1,294 @@
+"""The pipeline, one function per stage: what the commands, ``ndc demo`` and the Python API all call.
+
+Every stage takes the workspace, holds its lock while it writes (a second
+writer gets one line naming the holder), does its work through the library,
+and returns a small result object; commands only parse options, call a stage
+and print. Read top to bottom, this is ndc::
+
+    ws = Workspace("ndc-work")
+    distilled = distill(ws, [Spec(width=0.5)], DistillConfig(data="fashion-mnist"))
+    stitched  = stitch(ws, "student.onnx", data="fashion-mnist")
+    tuned     = finetune(ws, TrainConfig(epochs=5), data="fashion-mnist", output="student.onnx")
+    baseline  = kd(ws, TrainConfig(lr=0.1, epochs=30), width=0.5, data="fashion-mnist")
+
+(``ndc partition`` writes the plan first; see :mod:`ndc.plan`.)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ndc.distill import DistillConfig, cache_layout, choose_source, plan_candidates, run_distill
+from ndc.errors import NdcError
+from ndc.finetune import TrainConfig
+from ndc.ir import Spec
+from ndc.workspace import Workspace
+
+DEFAULT_CACHE_BUDGET = 16 * 2**30
+Log = Callable[[str], None]
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+# --------------------------------------------------------------------- distill
+
+
+@dataclass
+class DistillResult:
+    rows: list[dict]  # one per candidate: status done, skipped or failed, with its metrics
+    source: str
+    source_reason: str
+    engine: str
+    backend: str
+    workers: int
+    devices: list[str]
+    seconds: float
+
+    @property
+    def failed(self) -> list[dict]:
+        return [r for r in self.rows if r.get("status") == "failed"]
+
+
+def resolve_engine(engine: str, devices: list[str]) -> str:
+    """``auto``: fused on a GPU, where one process per tiny job is what costs; jobs on a CPU (measured: docs/benchmarks.md)."""
+    if engine == "auto":
+        return "fused" if devices[0].startswith("cuda") else "jobs"
+    return engine
+
+
+def distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, *, source: str | None = None, engine: str = "auto",
+            backend: str = "local", workers: int = 1, address: str | None = None, device: str = "cpu",
+            devices: str | None = None, only: tuple[str, ...] = (), force: bool = False,
+            cache_budget: int = DEFAULT_CACHE_BUDGET, memory_budget: int | None = None, checkpoint_seconds: float = 60.0,
+            log: Log = _quiet, on_start: Callable[[int, int], None] | None = None,
+            on_progress: Callable[[dict], None] | None = None, on_done: Callable[[dict], None] | None = None) -> DistillResult:
+    """Rewrite and train every (neighbourhood, spec) candidate not already done; see :func:`ndc.distill.run_distill`.
+
+    ``source`` None chooses: noise without data, else the activation cache when
+    it fits ``cache_budget`` and the disk, else recomputation. ``engine``
+    ``auto`` picks by device (:func:`resolve_engine`); ``devices`` ("0,2")
+    picks GPUs, every visible one by default.
+    """
+    from ndc.backends import make_backend
+    from ndc.backends.base import resolve_devices
+    from ndc.distill.engine import data_for
+    from ndc.plan import load_teacher
+
+    placed = resolve_devices(device, devices)
+    engine = resolve_engine(engine, placed)
+    with ws.writing("ndc distill") as fence:
+        teacher = load_teacher(ws)
+        plan = teacher.plan
+        if not plan_candidates(plan, specs, only):
+            raise NdcError("the plan has no neighbourhood to distil (all are kept); try ndc partition --by module or --by layers")
+        data = data_for(ws, cfg, plan.input_shape[1:]) if cfg.data else None
+        chosen, why = choose_source(cfg, source, data, cache_layout(plan, cfg.lookahead), ws, cache_budget)
+        if source is None:
+            log(f"source: {chosen} ({why})")
+        cfg = replace(cfg, source=chosen, engine=engine, device=placed[0])
+        if engine == "fused" and workers == 1:
+            workers = len(placed)  # one process per GPU
+        runner = make_backend(backend, workers, address, placed)
+        started = time.perf_counter()
+        rows = run_distill(ws, specs, cfg, runner, teacher=teacher, only=only, force=force, log=log, on_start=on_start,
+                           on_progress=on_progress, on_done=on_done, fence=fence, checkpoint_seconds=checkpoint_seconds,
+                           memory_budget=memory_budget)
+        return DistillResult(rows, chosen, why, engine, backend, workers, placed, time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------- stitch
+
+
+@dataclass
+class StitchResult:
+    summary: dict  # what ndc stitch prints: sizes, export report, accuracy
+    model: Any = field(repr=False, default=None)
+
+
+def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spec: str | None = None, selection_file: str | None = None,
+           data: str | None = None, limit: int | None = None, normalize: Any = True, calibrate: int = 20,
+           fold_bn: bool = False, device: str = "cpu") -> StitchResult:
+    """Replace each neighbourhood by its selected student, recalibrate batch norms on ``data``, save it, export ``output``.
+
+    The student is saved in the workspace (``student/``) whether or not it is
+    exported (``output`` None: saved and measured only).
+    """
+    from ndc.data import open_data
+    from ndc.devicedata import on_device
+    from ndc.evaluate import evaluate
+    from ndc.metrics import count_flops, count_params
+    from ndc.passes.export import check_output_path, export_model
+    from ndc.plan import load_teacher
+    from ndc.stitch import build_student, recalibrate_batchnorm, resolve_selection, save_student
+
+    if output is not None:
+        check_output_path(output)
+    if calibrate < 0:
+        raise NdcError("--calibrate must be 0 or more")
+    with ws.writing("ndc stitch"):
+        teacher = load_teacher(ws)
+        plan = teacher.plan
+        selection = resolve_selection(ws, plan, width, spec, selection_file)
+        model, made_from = build_student(ws, teacher, selection)
+        source, calibrated = None, 0
+        if data:
+            source = open_data(data, plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
+            calibrated = recalibrate_batchnorm(model.to(device), on_device(source, device), calibrate)
+        model.cpu()
+        save_student(ws, model, selection, made_from, {"calibrated_batches": calibrate if calibrated else 0, "data": data,
+                                                        "teacher": teacher.sha256})
+        report = {} if output is None else export_model(model, output, plan.input_shape, fold_bn=fold_bn,
+                                                         report_dir=ws.path("student/export-failure"))
+        summary = {
+            "output": report.get("output"), "format": report.get("format"),
+            "params": count_params(model), "teacher_params": plan.teacher["params"],
+            "flops": count_flops(model, plan.input_shape), "teacher_flops": plan.teacher["flops"],
+            "bytes": report.get("bytes"), "max_abs_diff": report.get("max_abs_diff"), "latency_ms": report.get("latency_ms"),
+            "selection": {k: str(v) for k, v in selection.items()}, "calibrated_norms": calibrated,
+        }
+        if source is not None:
+            scores = evaluate(model, source, teacher=teacher.gm, device=device)
+            summary.update({k: scores.get(k) for k in ("accuracy", "teacher_accuracy", "agreement")})
+        ws.write_json("student/report.json", summary)
+        return StitchResult(summary, model.cpu())
+
+
+# ------------------------------------------------------- end-to-end training
+
+
+@dataclass
+class TrainResult:
+    payload: dict  # what the command prints
+    model: Any = field(repr=False, default=None)
+
+
+FINETUNE_LR = 1e-2  # the paper's appendix
+SCRATCH_LR = 0.1  # SGD from scratch, the usual rate for CIFAR ResNets
+
+
+def learning_rate(lr: float | None, default: float, data_free: bool) -> float:
+    """The given rate, or the default: a tenth of it on noise, which frozen batch norms do not renormalise."""
+    if lr is not None:
+        return lr
+    return default / 10 if data_free else default
+
+
+def training_data(ws: Workspace, plan, data: str | None, limit: int | None, data_free: bool, normalize: Any = True):
+    from ndc.data import open_data
+    from ndc.finetune import NoiseImages
+
+    if not data:
+        raise NdcError("give --data SPEC: training and accuracy need data (with --data-free it only measures accuracy)")
+    source = open_data(data, plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
+    return NoiseImages(plan.input_shape[1:], limit or 10_000, source) if data_free else source
+
+
+def epoch_logger(log: Log | None, on_epoch: Callable[[dict], None] | None = None) -> Callable[[dict], None]:
+    """train()'s events as lines (and, per epoch, ``on_epoch``)."""
+
+    def event(e: dict) -> None:
+        if e.get("event") == "epoch":
+            if on_epoch:
+                on_epoch(e)
+            if log:
+                log(f"epoch {e['epoch']}: loss {e['train_loss']:.4f}, accuracy {e['accuracy']:.2%} ({e['seconds']:.0f}s)")
+        elif e.get("event") == "resumed" and log:
+            log(f"resuming after epoch {e['epoch']}")
+        elif e.get("event") == "stale" and log:
+            log(f"not resuming the checkpoint in this workspace: {e['why']}; moved it to {e['moved_to']} and starting afresh")
+
+    return event
+
+
+def finetune(ws: Workspace, cfg: TrainConfig, *, data: str | None, limit: int | None = None, normalize: Any = True,
+             data_free: bool = False, output: str | None = None, restart: bool = False, device: str = "cpu",
+             log: Log | None = None, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+    """End-to-end KD of the stitched student (``student/``); the best epoch is saved in ``finetune/`` and exported."""
+    from ndc.evaluate import evaluate
+    from ndc.finetune import train
+    from ndc.plan import load_teacher
+    from ndc.stitch import STUDENT_DIR, load_student, save_student, student_document
+
+    _check_output(output)
+    with ws.writing("ndc finetune"):
+        teacher = load_teacher(ws)
+        plan = teacher.plan
+        model = load_student(ws, STUDENT_DIR, teacher=teacher)
+        stitched = student_document(ws, STUDENT_DIR)
+        source = training_data(ws, plan, data, limit, data_free, normalize)
+        made_from = {"teacher": teacher.sha256, "student": stitched["weights_sha256"], "selection": stitched["selection"]}
+        result = train(model, source, cfg, teacher=teacher.gm, ws=ws, folder="finetune", log=epoch_logger(log, on_epoch),
+                       resume=not restart, made_from=made_from, device=device)
+        real = getattr(source, "real", source)
+        teacher_acc = evaluate(teacher.gm, real, device=device)["accuracy"]
+        model.cpu()
+        teacher.gm.cpu()
+        payload = {"accuracy": result["best_accuracy"], "initial_accuracy": result["initial_accuracy"],
+                   "teacher_accuracy": teacher_acc, "lr": cfg.lr, "epochs": result["epochs"], "best_epoch": result["best_epoch"],
+                   "seconds": result["seconds"], "history": result["history"]}
+        save_student(ws, model, {k: Spec.parse(v) for k, v in stitched["selection"].items()}, stitched["candidates"],
+                     {"teacher": teacher.sha256, "from_student": stitched["weights_sha256"],
+                      "finetuned": {k: payload[k] for k in ("accuracy", "initial_accuracy", "epochs", "best_epoch", "lr")}},
+                     folder="finetune")
+        if output:
+            _export(ws, model, output, plan, "finetune", payload)
+        ws.write_json("finetune/report.json", payload)
+        return TrainResult(payload, model)
+
+
+def kd(ws: Workspace, cfg: TrainConfig, *, width: float | None = None, spec: str | None = None, selection_file: str | None = None,
+       data: str | None, limit: int | None = None, normalize: Any = True, data_free: bool = False, output: str | None = None,
+       restart: bool = False, device: str = "cpu", log: Log | None = None,
+       on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+    """The end-to-end baseline: the stitched student's architecture, freshly initialised, trained by KD or CE."""
+    from ndc.evaluate import evaluate
+    from ndc.finetune import train
+    from ndc.metrics import count_params
+    from ndc.plan import load_teacher
+    from ndc.distill.store import folder_name
+    from ndc.stitch import describe_selection, fresh_student, resolve_selection, save_student
+
+    _check_output(output)
+    with ws.writing("ndc kd"):
+        teacher = load_teacher(ws)
+        plan = teacher.plan
+        selection = resolve_selection(ws, plan, width, spec, selection_file)
+        model = fresh_student(teacher, selection, cfg.seed)
+        source = training_data(ws, plan, data, limit, data_free, normalize)
+        label = describe_selection(selection)
+        folder = f"kd/{cfg.loss}{'-noise' if data_free else ''}-{folder_name(label)[:60]}"
+        made_from = {"teacher": teacher.sha256, "selection": {k: str(v) for k, v in selection.items()}}
+        result = train(model, source, cfg, teacher=teacher.gm if cfg.loss == "kd" else None, ws=ws, folder=folder,
+                       log=epoch_logger(log, on_epoch), resume=not restart, made_from=made_from, device=device)
+        real = getattr(source, "real", source)
+        teacher_acc = evaluate(teacher.gm, real, device=device)["accuracy"]
+        model.cpu()
+        teacher.gm.cpu()
+        payload = {"loss": cfg.loss, "student": label, "params": count_params(model), "teacher_params": plan.teacher["params"],
+                   "accuracy": result["best_accuracy"],
+                   "teacher_accuracy": teacher_acc, "epochs": result["epochs"], "best_epoch": result["best_epoch"],
+                   "seconds": result["seconds"], "history": result["history"], "folder": folder, "lr": cfg.lr}
+        save_student(ws, model, selection, {}, {"baseline": cfg.loss, "data_free": data_free, "teacher": teacher.sha256}, folder=folder)
+        if output:
+            _export(ws, model, output, plan, folder, payload)
+        ws.write_json(f"{folder}/report.json", payload)
+        return TrainResult(payload, model)
+
+
+def _check_output(output: str | None) -> None:
+    if output:
+        from ndc.passes.export import check_output_path
+
+        check_output_path(output)
+
+
+def _export(ws: Workspace, model, output: str, plan, folder: str, payload: dict) -> None:
+    from ndc.passes.export import export_model
+
+    payload["export"] = export_model(model, output, plan.input_shape, report_dir=ws.path(f"{folder}/export-failure"))
+    payload["output"] = payload["export"]["output"]

@@ -1,0 +1,108 @@
+"""Pieces every training loop of ndc shares: the learning-rate schedule, the sparsity ramp, the best weights.
+
+Neighbourhood jobs (:mod:`ndc.distill.trainer`) and end-to-end training
+(:mod:`ndc.finetune`) use the same three pieces, so a schedule or a pruning
+cadence cannot drift between them:
+
+* :func:`cosine` -- the learning-rate factor at a step: cosine decay to 0 over
+  the planned steps;
+* :class:`SparsityRamp` -- magnitude pruning ramped to its target over the
+  first half of training (Zhu & Gupta), masks recomputed on a fixed cadence
+  and re-applied after every optimiser step;
+* :class:`BestWeights` -- early stopping on a measured score and the weights
+  of the best measurement, kept on the device without a host round trip.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+SPARSITY_RAMP = 0.5  # fraction of training over which sparsity ramps up (the paper: 20k of 40k steps)
+RAMP_UPDATES = 50  # mask recomputations over the ramp
+
+
+def cosine(step: int, total: int) -> float:
+    """Learning-rate factor at ``step`` of ``total``: 1 at the start, 0 at the end (half a cosine).
+
+    >>> [round(cosine(s, 4), 3) for s in range(5)]
+    [1.0, 0.854, 0.5, 0.146, 0.0]
+    """
+    return 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class SparsityRamp:
+    """Drives a :class:`~ndc.passes.rewrite.Pruner` to ``target`` over the first ``SPARSITY_RAMP`` of ``total`` steps.
+
+    ``after_step(step)`` is called after every optimiser step: it recomputes the
+    masks ``RAMP_UPDATES`` times over the ramp and re-zeroes masked weights.
+    ``ramped(step)`` says whether the full sparsity is reached, from when on a
+    measured score can be compared (a denser model is not a valid best).
+    """
+
+    def __init__(self, pruner, target: float, total: int):
+        from ndc.passes.rewrite import sparsity_schedule
+
+        self.pruner, self.target, self.total = pruner, float(target), total
+        self._schedule = sparsity_schedule
+        self.end = int(total * SPARSITY_RAMP)
+        self.every = max(1, self.end // RAMP_UPDATES)
+        self.pruner.update(self._at(0))
+
+    def _at(self, step: int) -> float:
+        return self._schedule(step, self.total, self.target, ramp=SPARSITY_RAMP) if self.target else 0.0
+
+    def after_step(self, step: int) -> None:
+        if step <= self.end and (step % self.every == 0 or step == self.end):
+            self.pruner.update(self._at(step))
+        self.pruner.apply()
+
+    def ramped(self, step: int) -> bool:
+        return step >= self.end
+
+    def finish(self) -> None:
+        """Masks at the target and masked weights zero, whatever step training stopped at."""
+        self.pruner.update(self.target)
+        self.pruner.apply()
+
+
+class BestWeights:
+    """The best measurement so far, its weights, and patience-based early stopping.
+
+    ``lower_is_better`` for errors, not for accuracies. ``offer`` returns True
+    when the new score is the best (its weights are copied, on the device).
+    """
+
+    def __init__(self, model: nn.Module, score: float | None, patience: int | None, lower_is_better: bool = True):
+        self.model, self.patience, self.lower = model, patience, lower_is_better
+        self.score = score if score is not None else (math.inf if lower_is_better else -math.inf)
+        self.bad = 0
+        self.state: dict[str, torch.Tensor] | None = self._copy() if score is not None else None
+
+    def _copy(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def better(self, score: float) -> bool:
+        return score < self.score if self.lower else score > self.score
+
+    def offer(self, score: float) -> bool:
+        if self.better(score):
+            self.score, self.state, self.bad = score, self._copy(), 0
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.patience is not None and self.bad >= self.patience
+
+    def restore(self) -> None:
+        if self.state is not None:
+            self.model.load_state_dict(self.state)
