@@ -63,7 +63,7 @@ def run_demo(ws: Workspace, cfg: DemoConfig, log=lambda message: None) -> dict:
     data_spec = cfg.data or default_data()
     ws.ensure()
     times: dict[str, float] = {}
-    with ws.writing("ndc demo"):
+    with ws.writing("ndc demo", create=True):
         data = open_data(data_spec, INPUT_SHAPE[1:], limit=cfg.limit, workspace=ws)
         log(f"data: {data_spec} ({data.train_size} training, {data.test_size} test examples, "
             f"fitted to {'x'.join(map(str, data.shape))})")

@@ -43,6 +43,14 @@ class Progress:
         else:
             click.echo(message, err=True)
 
+    def warn(self, message: str) -> None:
+        """Something the user should hear even with --quiet."""
+        line = f"warning: {message}"
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            click.echo(line, err=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -65,7 +65,7 @@ def distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, *, source: str
             backend: str = "local", workers: int = 1, address: str | None = None, device: str = "cpu",
             devices: str | None = None, only: tuple[str, ...] = (), force: bool = False,
             cache_budget: int = DEFAULT_CACHE_BUDGET, memory_budget: int | None = None, checkpoint_seconds: float = 60.0,
-            log: Log = _quiet, on_start: Callable[[int, int], None] | None = None,
+            log: Log = _quiet, warn: Log | None = None, on_start: Callable[[int, int], None] | None = None,
             on_progress: Callable[[dict], None] | None = None, on_done: Callable[[dict], None] | None = None) -> DistillResult:
     """Rewrite and train every (neighbourhood, spec) candidate not already done; see :func:`ndc.distill.run_distill`.
 
@@ -95,7 +95,7 @@ def distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, *, source: str
             workers = len(placed)  # one process per GPU
         runner = make_backend(backend, workers, address, placed)
         started = time.perf_counter()
-        rows = run_distill(ws, specs, cfg, runner, teacher=teacher, only=only, force=force, log=log, on_start=on_start,
+        rows = run_distill(ws, specs, cfg, runner, teacher=teacher, only=only, force=force, log=log, warn=warn, on_start=on_start,
                            on_progress=on_progress, on_done=on_done, fence=fence, checkpoint_seconds=checkpoint_seconds,
                            memory_budget=memory_budget)
         return DistillResult(rows, chosen, why, engine, backend, workers, placed, time.perf_counter() - started)

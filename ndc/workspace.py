@@ -62,6 +62,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if e.filename is None:  # a failed write names no file: name the artefact
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -213,14 +219,17 @@ class Workspace:
 
     # -------------------------------------------------------------------- lock
     @contextlib.contextmanager
-    def writing(self, command: str | None = None) -> Iterator[str | None]:
+    def writing(self, command: str | None = None, create: bool = False) -> Iterator[str | None]:
         """Hold the workspace for writing (exclusive, advisory); yields the token that fences this command's workers.
 
         A second writer, or a writer while a reader holds it, gets one
         :class:`WorkspaceBusy` line naming the holder. The lock dies with its
         process, so a killed command never leaves a stale lock. On entry, the
-        temporary files of killed writes are removed.
+        temporary files of killed writes are removed. Only a command that
+        starts a workspace (``create``) may find none there.
         """
+        if not create and not self.root.is_dir():
+            raise NdcError(f"no plan in workspace {self.root}; run `ndc partition MODEL -w {self.root}` first")
         self.ensure()
         with _hold(self.root, "write", command or command_line()) as held:
             if held.count == 1:
@@ -361,6 +370,21 @@ def fence_holds(root: str | os.PathLike, token: str | None) -> bool:
         return False  # nobody writes: the command that started us is gone
     finally:
         os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while process ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
 def remove_temporaries(folder: Path) -> int:

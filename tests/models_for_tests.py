@@ -125,3 +125,22 @@ def tiny_resnet():
     from ndc.zoo import cifar_resnet
 
     return cifar_resnet(depth=8, width=8)
+
+
+class LongNames(nn.Module):
+    """A residual block under a module name longer than a file name may be (255 bytes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.add_module("block_" + "very_long_module_name_" * 14, Block(8))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        block = getattr(self, "block_" + "very_long_module_name_" * 14)
+        return self.head(block(x))
+
+
+def long_names() -> nn.Module:
+    return LongNames()

@@ -28,6 +28,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 from ndc.backends.base import Backend, largest_first
 from ndc.distill.engine import Unit
+from ndc.workspace import pid_alive
 
 WATCH_SECONDS = 0.5
 PR_SET_PDEATHSIG = 1
@@ -54,23 +55,8 @@ def die_with(pid: int) -> None:
     threading.Thread(target=_watch, args=(pid,), daemon=True, name="ndc-watchdog").start()
 
 
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return True
-
-
 def _watch(pid: int) -> None:
-    while alive(pid):
+    while pid_alive(pid):
         time.sleep(WATCH_SECONDS)
     os._exit(1)
 

@@ -107,19 +107,25 @@ def user_errors(f: Callable) -> Callable:
         except NdcError as e:
             raise click.ClickException(str(e)) from None
         except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise click.ClickException(
-                    f"disk full while writing {e.filename or 'the workspace'}; "
-                    "finished artefacts are intact, free some space and run the command again"
-                ) from None
-            if e.errno in (errno.EACCES, errno.EROFS):
-                raise click.ClickException(f"cannot write {e.filename}: {e.strerror}") from None
-            raise
+            raise click.ClickException(os_error_line(e)) from None
         except KeyboardInterrupt:
             click.echo("interrupted; finished artefacts are kept, run the command again to resume", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+def os_error_line(e: OSError) -> str:
+    """What the system refused, in one line that says what to do."""
+    what = e.filename or "the workspace"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return (f"{'file too large' if e.errno == errno.EFBIG else 'disk full'} while writing {what}; "
+                "finished artefacts are intact, free some space and run the command again")
+    if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return f"cannot write {what}: {e.strerror}"
+    if e.errno == errno.ENAMETOOLONG:
+        return f"a file name is too long: {what}"
+    return f"{e.strerror or type(e).__name__}: {what}"
 
 
 def emit(fmt: str, payload: dict, text: str | Callable[[], str]) -> None:

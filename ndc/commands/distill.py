@@ -142,7 +142,8 @@ def command(widths, sparsities, specs, data_spec, limit, normalize, data_free, s
     with progress:
         result = stages.distill(ws, spec_list, cfg, source=source, engine=engine, backend=backend, workers=workers,
                                 address=address, device=device, devices=devices, only=tuple(only), force=force,
-                                cache_budget=budget, checkpoint_seconds=checkpoint_every, log=progress.log, on_start=start,
+                                cache_budget=budget, checkpoint_seconds=checkpoint_every, log=progress.log, warn=progress.warn,
+                                on_start=start,
                                 on_progress=update, on_done=finished)
     rows, failed, seconds = result.rows, result.failed, result.seconds
     payload = {

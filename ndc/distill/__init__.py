@@ -88,11 +88,13 @@ def choose_source(cfg: DistillConfig, requested: str | None, data, layout: Cache
 
 def run_distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, backend: "Backend", *, teacher=None,
                 only: tuple[str, ...] = (), force: bool = False, log: Callable[[str], None] = lambda m: None,
+                warn: Callable[[str], None] | None = None,
                 on_progress: Callable[[dict], None] | None = None, on_done: Callable[[dict], None] | None = None,
                 on_start: Callable[[int, int], None] | None = None, fence: str | None = None, checkpoint_seconds: float = CHECKPOINT_SECONDS,
                 memory_budget: int | None = None) -> list[dict]:
     """Train every candidate of ``specs`` over the plan's trainable neighbourhoods; returns one row per candidate.
 
+    ``log`` hears progress, ``warn`` what the user should hear even when quiet.
     ``fence`` is the token of the workspace lock the caller holds (workers
     publish nothing once it no longer holds); ``memory_budget`` bounds the
     activation cache a unit loads into (device) memory (default: half the free
@@ -120,7 +122,7 @@ def run_distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, backend: "
         data = data_for(ws, cfg, plan.input_shape[1:]) if cfg.data else None
         cache_dir, moments = None, {}
         if cfg.source == "cache":
-            cache_dir = _cache(ws, teacher, cfg, data, log, on_progress)
+            cache_dir = _cache(ws, teacher, cfg, data, log, warn or log, on_progress)
         elif cfg.source == "noise" and cfg.noise == "matched":
             indices = sorted({plan.names.index(c.neighbourhood) for c in pending})
             moments = channel_moments(TeacherChain(teacher, backend.devices[0]), data, indices, cfg.calibration)
@@ -147,7 +149,7 @@ def run_distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, backend: "
     return [rows[c] for c in candidates if c in rows]
 
 
-def _cache(ws: Workspace, teacher, cfg: DistillConfig, data, log, on_progress) -> str:
+def _cache(ws: Workspace, teacher, cfg: DistillConfig, data, log, warn, on_progress) -> str:
     """The activation cache's folder (workspace-relative): reused when it verifies, else (re)built."""
     plan = teacher.plan
     layout = cache_layout(plan, cfg.lookahead)
@@ -157,7 +159,7 @@ def _cache(ws: Workspace, teacher, cfg: DistillConfig, data, log, on_progress) -
         problem = verify_cache(folder)
         if problem is None:
             return str(folder.relative_to(ws.root))
-        log(f"activation cache {folder.name}: {problem}; rebuilding it")
+        warn(f"activation cache {folder.name}: {problem}; rebuilding it")
         shutil.rmtree(folder, ignore_errors=True)
     size = cache_size(data, layout, cfg.augment_passes, cfg.val_size)
     log(f"activation cache: {len(layout.boundaries)} boundaries, "

@@ -335,6 +335,7 @@ class _Run:
             "final_mse": final["mse"],
             "steps": outcome.steps,
             "stopped_early": outcome.stopped_early,
+            "resumed_from": t.resumed_from,
             "seconds": time.perf_counter() - self.started,
             "engine": self.unit.engine,
             "teacher_params": nb.params,

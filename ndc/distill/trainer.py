@@ -81,6 +81,7 @@ class CandidateTrainer:
         self.ramp = SparsityRamp(student.pruner, spec.sparsity, total) if student.pruner is not None else None
         self.best: BestWeights | None = None
         self.steps = 0
+        self.resumed_from = 0
         self.history: list[dict] = []
         self.initial: dict | None = None
         self.stopped_early = False
@@ -197,6 +198,7 @@ class CandidateTrainer:
         if self.ramp is not None:
             self.student.pruner.masks.update({k: v.to(device) for k, v in part("mask.").items()})
         self.steps, self.history, self.initial = meta["steps"], meta["history"], meta["initial"]
+        self.resumed_from = self.steps
         self.best = BestWeights(self.model, None, self.patience)
         best = part("best.")
         if best:

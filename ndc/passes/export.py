@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import glob
+import io
 import logging
 import os
 import re
@@ -57,7 +59,7 @@ from torch.utils._pytree import tree_leaves
 from ndc.errors import NdcError, first_line, fmt_shape
 from ndc.metrics import count_flops, count_params
 from ndc.report import library_versions, measure_latency, ort_session
-from ndc.workspace import atomic_write, write_json_atomic
+from ndc.workspace import atomic_write, pid_alive, write_json_atomic
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2", ".pt": "pt"}
 CHECK_BATCH_SIZES = (1, 7, 64)
@@ -106,7 +108,10 @@ def export_model(module: nn.Module, path: str | os.PathLike, input_shape: Sequen
 
     report_dir = Path(report_dir) if report_dir is not None else path.parent / f"{path.name}.repro"
     with _temporary_beside(path) as tmp:
-        _WRITERS[fmt](model, tmp, shape, seed)
+        try:
+            _WRITERS[fmt](model, tmp, shape, seed)
+        except OSError as e:  # name the file the user asked for, not the temporary one
+            raise OSError(e.errno, e.strerror, str(path)) from None
         run = _LOADERS[fmt](tmp)
         diffs: dict[str, float] = {}
         if check:
@@ -160,15 +165,29 @@ def export_format(path: Path) -> str:
 
 
 def check_destination(path: Path) -> None:
-    """Refuse, before any work, a target whose folder does not exist or that is a folder itself."""
+    """Refuse, before any work, a target that cannot be written: no such folder, a folder, a folder that takes no files.
+
+    A file is really created (and removed) beside the target: permission bits
+    alone do not say whether ``/proc`` or a read-only mount accepts one. The
+    temporary files of earlier exports to the same name that were killed are
+    removed on the way.
+    """
     parent = path.parent
     if not parent.is_dir():
         raise NdcError(f"cannot write {path}: folder {parent} does not exist" if not parent.exists()
                        else f"cannot write {path}: {parent} is not a folder")
     if path.is_dir():
         raise NdcError(f"cannot write {path}: it is a folder")
-    if not os.access(parent, os.W_OK):
-        raise NdcError(f"cannot write {path}: folder {parent} is not writable")
+    try:
+        with _temporary_beside(path):
+            pass
+    except OSError as e:
+        raise NdcError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
+    for stale in parent.glob(f".{glob.escape(path.stem)}.*.tmp{glob.escape(path.suffix)}"):
+        pid = stale.name[len(path.stem) + 2:].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):  # left by an export that was killed
+            with contextlib.suppress(OSError):
+                stale.unlink()
 
 
 def _input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
@@ -320,8 +339,11 @@ def _capture(model: nn.Module, shape: tuple[int, ...], seed: int) -> torch.expor
 
 def _write_pt2(model: nn.Module, tmp: Path, shape: tuple[int, ...], seed: int) -> None:
     program = _capture(model, shape, seed)
+    buffer = io.BytesIO()
     with _quiet_exporter():
-        torch.export.save(program, tmp)
+        torch.export.save(program, buffer)
+    # Written by Python, not by torch's C++ zip writer, which aborts the process on a full disk.
+    tmp.write_bytes(buffer.getbuffer())
 
 
 def _write_onnx(model: nn.Module, tmp: Path, shape: tuple[int, ...], seed: int) -> None:
@@ -453,7 +475,7 @@ _LOADERS = {"onnx": _load_onnx, "pt2": _load_pt2, "pt": _load_pt}
 @contextlib.contextmanager
 def _temporary_beside(path: Path) -> Iterator[Path]:
     """A temporary file name in ``path``'s folder (same suffix); removed unless renamed into place."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.{os.getpid()}-", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the user's file gets the usual mode

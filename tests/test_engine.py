@@ -1,0 +1,122 @@
+"""The two engines: fused training gives the students independent jobs give, the same artefacts, and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ndc.workspace import sha256_file
+
+HERE = pathlib.Path(__file__).resolve().parent
+TINY = f"{HERE / 'models_for_tests.py'}:tiny_resnet"
+FAST = ["--data", "digits", "--limit", "200", "--steps", "24", "--batch-size", "32", "--val-size", "64", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def partitioned(tmp_path_factory, tiny_teacher):
+    from click.testing import CliRunner
+
+    from ndc.cli import main
+
+    root = tmp_path_factory.mktemp("engine")
+    r = CliRunner().invoke(main, ["partition", TINY, "--weights", tiny_teacher, "--input-shape", "1,3,16,16", "-w", str(root / "ws")])
+    assert r.exit_code == 0, r.output
+    return root / "ws"
+
+
+@pytest.fixture
+def ws(partitioned, tmp_path):
+    shutil.copytree(partitioned, tmp_path / "ndc-work")
+    return tmp_path / "ndc-work"
+
+
+def distill(run_cli, *args):
+    r = run_cli("distill", *args, "--format", "json")
+    return r, (json.loads(r.stdout) if r.stdout.strip().startswith("{") else None)
+
+
+def errors(doc) -> dict:
+    return {(row["neighbourhood"], row["spec"]): row["final_error"] for row in doc["candidates"]}
+
+
+@pytest.mark.parametrize("source", ["cache", "recompute", "noise"])
+def test_fused_students_are_as_good_as_independent_jobs(run_cli, ws, tmp_path, source):
+    other = tmp_path / "other"
+    shutil.copytree(ws, other)
+    args = ["--width", "0.25,0.5", *FAST, "--lookahead", "1", "--source", source]
+    r, jobs = distill(run_cli, *args, "--engine", "jobs")
+    assert r.exit_code == 0, r.stderr
+    r, fused = distill(run_cli, *args, "--engine", "fused", "-w", str(other))
+    assert r.exit_code == 0, r.stderr
+    assert fused["engine"] == "fused" and jobs["engine"] == "jobs"
+    assert all(row["status"] == "done" and row["engine"] == "fused" for row in fused["candidates"])
+    for key, error in errors(fused).items():
+        assert error <= 1.1 * errors(jobs)[key], (key, error, errors(jobs)[key])  # held-out error within 10%
+    # the same artefacts: same files per candidate, and stitch takes either
+    names = lambda root: sorted(str(p.relative_to(root)) for p in root.glob("jobs/*/*/*"))  # noqa: E731
+    assert names(ws) == names(other)
+    for root in (ws, other):
+        r = run_cli("stitch", "-o", str(root / "s.onnx"), "--width", "0.5", "-w", str(root))
+        assert r.exit_code == 0, r.stderr
+
+
+def test_fused_shards_give_the_same_students_as_one_unit(run_cli, ws, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(ws, other)
+    r, one = distill(run_cli, "--width", "0.5,1.0", *FAST, "--engine", "fused")
+    assert r.exit_code == 0, r.stderr
+    r, two = distill(run_cli, "--width", "0.5,1.0", *FAST, "--engine", "fused", "--workers", "2", "-w", str(other))
+    assert r.exit_code == 0, r.stderr
+    assert two["workers"] == 2
+    for p in ws.glob("jobs/*/*/weights.safetensors"):
+        assert sha256_file(p) == sha256_file(other / p.relative_to(ws))  # batch order is the run's, not the shard's
+
+
+def test_engine_is_part_of_the_key(run_cli, ws):
+    assert distill(run_cli, "--width", "0.5", *FAST, "--engine", "jobs")[0].exit_code == 0
+    _, doc = distill(run_cli, "--width", "0.5", *FAST, "--engine", "jobs")
+    assert {row["status"] for row in doc["candidates"]} == {"skipped"}
+    _, doc = distill(run_cli, "--width", "0.5", *FAST, "--engine", "fused")
+    assert {row["status"] for row in doc["candidates"]} == {"done"}
+
+
+def test_a_killed_fused_run_redoes_only_unfinished_candidates(run_cli, ws):
+    # width 0.5 finishes first; then a fused run of 0.25 and 0.5 is killed after its first checkpoint
+    long = ["--engine", "fused", "--data", "digits", "--limit", "200", "--steps", "600", "--evals", "2", "--batch-size", "32",
+            "--val-size", "64", "--checkpoint-every", "1", "--quiet"]
+    assert distill(run_cli, "--width", "0.5", *long)[0].exit_code == 0
+    finished = {p: p.stat().st_mtime_ns for p in ws.glob("jobs/*/width-0.5/metrics.json")}
+    args = [sys.executable, "-m", "ndc", "distill", "--width", "0.25,0.5", *long, "-w", str(ws), "--format", "json"]
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(ws.glob("jobs/*/.width-0.25.checkpoint.safetensors"))) == 3:
+            break
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    checkpoints = list(ws.glob("jobs/*/.width-0.25.checkpoint.safetensors"))
+    assert len(checkpoints) == 3, "the run should be killed after its first checkpoint"
+    assert not list(ws.glob("jobs/*/width-0.25/metrics.json"))
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)["candidates"]
+    assert {(r["spec"], r["status"]) for r in rows} == {("width=0.5", "skipped"), ("width=0.25", "done")}
+    for path, mtime in finished.items():
+        assert path.stat().st_mtime_ns == mtime  # finished candidates were not redone
+    for row in rows:
+        if row["spec"] == "width=0.25":
+            assert row["steps"] == 600
+            metrics = json.loads((ws / "jobs" / row["neighbourhood"] / "width-0.25" / "metrics.json").read_text())
+            assert metrics["resumed_from"] > 0  # continued from the checkpoint, not from step 0
+    assert not list(ws.glob("jobs/*/.*.checkpoint.safetensors"))  # published candidates drop their checkpoints
