@@ -10,6 +10,9 @@ Student: every residual block at width 0.5. For each repeat, in one run:
   teacher pass over the examples) plus one epoch of every neighbourhood job;
 * ND, recompute, 1 worker and 2 workers: one epoch of every job, each running
   the teacher's prefix on every batch;
+* ND fused (``--engine fused``), cache and recompute, 1 and 2 processes: every
+  candidate of a process trained in one loop (recompute: one teacher forward
+  per batch serves every block);
 * end-to-end KD of the same student for one epoch over the same examples, in
   one process with 1 and with 2 torch threads.
 
@@ -40,16 +43,17 @@ from ndc.plan import load_teacher
 from ndc.stitch import fresh_student, uniform_selection
 
 
-def nd_epoch(source: str, workers: int, examples: int, epochs: int = 1) -> dict:
+def nd_epoch(source: str, workers: int, examples: int, epochs: int = 1, engine: str = "jobs") -> dict:
     ws = workspace("bench-distill")
     for sub in ("jobs", "cache"):
         shutil.rmtree(ws.path(sub), ignore_errors=True)
-    cfg = DistillConfig(data=DATA, limit=examples, source=source, epochs=epochs, batch_size=128, val_size=64, evals=1)
+    cfg = DistillConfig(data=DATA, limit=examples, source=source, epochs=epochs, batch_size=128, val_size=64, evals=1,
+                        engine=engine)
     teacher = load_teacher(ws)
     cache_done = []
     t = time.perf_counter()
     rows = run_distill(ws, [Spec(width=0.5)], cfg, make_backend("local", workers), teacher=teacher, force=True,
-                       on_progress=lambda u: u.get("label") == "teacher pass" and cache_done.append(time.perf_counter()))
+                       on_progress=lambda u: u.get("event") == "teacher" and cache_done.append(time.perf_counter()))
     total = time.perf_counter() - t
     assert all(r["status"] == "done" for r in rows), rows
     return {"seconds": total, "cache_seconds": (cache_done[-1] - t) if cache_done else 0.0,
@@ -85,6 +89,10 @@ def main() -> None:
         "ND, cache, 2 workers": lambda: nd_epoch("cache", 2, args.examples, args.epochs),
         "ND, recompute, 1 worker": lambda: nd_epoch("recompute", 1, args.examples, args.epochs),
         "ND, recompute, 2 workers": lambda: nd_epoch("recompute", 2, args.examples, args.epochs),
+        "ND fused, cache, 1 process": lambda: nd_epoch("cache", 1, args.examples, args.epochs, "fused"),
+        "ND fused, cache, 2 processes": lambda: nd_epoch("cache", 2, args.examples, args.epochs, "fused"),
+        "ND fused, recompute, 1 process": lambda: nd_epoch("recompute", 1, args.examples, args.epochs, "fused"),
+        "ND fused, recompute, 2 processes": lambda: nd_epoch("recompute", 2, args.examples, args.epochs, "fused"),
         "KD, 1 thread": lambda: kd_epoch(1, args.examples, args.epochs),
         "KD, 2 threads": lambda: kd_epoch(2, args.examples, args.epochs),
     }
@@ -98,7 +106,7 @@ def main() -> None:
             results[name].append(out)
             log(f"repeat {r + 1}: {name}: {out['seconds']:.1f}s")
     kd = median([x["seconds"] for x in results["KD, 2 threads"]])
-    print(f"\n{'route':<26} {'seconds (median, min-max)':>27} {'vs KD 2 threads':>16} {'teacher pass':>13}")
+    print(f"\n{'route':<34} {'seconds (median, min-max)':>27} {'vs KD 2 threads':>16} {'teacher pass':>13}")
     rows = []
     for name, outs in results.items():
         secs = [x["seconds"] for x in outs]
@@ -106,7 +114,7 @@ def main() -> None:
         row = {"route": name, "seconds": secs, "median": median(secs), "ratio_to_kd_2_threads": median(secs) / kd,
                "cache_seconds": cache, "details": outs}
         rows.append(row)
-        print(f"{name:<26} {spread(secs):>27} {median(secs) / kd:>15.2f}x {median(cache):>12.1f}s")
+        print(f"{name:<34} {spread(secs):>27} {median(secs) / kd:>15.2f}x {median(cache):>12.1f}s")
     write("distill.json" if args.epochs == 1 else f"distill-e{args.epochs}.json",
           {"examples": args.examples, "repeats": args.repeats, "epochs": args.epochs, "teacher": teacher_info(), "rows": rows,
            "cache_dir": str(CACHE)})

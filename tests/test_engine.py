@@ -120,3 +120,15 @@ def test_a_killed_fused_run_redoes_only_unfinished_candidates(run_cli, ws):
             metrics = json.loads((ws / "jobs" / row["neighbourhood"] / "width-0.25" / "metrics.json").read_text())
             assert metrics["resumed_from"] > 0  # continued from the checkpoint, not from step 0
     assert not list(ws.glob("jobs/*/.*.checkpoint.safetensors"))  # published candidates drop their checkpoints
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_students_match_full_precision(run_cli, ws, precision):
+    r, full = distill(run_cli, "--width", "0.5", *FAST, "--engine", "fused")
+    assert r.exit_code == 0, r.stderr
+    r, mixed = distill(run_cli, "--width", "0.5", *FAST, "--engine", "fused", "--precision", precision)
+    assert r.exit_code == 0, r.stderr
+    assert {row["status"] for row in mixed["candidates"]} == {"done"}  # another precision, another key: retrained
+    for key, error in errors(mixed).items():
+        assert error <= 1.1 * errors(full)[key] and error < 0.9 * next(
+            row["initial_error"] for row in mixed["candidates"] if (row["neighbourhood"], row["spec"]) == key)

@@ -62,6 +62,8 @@ def parse_size(text: str) -> int:
 @click.option("--engine", type=click.Choice(["auto", "jobs", "fused"]), default="auto", show_default=True,
               help="jobs: one job per candidate; fused: every candidate of a device in one loop, one backward per step "
                    "(auto: fused on a GPU, jobs on a CPU).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Autocast the students' forward passes (fp16 with loss scaling); fp32 was faster for small blocks (measured).")
 @click.option("--workers", type=int, default=1, show_default=True,
               help="Units at a time: processes, one torch thread each (fused: one process per GPU by default).")
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
@@ -77,7 +79,7 @@ def parse_size(text: str) -> int:
 @common_options
 @user_errors
 def command(widths, sparsities, specs, data_spec, limit, normalize, data_free, source, noise, calibration, lookahead, alpha, epochs, steps,
-            batch_size, lr, init, round_to, augment_passes, val_size, evals, patience, bn_stats, seed, only, engine, workers, backend,
+            batch_size, lr, init, round_to, augment_passes, val_size, evals, patience, bn_stats, seed, only, engine, precision, workers, backend,
             address, device, devices, cache_budget, checkpoint_every, force, dry_run, quiet, workspace, fmt):
     """Rewrite and train a student for every neighbourhood and spec.
 
@@ -118,7 +120,7 @@ def command(widths, sparsities, specs, data_spec, limit, normalize, data_free, s
                         calibration=calibration, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, lookahead=lookahead,
                         alpha=tuple(parse_floats(alpha, "--alpha")), init=init, round_to=round_to,
                         augment_passes=augment_passes, val_size=val_size, evals=evals, patience=patience, bn_stats=bn_stats,
-                        seed=seed, engine="jobs" if engine == "auto" else engine)
+                        seed=seed, engine="jobs" if engine == "auto" else engine, precision=precision)
     budget = parse_size(cache_budget)
     progress = Progress(0, "distill", quiet=quiet, bar=fmt != "json")
     planned = {}

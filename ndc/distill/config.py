@@ -19,6 +19,7 @@ from ndc.workspace import sha256_json
 SOURCES = ("cache", "recompute", "noise")
 NOISE_KINDS = ("gaussian", "matched")
 BN_STATS = ("auto", "batch", "frozen")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class DistillConfig:
     seed: int = 0
     bn_stats: str = "auto"  # batch: students' batch norms learn from batch statistics; frozen: keep the teacher's
     engine: str = "jobs"  # jobs: one unit per candidate; fused: candidates trained together (batch order differs)
+    precision: str = "fp32"  # autocast of the students' forward passes: fp32 (none), bf16, fp16 (with loss scaling)
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -80,6 +82,8 @@ class DistillConfig:
             raise NdcError(f"unknown --init {self.init!r}; valid: teacher, random")
         if self.bn_stats not in BN_STATS:
             raise NdcError(f"unknown --bn-stats {self.bn_stats!r}; valid: {', '.join(BN_STATS)}")
+        if self.precision not in PRECISIONS:
+            raise NdcError(f"unknown --precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         if self.engine not in ("jobs", "fused"):
             raise NdcError(f"unknown --engine {self.engine!r}; valid: jobs, fused")
 

@@ -23,6 +23,7 @@ candidates and resumes the others from their checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -168,6 +169,7 @@ class _Run:
         self.store = JobStore(self.ws)
         self.cfg = DistillConfig.from_dict(unit.config)
         self.started = time.perf_counter()
+        self.precision = Precision(self.cfg.precision, unit.device)
         self.rows: list[dict] = []
         self._reported, self._advanced = time.perf_counter(), 0
 
@@ -266,17 +268,16 @@ class _Run:
                 if not active:
                     break
                 losses = []
-                for t in active:
-                    t.zero_grad()
-                    try:
-                        losses.append(t.loss(batch))
-                    except Exception as e:
-                        t.fail(f"{t.label}: {_reason(e)}")
+                with self.precision.autocast():
+                    for t in active:
+                        t.zero_grad()
+                        try:
+                            losses.append(t.loss(batch))
+                        except Exception as e:
+                            t.fail(f"{t.label}: {_reason(e)}")
                 if losses:
-                    torch.stack(losses).sum().backward() if len(losses) > 1 else losses[0].backward()
-                for t in active:
-                    if t.failed is None:
-                        t.step()
+                    self.precision.backward(torch.stack(losses).sum() if len(losses) > 1 else losses[0])
+                self.precision.step([t for t in active if t.failed is None])
                 step += 1
                 self._advance(len(losses), step, total)
                 if step % eval_every == 0 or step == total:
@@ -358,6 +359,35 @@ class _Run:
                    "error": " ".join(message.split()), "seconds": time.perf_counter() - self.started,
                    "engine": self.unit.engine}
         self.rows.append(self.store.fail(item.neighbourhood, Spec.parse(item.spec), metrics, fence=self.unit.fence))
+
+
+class Precision:
+    """Mixed precision for a unit: autocast for the forward passes, and for fp16 one loss scaler for the summed loss.
+
+    With fp16 the scaler checks each optimiser's gradients on its own, so a
+    candidate whose gradients overflow skips its step alone.
+    """
+
+    DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+    def __init__(self, name: str, device: str):
+        self.dtype = self.DTYPES[name]
+        self.device_type = device.split(":")[0]
+        self.scaler = torch.amp.GradScaler(self.device_type) if name == "fp16" else None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, trainers: list[CandidateTrainer]) -> None:
+        for t in trainers:
+            t.step(self.scaler)
+        if self.scaler is not None:
+            self.scaler.update()
 
 
 def _reason(e: BaseException) -> str:

@@ -106,11 +106,11 @@ class CandidateTrainer:
         for m in self.norms:  # --bn-stats frozen: normalise with the teacher's running statistics
             m.eval()
         out = self.model(a)
-        loss = F.mse_loss(out, targets[0])
+        loss = F.mse_loss(out.float(), targets[0])
         h = out
         for j, part in enumerate(self.ahead):
             h = part(h)
-            loss = loss + self.alphas[j] * F.mse_loss(h, targets[j + 1])
+            loss = loss + self.alphas[j] * F.mse_loss(h.float(), targets[j + 1])
         self._loss_sum += loss.detach()
         self._loss_count += 1
         return loss
@@ -119,10 +119,13 @@ class CandidateTrainer:
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
 
-    def step(self) -> None:
-        """After the engine's backward: one optimiser step, the schedule, the sparsity ramp."""
+    def step(self, scaler=None) -> None:
+        """After the engine's backward: one optimiser step (through the fp16 loss scaler), the schedule, the sparsity ramp."""
         if self.optimizer is not None:
-            self.optimizer.step()
+            if scaler is not None:
+                scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
         self.steps += 1
         for group in self.optimizer.param_groups if self.optimizer is not None else ():
             group["lr"] = self.base_lr * cosine(self.steps, self.total)
