@@ -18,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-import ndc.data as data_mod
+import ndc.data.idx as idx_mod
+import ndc.data.stats as stats_mod
 from ndc.data import DATA_SPEC_HELP, FASHION_MNIST_DIR, load_npz, open_data, plan_fit, read_idx
 from ndc.errors import NdcError
 from ndc.workspace import Workspace
@@ -157,7 +158,7 @@ def test_bad_idx_is_one_clear_line(run_cli, idx_dir, case, fragment):
 def test_missing_directories(run_cli, tmp_path, monkeypatch):
     assert "no such directory" in error_line(run_cli("data", f"mnist:{tmp_path / 'nowhere'}"))
     assert "mnist needs the directory" in error_line(run_cli("data", "mnist"))
-    monkeypatch.setattr(data_mod, "FASHION_MNIST_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(idx_mod, "FASHION_MNIST_DIR", tmp_path / "not-installed")
     line = error_line(run_cli("data", "fashion-mnist"))
     assert "apt-get install dataset-fashion-mnist" in line and "fashion-mnist:DIR" in line
 
@@ -233,7 +234,7 @@ def test_statistics_are_stored_in_the_workspace_and_reused(idx_dir, tmp_path, mo
     def must_not_recompute(*_):
         raise AssertionError("statistics recomputed although the workspace has them")
 
-    monkeypatch.setattr(data_mod, "training_statistics", must_not_recompute)
+    monkeypatch.setattr(stats_mod, "training_statistics", must_not_recompute)
     again = open_data(f"mnist:{idx_dir}", (3, 32, 32), workspace=ws)
     assert again.mean == first.mean and again.stats_path == first.stats_path
     limited = open_data(f"mnist:{idx_dir}", (3, 32, 32), workspace=ws, limit=10)  # same statistics whatever the limit
@@ -343,11 +344,13 @@ def test_npz_vectors(tmp_path):
 
 
 @pytest.mark.parametrize("arrays, fragment", [
-    ({"x": np.zeros((4, 8, 8), np.uint8)}, "has no array 'y' (found: x)"),
+    ({"y": np.zeros(4, np.int64)}, "has no array 'x' (found: y)"),
     ({"x": np.zeros((4, 8, 8), np.int32), "y": np.zeros(4, np.int64)}, "x has dtype int32; expected uint8"),
-    ({"x": np.zeros((4, 8, 8), np.uint8), "y": np.zeros(4, np.float32)}, "y has dtype float32; expected integer"),
+    ({"x": np.zeros((4, 8, 8), np.uint8), "y": np.array(["a"] * 4)}, "y has dtype <U1; expected integer class labels"),
     ({"x": np.zeros((4, 8, 8), np.uint8), "y": np.zeros(3, np.int64)}, "y has shape 3; expected (4,)"),
-    ({"x": np.zeros((4, 8, 8), np.uint8), "y": np.zeros((4, 2), np.int64)}, "y has shape 4x2"),
+    ({"x": np.zeros((4, 8, 8), np.uint8), "y": np.int64(3)}, "y has shape (); expected (4,)"),
+    ({"x": np.zeros((4, 8, 8), np.uint8), "x_test": np.zeros((2, 8, 8), np.uint8), "y_test": np.zeros(2, np.int64)},
+     "has y_test without y"),
     ({"x": np.zeros(4, np.uint8), "y": np.zeros(4, np.int64)}, "x has shape 4; expected one row per example"),
     ({"x": np.zeros((4, 2, 2, 2, 2), np.uint8), "y": np.zeros(4, np.int64)}, "examples of shape 2x2x2x2"),
     ({"x": np.zeros((4, 8, 8), np.uint8), "y": np.zeros(4, np.int64), "x_test": np.zeros((2, 8, 8), np.uint8)},
