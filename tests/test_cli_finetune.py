@@ -118,7 +118,7 @@ def test_time_budget_limits_the_baseline(run_cli, ws):
 def test_errors(run_cli, ws, tmp_path):
     for args, needle in ((["finetune", "--epochs", "1"], "give --data SPEC"),
                          (["finetune", *DATA, "-o", "x.tflite"], "suffix"),
-                         (["kd", "--width", "0.5", *DATA, "--loss", "mse"], "Invalid value for '--loss'"),
+                         (["kd", "--width", "0.5", *DATA, "--loss", "hinge"], "Invalid value for '--loss'"),
                          (["finetune", *DATA, "-w", str(tmp_path / "empty")], "no plan in workspace")):
         r = run_cli(*args)
         assert r.exit_code in (1, 2) and needle in r.stderr, (args, r.stderr)

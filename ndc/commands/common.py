@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -85,6 +86,60 @@ def normalize_option(f: Callable) -> Callable:
         help="Input normalisation: training-set statistics, none, or per-channel values "
         "such as 0.485,0.456,0.406/0.229,0.224,0.225 (what a pretrained teacher was trained with).",
     )(f)
+
+
+def metric_option(what: str = "Score"):
+    """``--metric NAME``: how eval, search, probe and training score a model (see ndc.scoring)."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str) -> str:
+        from ndc.scoring import parse_metric
+
+        if value != "auto":
+            try:
+                parse_metric(value)
+            except NdcError as e:
+                raise click.BadParameter(str(e)) from None
+        return value
+
+    return click.option(
+        "--metric",
+        default="auto",
+        show_default=True,
+        metavar="NAME",
+        callback=parse,
+        help=f"{what}: accuracy, top-K (e.g. top-5), agreement (with the teacher), output-error (relative, "
+        "lower is better), or module:function / file.py:function computing fn(student_out, teacher_out, y) -> float; "
+        "auto: accuracy when the labels fit the teacher's output, else agreement for class scores, else output-error.",
+    )
+
+
+def pick_metric(requested: str, data: Any, teacher: Any) -> Any:
+    """The :class:`ndc.scoring.Metric` for ``requested`` on ``data`` and the workspace ``teacher``; warns why
+    when auto settles for less than accuracy."""
+    from ndc.scoring import choose_metric, head_of
+
+    metric, why = choose_metric(requested, data, head_of(teacher.gm, teacher.plan.neighbourhoods[-1].output_shape))
+    if why:
+        warn(why)
+    return metric
+
+
+def finite_float(what: str = "a finite number", positive: bool = False) -> click.ParamType:
+    """A click float type that refuses NaN and infinity (and, with ``positive``, zero and below) while the command
+    line is parsed, before any work: a NaN learning rate would otherwise pass every ``<=`` check and poison
+    training. The refusal is one line and exit status 1, like every other bad input."""
+
+    class Finite(click.ParamType):
+        name = "float"
+
+        def convert(self, value: Any, param: Any, ctx: Any) -> float:
+            number = click.FLOAT.convert(value, param, ctx)
+            if not math.isfinite(number) or (positive and not number > 0):
+                option = param.opts[-1] if param is not None and param.opts else "the value"
+                raise click.ClickException(f"{option} must be {what}, not {value}")
+            return number
+
+    return Finite()
 
 
 def common_options(f: Callable) -> Callable:

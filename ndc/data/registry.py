@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from ndc.data import folders, idx, npz, user
 from ndc.data.splits import Raw
 from ndc.errors import NdcError
+from ndc.usercode import is_function_spec
 
 Opener = Callable[[str, str], Raw]
 
@@ -54,7 +55,6 @@ def resolve(spec: str) -> Raw:
     for entry in SOURCES:
         if entry.match == "suffix" and spec.endswith(entry.key):
             return entry.open(spec, spec)
-    target, sep, attr = spec.rpartition(":")
-    if sep and target and attr.isidentifier():
+    if is_function_spec(spec):
         return user.open_function(spec, spec)
     raise NdcError(f"unknown data spec {spec!r}; expected {DATA_SPEC_HELP}")

@@ -7,9 +7,6 @@ are ``(x, y)`` or ``x`` alone, loaded one by one.
 
 from __future__ import annotations
 
-import importlib
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,30 +16,14 @@ from ndc.data.folders import GREY_MODES
 from ndc.data.splits import (ArraySplit, LazySplit, Raw, array_classes, array_split, binary_targets, file_stamp,
                              first_nonfinite, layout_of, same_examples)
 from ndc.errors import NdcError, fmt_shape, one_line
+from ndc.usercode import find_function
 
 
 def open_function(spec: str, arg: str) -> Raw:
-    from ndc.load import _import_file
+    from ndc.data.registry import DATA_SPEC_HELP
 
-    target, _, attr = spec.rpartition(":")
-    if target.endswith(".py") or os.sep in target:
-        path = Path(target).expanduser()
-        if not path.is_file():
-            raise NdcError(f"{target}: no such file")
-        module, stamp = _import_file(path), file_stamp(path)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            from ndc.data.registry import DATA_SPEC_HELP
-
-            raise NdcError(f"cannot import module {target!r} ({e}); give a path like data.py:{attr} "
-                           f"or one of {DATA_SPEC_HELP}") from None
-        file = getattr(module, "__file__", None)
-        stamp = file_stamp(Path(file)) if file else None
-    fn = getattr(module, attr, None)
-    if fn is None or not callable(fn):
-        raise NdcError(f"{target} has no callable {attr!r}")
+    fn, file = find_function(spec, "data.py", DATA_SPEC_HELP)
+    stamp = file_stamp(file) if file is not None else None
     try:
         result = fn()
     except NdcError:
