@@ -314,6 +314,9 @@ class _ClassTally(Tally):
             reference = _need(teacher_out, "the teacher's outputs").argmax(1)
         else:
             reference = _need(y, "class labels")
+            if reference.dim() != 1 or reference.is_floating_point():
+                raise NdcError(f"{'accuracy' if self.k == 1 else f'top-{self.k}'} needs class labels, not targets of "
+                               f"shape {fmt_shape(reference.shape)}; use --metric output-error, agreement or a function")
             if out.shape[1] and int(reference.max()) >= out.shape[1]:
                 raise NdcError(f"a label is {int(reference.max())} but the model scores {out.shape[1]} classes")
         if self.k == 1:

@@ -113,12 +113,25 @@ def metric_option(what: str = "Score"):
     )
 
 
-def pick_metric(requested: str, data: Any, teacher: Any) -> Any:
-    """The :class:`ndc.scoring.Metric` for ``requested`` on ``data`` and the workspace ``teacher``; warns why
-    when auto settles for less than accuracy."""
-    from ndc.scoring import choose_metric, head_of
+def teacher_head(teacher: Any) -> Any:
+    """The :class:`ndc.scoring.Head` of a workspace teacher: its output shape from the plan, a sigmoid from its graph."""
+    from ndc.scoring import head_of
 
-    metric, why = choose_metric(requested, data, head_of(teacher.gm, teacher.plan.neighbourhoods[-1].output_shape))
+    return head_of(teacher.gm, teacher.plan.neighbourhoods[-1].output_shape)
+
+
+def pick_metric(requested: str, data: Any, head: Any, labels_must_fit: bool = False, without_teacher: str = "") -> Any:
+    """The :class:`ndc.scoring.Metric` for ``requested`` on ``data`` and the teacher's ``head``; warns why when
+    auto settles for less than accuracy. ``labels_must_fit``: class labels that a classifier has no output for
+    are an error naming the example, rather than a reason for auto to measure agreement. ``without_teacher``:
+    there is no teacher to compare with, and this says how to give one."""
+    from ndc.scoring import choose_metric
+
+    if labels_must_fit and requested == "auto" and head.scores and head.scores > 1 and not head.sigmoid:
+        data.check_classes(head.scores, "score by agreement with the teacher instead with --metric agreement")
+    metric, why = choose_metric(requested, data, head)
+    if without_teacher and metric.needs_teacher:
+        raise NdcError(f"{metric.title} compares with the teacher: {without_teacher}")
     if why:
         warn(why)
     return metric

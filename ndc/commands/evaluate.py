@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ndc.commands.common import (common_options, data_options, emit, metric_option, normalize_option, pick_metric, table,
-                                 user_errors, warn)
+                                 teacher_head, user_errors, warn)
 from ndc.errors import NdcError, fmt_shape
 
 
@@ -75,7 +75,7 @@ def _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device, met
 
     teacher = load_teacher(ws)
     data = open_data(data_spec, teacher.plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
-    metric = pick_metric(metric, data, teacher)
+    metric = pick_metric(metric, data, teacher_head(teacher), labels_must_fit=True)
     folder = latest_student(ws)
     if folder is None:
         reference = teacher.gm if metric.needs_teacher else None  # the teacher against itself, trivially
@@ -94,7 +94,7 @@ def _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device, met
 def _evaluate_file(model, ws, data_spec, limit, normalize, batch_size, device, trust_pickle, metric) -> dict:
     from ndc.data import open_data
     from ndc.evaluate import evaluate, load_for_eval
-    from ndc.scoring import choose_metric, head_of, runner
+    from ndc.scoring import head_of, runner
 
     predictor = load_for_eval(model, trust_pickle=trust_pickle)
     teacher = None
@@ -105,15 +105,12 @@ def _evaluate_file(model, ws, data_spec, limit, normalize, batch_size, device, t
     shape = _input_shape(predictor, teacher, model)
     data = open_data(data_spec, shape, limit=limit, workspace=ws, normalize=normalize)
     if teacher is not None:
-        metric = pick_metric(metric, data, teacher)
+        head = teacher_head(teacher)
     else:
         with runner(predictor, device, str(model), data.name) as run:
-            out = run(next(data.batches("test", 2))[0])
-        metric, why = choose_metric(metric, data, head_of(predictor, out.shape))
-        if metric.needs_teacher:
-            raise NdcError(f"{metric.title} compares with the teacher: pass -w with the workspace {model} was made from")
-        if why:
-            warn(why)
+            head = head_of(predictor, run(next(data.batches("test", 2))[0]).shape)
+    metric = pick_metric(metric, data, head, labels_must_fit=True,
+                         without_teacher="" if teacher else f"pass -w with the workspace {model} was made from")
     result = evaluate(predictor, data, metric=metric, teacher=teacher.gm if teacher is not None else None,
                       batch_size=batch_size, device=device)
     return _payload("model", str(model), metric, result, data, ws, None)
@@ -178,5 +175,8 @@ def _text(p: dict) -> str:
             rows.append(["teacher", metric.format(p["teacher_score"]), ""])
         agreement = "" if p["agreement"] is None else f"{100 * p['agreement']:.2f}%"
         rows.append([p["model"], metric.format(p["score"]), agreement])
-    out = table(["model", metric.title, "agreement with teacher"], rows, "lrr")
+    if metric.kind == "agreement":  # the score already is the agreement
+        rows = [row[:2] for row in rows]
+    headers = ["model", metric.title] + ([] if metric.kind == "agreement" else ["agreement with teacher"])
+    out = table(headers, rows, "lrr")
     return f"{out}\n\n{p['examples']} test examples of {p['data']} ({p['split_source']})"

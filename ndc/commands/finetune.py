@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ndc.commands.common import (common_options, data_options, emit, finite_float, metric_option, normalize_option,
-                                 pick_metric, table, user_errors, warn)
+                                 pick_metric, table, teacher_head, user_errors)
 from ndc.errors import NdcError
 from ndc.losses import LOSS_CHOICES
 
@@ -69,18 +69,17 @@ def training_setup(teacher, data, loss: str, metric: str, lam: float, data_free:
     choice said on stderr), whether its label term applies, the per-epoch metric; labels the teacher has no
     output for are refused here, naming the example, before any training."""
     from ndc.losses import choose_loss
-    from ndc.scoring import head_of
 
-    head = head_of(teacher.gm, teacher.plan.neighbourhoods[-1].output_shape)
+    head = teacher_head(teacher)
     name, labels, why = choose_loss(loss, head, data)
     labels = labels and not data_free and lam > 0
-    if loss == "auto" or ";" in why:  # say what auto chose, and when the labels go unused
-        click.echo(why, err=True)
     if name == "ce" or labels and data.labels == "classes":
         hint = "train on the teacher's outputs alone with --lambda 0" if name == "kd" else "use --loss kd --lambda 0"
         data.check_classes(head.scores, hint)
+    if loss == "auto" or ";" in why:  # say what auto chose, and when the labels go unused
+        click.echo(why, err=True)
     return {"loss": name, "labels": labels, "probabilities": head.sigmoid and name == "bce",
-            "metric": pick_metric(metric, data, teacher)}
+            "metric": pick_metric(metric, data, head)}
 
 
 def progress_log(metric):

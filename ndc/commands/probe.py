@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ndc.commands.common import (common_options, data_options, emit, finite_float, metric_option, model_options,
-                                 normalize_option, pick_metric, table, user_errors, warn)
+                                 normalize_option, pick_metric, table, teacher_head, user_errors, warn)
 from ndc.errors import NdcError
 
 
@@ -64,7 +64,7 @@ def command(model, data_spec, limit, eps_text, relative, tolerance, eval_size, m
     teacher, ws, what = _teacher(model, workspace, input_shape, by, depth, every, cuts, leaves, weights, trust_pickle)
     plan = teacher.plan
     data = open_data(data_spec, plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
-    metric = pick_metric(metric, data, teacher)
+    metric = pick_metric(metric, data, teacher_head(teacher))
     targets = [nb.name for nb in (plan.neighbourhoods if include_kept else plan.trainable)]
     if not targets:
         targets = plan.names

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ndc.commands.common import (common_options, data_options, emit, finite_float, human, metric_option, normalize_option,
-                                 pick_metric, table, user_errors, warn)
+                                 pick_metric, table, teacher_head, user_errors, warn)
 from ndc.errors import NdcError
 
 
@@ -68,7 +68,7 @@ def command(max_drop, budget_text, data_spec, limit, eval_size, metric, fallback
     plan = teacher.plan
     budget = parse_budget(budget_text, plan.teacher) if budget_text is not None else None
     data = open_data(data_spec, plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
-    metric = pick_metric(metric, data, teacher)
+    metric = pick_metric(metric, data, teacher_head(teacher))
     heldout = HeldOut.first(data, eval_size, batch_size)
     candidates = load_candidates(ws, teacher)
     if not candidates:

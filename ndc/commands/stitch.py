@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ndc.commands.common import (common_options, data_options, emit, human, normalize_option, resolve_selection,
-                                 selection_options, table, user_errors)
+from ndc.commands.common import (common_options, data_options, emit, human, normalize_option, pick_metric,
+                                 resolve_selection, selection_options, table, teacher_head, user_errors)
 from ndc.errors import NdcError
 
 
@@ -72,15 +72,18 @@ def command(output, width, spec_text, selection_file, data_spec, limit, normaliz
     if data is not None:
         from ndc.evaluate import evaluate
 
-        scores = evaluate(model, data, teacher=teacher.gm)
+        metric = pick_metric("auto", data, teacher_head(teacher))
+        scores = evaluate(model, data, teacher=teacher.gm, metric=metric)
         summary.update({k: scores.get(k) for k in ("accuracy", "teacher_accuracy", "agreement")})
+        summary.update(metric=metric.name, score=scores["score"],
+                       teacher_score=scores.get("teacher_score", 0.0 if metric.kind == "output-error" else 1.0))
     ws.write_json("student/report.json", summary)
 
     def text() -> str:
         rows = [["parameters", human(summary["teacher_params"]), human(summary["params"])],
                 ["FLOPs", human(summary["teacher_flops"]), human(summary["flops"])]]
-        if "accuracy" in summary:
-            rows.append(["accuracy", f"{summary['teacher_accuracy']:.2%}", f"{summary['accuracy']:.2%}"])
+        if "score" in summary:
+            rows.append([metric.title, metric.format(summary["teacher_score"]), metric.format(summary["score"])])
         lat = summary.get("latency_ms") or {}
         lines = [table(["", "teacher", "student"], rows, "lrr"), ""]
         lines.append(f"wrote {summary['output']} ({human(summary['bytes'] or 0)}B, max |diff| vs PyTorch {summary['max_abs_diff']:.2g}"
