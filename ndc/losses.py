@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ndc.errors import NdcError, fmt_shape
-from ndc.scoring import Head
+from ndc.heads import Head
 
 LOSSES = ("kd", "ce", "mse", "bce")
 LOSS_CHOICES = ("auto", *LOSSES)

@@ -21,7 +21,8 @@ from click.testing import CliRunner
 
 from ndc.errors import NdcError
 from ndc.losses import Loss, bce_loss, choose_loss, mse_loss
-from ndc.scoring import Head, Metric, choose_metric, score
+from ndc.heads import Head
+from ndc.scoring import Metric, choose_metric, score
 
 HERE = pathlib.Path(__file__).resolve().parent
 MODELS = HERE / "models_for_tests.py"

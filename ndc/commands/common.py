@@ -115,7 +115,7 @@ def metric_option(what: str = "Score"):
 
 def teacher_head(teacher: Any) -> Any:
     """The :class:`ndc.scoring.Head` of a workspace teacher: its output shape from the plan, a sigmoid from its graph."""
-    from ndc.scoring import head_of
+    from ndc.heads import head_of
 
     return head_of(teacher.gm, teacher.plan.neighbourhoods[-1].output_shape)
 

@@ -94,7 +94,8 @@ def _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device, met
 def _evaluate_file(model, ws, data_spec, limit, normalize, batch_size, device, trust_pickle, metric) -> dict:
     from ndc.data import open_data
     from ndc.evaluate import evaluate, load_for_eval
-    from ndc.scoring import head_of, runner
+    from ndc.heads import head_of
+    from ndc.scoring import runner
 
     predictor = load_for_eval(model, trust_pickle=trust_pickle)
     teacher = None
