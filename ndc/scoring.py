@@ -344,12 +344,13 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor | None]]
 
 
 @contextlib.contextmanager
-def runner(model: Any, device: str = "cpu", what: str = "the model",
+def runner(model: Any, device: str | None = None, what: str = "the model",
            source: str = "") -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
     """``model`` as a function from a CPU batch to its first output tensor (on the CPU), without gradients.
 
     An ``nn.Module`` runs in eval mode on ``device`` (its mode is restored
-    afterwards; it stays on ``device``); an ``ExportedProgram`` runs its
+    afterwards; it stays on ``device``), or where its parameters are when
+    ``device`` is None (it is not moved); an ``ExportedProgram`` runs its
     module; an onnxruntime session is fed numpy; any other callable is called.
     Failures are one line naming ``what``, the data (``source``) and the batch shape.
     """
@@ -364,10 +365,13 @@ def runner(model: Any, device: str = "cpu", what: str = "the model",
         with contextlib.suppress(NotImplementedError):  # torch.export modules refuse eval()
             model.eval()
         restore = lambda: model.train(was_training)  # noqa: E731
-        try:
-            model.to(device)
-        except Exception as e:
-            raise NdcError(f"cannot move {what} to {device}: {first_line(e)}") from None
+        if device is None:
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        else:
+            try:
+                model.to(device)
+            except Exception as e:
+                raise NdcError(f"cannot move {what} to {device}: {first_line(e)}") from None
         call = lambda x: model(x.to(device))  # noqa: E731
     elif callable(model):
         call = model
@@ -401,7 +405,7 @@ def runner(model: Any, device: str = "cpu", what: str = "the model",
 
 
 def scores(model: Any, batches: Batches, metrics: Sequence[Metric], *, teacher: Any = None,
-           teacher_metrics: Sequence[Metric] = (), device: str = "cpu",
+           teacher_metrics: Sequence[Metric] = (), device: str | None = None,
            source: str = "") -> tuple[list[float], list[float], int]:
     """One pass over ``batches``: ``model``'s value of each of ``metrics``, the teacher's own value of each of
     ``teacher_metrics`` (scored against the labels), and the number of examples.
@@ -434,7 +438,7 @@ def scores(model: Any, batches: Batches, metrics: Sequence[Metric], *, teacher: 
     return [t.result() for t in tallies], [t.result() for t in teacher_tallies], n
 
 
-def score(model: Any, batches: Batches, metric: Metric, teacher: Any = None, device: str = "cpu") -> float:
+def score(model: Any, batches: Batches, metric: Metric, teacher: Any = None, device: str | None = None) -> float:
     """``model``'s value of ``metric`` over ``batches`` (``teacher`` for the metrics that compare with it).
 
     >>> score(student, data.batches("test", 256), Metric("accuracy"))   # doctest: +SKIP
