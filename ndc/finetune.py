@@ -9,21 +9,17 @@ One loop serves three uses, so that every comparison is like for like:
 * training a teacher from scratch (``loss="ce"`` without a teacher), used by
   ``ndc demo`` and the benchmarks.
 
-The loss, exactly::
-
-    L = τ² · CE(softmax(T(x)/τ), softmax(S(x)/τ)) + λ · CE(y, softmax(S(x)))
-
-The paper's eq. 3 has no τ² factor; we follow Hinton et al. (2015) and scale
-the soft term by τ², which keeps its gradients the same size as the hard
-term's whatever τ is, so λ means the same at every temperature
-(``tau_squared=False`` gives the paper's form).
+The losses (``kd``, ``ce``, ``mse``, ``bce``, one per kind of head) are
+defined in :mod:`ndc.losses`; the per-epoch score (accuracy by default, any
+:class:`~ndc.scoring.Metric`) comes from :func:`ndc.scoring.score`.
 
 Training uses SGD with momentum 0.9, a cosine learning-rate schedule over the
 planned epochs, and random translations of up to 4 pixels. After every epoch
-the test-split accuracy and the training wall time (evaluation excluded) are
+the test-split score and the training wall time (evaluation excluded) are
 logged (time-to-accuracy curves),
-a checkpoint is written atomically (model, optimizer, history), and a killed
-run resumes from it. Early stopping watches that accuracy with ``patience``
+a checkpoint is written atomically (model, optimizer, best weights and the
+run's state in one file), and a killed run resumes from it, but only a run
+of the same configuration, starting model, teacher and data. Early stopping watches that score with ``patience``
 epochs; the best epoch's weights are kept (with ``keep_initial``, the
 starting weights count as epoch 0, so fine-tuning that only hurts returns the
 model it was given). Weights that were exactly zero
@@ -41,17 +37,17 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from itertools import islice
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ndc.errors import NdcError
+from ndc.losses import LOSSES, Loss
+from ndc.scoring import Metric, score
 from ndc.training import BestWeights, SparsityRamp, cosine, set_lr
 from ndc.workspace import Workspace, read_json, sha256_json
-
-LOSSES = ("kd", "ce")
 
 
 @dataclass(frozen=True)
@@ -72,49 +68,42 @@ class TrainConfig:
     eval_batches: int | None = None  # limit the per-epoch evaluation (None: the whole test split)
     freeze_bn: bool = False  # keep batch norms' running statistics (data-free fine-tuning: noise has other statistics)
     keep_initial: bool = False  # the starting weights compete for best (fine-tuning never returns a worse model)
+    metric: Metric = field(default_factory=lambda: Metric("accuracy"))  # the per-epoch score, which picks the best epoch
+    probabilities: bool = False  # the model's outputs are probabilities (it ends in a sigmoid): for --loss bce
+    labels: bool = True  # the loss's label term uses the data's labels (False: the teacher's outputs alone)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise NdcError(f"unknown --loss {self.loss!r}; valid: {', '.join(LOSSES)}")
         if self.epochs < 1:
             raise NdcError("--epochs must be at least 1")
-        for name in ("lr", "tau"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise NdcError(f"--{name} must be a positive number, not {value}")
-        for name in ("lam", "momentum", "weight_decay"):
+        # `not x > 0` (rather than `x <= 0`) also refuses NaN.
+        if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.tau) and self.tau > 0):
+            raise NdcError("--lr and --tau must be positive finite numbers")
+        if not math.isfinite(self.lam) or self.lam < 0:
+            raise NdcError("--lambda must be a finite number, 0 or more")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise NdcError("--time-budget must be positive")
+        for name in ("momentum", "weight_decay"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise NdcError(f"--{'lambda' if name == 'lam' else name.replace('_', '-')} must be 0 or a positive number, not {value}")
-        if self.time_budget is not None and not (self.time_budget > 0):
-            raise NdcError("--time-budget must be positive")
+                raise NdcError(f"--{name.replace('_', '-')} must be 0 or a positive number, not {value}")
         if self.batch_size < 1:
             raise NdcError("--batch-size must be at least 1")
 
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, tau: float = 2.5,
-            lam: float = 1.0, tau_squared: bool = True) -> torch.Tensor:
-    """Hinton's loss: soft cross entropy with the teacher at temperature τ (× τ²) plus λ × label cross entropy."""
-    soft_targets = F.softmax(teacher_logits / tau, dim=1)
-    soft = -(soft_targets * F.log_softmax(student_logits / tau, dim=1)).sum(dim=1).mean()
-    if tau_squared:
-        soft = soft * tau * tau
-    return soft + lam * F.cross_entropy(student_logits, labels)
+    def loss_fn(self) -> Loss:
+        return Loss(self.loss, self.tau, self.lam, self.tau_squared, self.probabilities, self.labels)
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, data, split: str = "test", batch_size: int = 256, max_batches: int | None = None) -> float:
-    was = model.training
-    model.eval()
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    correct, total = torch.zeros((), dtype=torch.long, device=device), 0
-    for k, (x, y) in enumerate(data.batches(split, batch_size)):
-        if max_batches is not None and k >= max_batches:
-            break
-        correct += (model(x.to(device)).argmax(1) == y.to(device)).sum()
-        total += len(y)
-    model.train(was)
-    return int(correct) / max(total, 1)
+    """Accuracy of ``model`` on ``data``'s ``split`` (the first ``max_batches`` batches), through :func:`ndc.scoring.score`."""
+    return epoch_score(model, data, Metric("accuracy"), None, split, batch_size, max_batches)
+
+
+def epoch_score(model: nn.Module, data, metric: Metric, teacher: nn.Module | None, split: str = "test",
+                batch_size: int = 256, max_batches: int | None = None) -> float:
+    """``metric`` of ``model`` on ``data``'s ``split`` (the first ``max_batches`` batches)."""
+    return score(model, islice(data.batches(split, batch_size), max_batches), metric, teacher)
 
 
 def _zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -220,8 +209,10 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, teacher: nn.Module | None
     """
     from ndc.devicedata import on_device, synchronize
 
-    if cfg.loss == "kd" and teacher is None:
-        raise NdcError("knowledge distillation needs a teacher")
+    loss_fn = cfg.loss_fn()
+    if teacher is None and (loss_fn.needs_teacher or cfg.metric.needs_teacher):
+        what = f"--loss {cfg.loss}" if loss_fn.needs_teacher else f"--metric {cfg.metric.name}"
+        raise NdcError(f"{what} needs a teacher")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise NdcError("the model has no trainable parameters: there is nothing to train")
@@ -236,9 +227,10 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, teacher: nn.Module | None
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
     masks = _zero_masks(model)
     named = dict(model.named_parameters())
-    state = {"epoch": 0, "seconds": 0.0, "history": [], "best_accuracy": -1.0, "best_epoch": 0, "bad": 0, "key": key}
+    state = {"epoch": 0, "seconds": 0.0, "history": [], "best_accuracy": None, "best_epoch": 0, "bad": 0, "key": key}
     checkpoint = Checkpoint(ws, folder) if ws is not None and folder else None
-    best = BestWeights(model, None, cfg.patience, lower_is_better=False)
+    lower = not cfg.metric.higher_is_better
+    best = BestWeights(model, None, cfg.patience, lower_is_better=lower)
     if checkpoint is not None and not resume:
         checkpoint.discard()
     elif checkpoint is not None:
@@ -251,16 +243,18 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, teacher: nn.Module | None
             state, tensors = found
             _restore(model, optimizer, tensors)
             best.state = {k[len("best."):]: v.to(device) for k, v in tensors.items() if k.startswith("best.")} or None
-            best.score, best.bad = state["best_accuracy"], state["bad"]
+            if state["best_accuracy"] is not None:
+                best.score = state["best_accuracy"]
+            best.bad = state["bad"]
             if log:
                 log({"event": "resumed", "epoch": state["epoch"]})
     steps_per_epoch = max(1, math.ceil(data.train_size / cfg.batch_size))
     total_steps = cfg.epochs * steps_per_epoch
     ramp = SparsityRamp(pruner, sparsity, total_steps) if pruner is not None else None
     if state["epoch"] == 0 and cfg.keep_initial:
-        initial = accuracy(model, data, max_batches=cfg.eval_batches)
+        initial = epoch_score(model, data, cfg.metric, teacher, max_batches=cfg.eval_batches)
         state.update(best_accuracy=initial, best_epoch=0, initial_accuracy=initial)
-        best = BestWeights(model, initial, cfg.patience, lower_is_better=False)
+        best = BestWeights(model, initial, cfg.patience, lower_is_better=lower)
 
     start = time.perf_counter() - state["seconds"]
     out_of_time = False
@@ -272,16 +266,14 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, teacher: nn.Module | None
         loss_sum, batches = torch.zeros((), device=device), 0
         for k, (x, y) in enumerate(data.batches("train", cfg.batch_size, shuffle=True, augment=cfg.augment,
                                                 seed=cfg.seed, epoch=epoch, drop_last=data.train_size > cfg.batch_size)):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True) if y is not None else None
             step = epoch * steps_per_epoch + k
             set_lr(optimizer, cfg.lr * cosine(step, total_steps))
-            logits = model(x)
-            if cfg.loss == "kd":
-                with torch.no_grad():
-                    t = teacher(x)
-                loss = kd_loss(logits, t, y, cfg.tau, cfg.lam, cfg.tau_squared)
-            else:
-                loss = F.cross_entropy(logits, y)
+            out = model(x)
+            with torch.no_grad():
+                t = teacher(x) if loss_fn.needs_teacher else None
+            loss = loss_fn(out, t, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -302,7 +294,7 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, teacher: nn.Module | None
         synchronize(device)
         state["seconds"] = time.perf_counter() - start
         evaluated = time.perf_counter()
-        acc = accuracy(model, data, max_batches=cfg.eval_batches)
+        acc = epoch_score(model, data, cfg.metric, teacher, max_batches=cfg.eval_batches)
         start += time.perf_counter() - evaluated  # the clock counts training, not the per-epoch evaluation
         state["epoch"] = epoch + 1
         entry = {"epoch": epoch + 1, "seconds": state["seconds"], "train_loss": train_loss, "accuracy": acc}
@@ -325,7 +317,8 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, teacher: nn.Module | None
     if ramp is not None:
         ramp.finish()
     model.eval()
-    return {"history": state["history"], "best_accuracy": state["best_accuracy"], "best_epoch": state["best_epoch"],
+    return {"history": state["history"], "metric": cfg.metric.name, "best_accuracy": state["best_accuracy"],
+            "best_epoch": state["best_epoch"],
             "initial_accuracy": state.get("initial_accuracy"), "seconds": state["seconds"], "epochs": state["epoch"]}
 
 

@@ -35,8 +35,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ndc.chain import run_parts
 from ndc.errors import NdcError
-from ndc.search import HeldOut, boundary_values, predictions
+from ndc.scoring import Metric, as_metric
+from ndc.search import HeldOut
 
 ALL = "all"
 PROBE_DIR = "probe"
@@ -58,10 +60,15 @@ class ProbeResult:
     seed: int = 0
     thresholds: dict[str, float] = field(default_factory=dict)
     capped: list[str] = field(default_factory=list)  # curves that stayed under the tolerance over the whole sweep
+    threshold_of_metric: float | None = None  # the metric's multi-label threshold (see ndc.scoring.Metric)
+
+    @property
+    def score(self) -> Metric:
+        return Metric(self.metric, self.threshold_of_metric)
 
     def drops(self, target: str) -> list[float]:
-        """Drop in percentage points at each ε (teacher score minus perturbed score)."""
-        return [100.0 * (self.baseline - s) for s in self.curves[target]]
+        """How much worse than without noise at each ε: points for fractions, positive when worse."""
+        return [self.score.drop(self.baseline, s) for s in self.curves[target]]
 
     def to_json(self) -> dict:
         return {
@@ -120,7 +127,7 @@ def activation_scales(parts: Sequence[nn.Module], targets: Sequence[int], heldou
     """Standard deviation of the teacher's output of each part in ``targets`` over the held-out set (all elements pooled)."""
     sums = {i: [0.0, 0.0, 0] for i in targets}
     for x, _ in heldout.batches():
-        values = boundary_values(parts, x)
+        values = run_parts(parts, x, keep=True)
         for i in targets:
             v = values[i + 1].double()
             acc = sums[i]
@@ -137,15 +144,16 @@ def activation_scales(parts: Sequence[nn.Module], targets: Sequence[int], heldou
 
 @torch.no_grad()
 def probe(parts: Sequence[nn.Module], names: Sequence[str], heldout: HeldOut, *, targets: Sequence[str] | None = None,
-          eps: Sequence[float] = DEFAULT_EPS, relative: bool = False, metric: str = "accuracy", seed: int = 0,
+          eps: Sequence[float] = DEFAULT_EPS, relative: bool = False, metric: Metric | str = "accuracy", seed: int = 0,
           tolerance: float = 0.5) -> ProbeResult:
     """Score of the teacher (``parts`` in order) with Gaussian noise at each target's output and at all of them, per ε.
 
     ``targets`` default to every neighbourhood in ``names``. The returned
-    curves hold one score per ε for each target and for ``"all"``.
+    curves hold one score per ε for each target and for ``"all"``. Metrics
+    that compare with the teacher (agreement, output error) compare with its
+    output without noise.
     """
-    if metric not in ("accuracy", "agreement"):
-        raise NdcError(f"unknown metric {metric!r}; valid: accuracy, agreement")
+    metric = as_metric(metric)
     eps = [float(e) for e in eps]
     if not eps:
         raise NdcError("give at least one noise amplitude")
@@ -161,33 +169,30 @@ def probe(parts: Sequence[nn.Module], names: Sequence[str], heldout: HeldOut, *,
     idx = [index[t] for t in targets]
     sigma = activation_scales(parts, idx, heldout) if relative else [1.0] * len(idx)
     scale = dict(zip(idx, sigma))
-    curves = {t: [0] * len(eps) for t in [*targets, ALL]}
-    baseline = total = 0
+    tallies = {t: [metric.tally() for _ in eps] for t in [*targets, ALL]}
+    baseline = metric.tally()
+    total = 0
     for b, (x, y) in enumerate(heldout.batches()):
-        values = boundary_values(parts, x)
-        teacher_pred = predictions(values[-1])
-        reference = y if metric == "accuracy" else teacher_pred
-        baseline += int((teacher_pred == reference).sum())
+        values = run_parts(parts, x, keep=True)
+        clean = values[-1]
+        baseline.add(clean, clean, y)
         total += len(x)
         noise = {i: standard_noise(values[i + 1].shape, seed, i, b).to(values[i + 1].dtype) for i in idx}
         for k, e in enumerate(eps):
             for t, i, s in zip(targets, idx, sigma):
-                h = values[i + 1] + (e * s) * noise[i]
-                for part in parts[i + 1:]:
-                    h = part(h)
-                curves[t][k] += int((predictions(h) == reference).sum())
-            h = x.clone()
-            for j, part in enumerate(parts):
-                h = part(h)
+                tallies[t][k].add(run_parts(parts, values[i + 1] + (e * s) * noise[i], i + 1), clean, y)
+            h = x
+            for j in range(len(parts)):
+                h = run_parts(parts, h, j, j + 1)
                 if j in scale:
                     h = h + (e * scale[j]) * noise[j]
-            curves[ALL][k] += int((predictions(h) == reference).sum())
+            tallies[ALL][k].add(h, clean, y)
     if not total:
         raise NdcError("the held-out set is empty")
-    result = ProbeResult(eps=eps, relative=relative, metric=metric, examples=total, baseline=baseline / total,
+    result = ProbeResult(eps=eps, relative=relative, metric=metric.name, examples=total, baseline=baseline.result(),
                          scales={t: s for t, s in zip(targets, sigma)} if relative else {},
-                         curves={t: [c / total for c in counts] for t, counts in curves.items()},
-                         tolerance=tolerance, seed=seed)
+                         curves={t: [c.result() for c in counts] for t, counts in tallies.items()},
+                         tolerance=tolerance, seed=seed, threshold_of_metric=metric.threshold)
     for t in result.curves:
         result.thresholds[t], capped = threshold(eps, result.drops(t), tolerance)
         if capped:
@@ -240,11 +245,12 @@ def plot_curves(result: ProbeResult, path, title: str = "") -> None:
     ax.axhline(0, color="0.8", linewidth=0.8)
     if xs:
         ax.set_xscale("log")
-    what = "accuracy" if result.metric == "accuracy" else "agreement with the teacher"
+    what = result.score.title
     ax.set_xlabel("noise amplitude ε" + (" (× each boundary's activation std)" if result.relative else ""))
-    ax.set_ylabel(f"{what} change (points)")
+    unit = "points, " if result.score.fraction else ""
+    ax.set_ylabel(f"{what} change ({unit}negative is worse)" if what != "accuracy" else "accuracy change (points)")
     ax.set_title(title or f"Thresholding effect: {result.examples} held-out examples, "
-                          f"teacher {100 * result.baseline:.1f}%", fontsize=10)
+                          f"teacher {result.score.format(result.baseline)}", fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
     if len(singles) > 12:
         sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, len(singles) - 1))

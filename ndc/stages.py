@@ -106,13 +106,14 @@ def distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, *, source: str
 
 @dataclass
 class StitchResult:
-    summary: dict  # what ndc stitch prints: sizes, export report, accuracy
+    summary: dict  # what ndc stitch prints: sizes, export report, scores
     model: Any = field(repr=False, default=None)
+    metric: Any = None  # the ndc.scoring.Metric the scores are in (with --data)
 
 
 def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spec: str | None = None, selection_file: str | None = None,
            data: str | None = None, limit: int | None = None, normalize: Any = True, calibrate: int = 20,
-           fold_bn: bool = False, device: str = "cpu") -> StitchResult:
+           fold_bn: bool = False, device: str = "cpu", warn: Log | None = None) -> StitchResult:
     """Replace each neighbourhood by its selected student, recalibrate batch norms on ``data``, save it, export ``output``.
 
     The student is saved in the workspace (``student/``) whether or not it is
@@ -121,9 +122,11 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
     from ndc.data import open_data
     from ndc.devicedata import on_device
     from ndc.evaluate import evaluate
+    from ndc.heads import teacher_head
     from ndc.metrics import count_flops, count_params
     from ndc.passes.export import check_output_path, export_model
     from ndc.plan import load_teacher
+    from ndc.scoring import pick_metric
     from ndc.stitch import build_student, recalibrate_batchnorm, resolve_selection, save_student
 
     if output is not None:
@@ -151,11 +154,16 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
             "bytes": report.get("bytes"), "max_abs_diff": report.get("max_abs_diff"), "latency_ms": report.get("latency_ms"),
             "selection": {k: str(v) for k, v in selection.items()}, "calibrated_norms": calibrated,
         }
+        metric = None
         if source is not None:
-            scores = evaluate(model, source, teacher=teacher.gm, device=device)
+            metric = pick_metric("auto", source, teacher_head(teacher), warn=warn)
+            scores = evaluate(model, source, teacher=teacher.gm, metric=metric, device=device)
             summary.update({k: scores.get(k) for k in ("accuracy", "teacher_accuracy", "agreement")})
+            summary.update(metric=metric.name, score=scores["score"],
+                           teacher_score=scores.get("teacher_score", 0.0 if metric.kind == "output-error" else 1.0))
         ws.write_json("student/report.json", summary)
-        return StitchResult(summary, model.cpu())
+        teacher.gm.cpu()
+        return StitchResult(summary, model.cpu(), metric)
 
 
 # ------------------------------------------------------- end-to-end training
@@ -165,6 +173,37 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
 class TrainResult:
     payload: dict  # what the command prints
     model: Any = field(repr=False, default=None)
+    metric: Any = None  # the ndc.scoring.Metric of every score in the payload
+
+
+def training_setup(teacher, data, loss: str, metric: str, lam: float, data_free: bool, warn: Log | None = None) -> dict:
+    """The :class:`~ndc.finetune.TrainConfig` fields that depend on the teacher and the data: the loss (``warn`` hears
+    auto's choice), whether its label term applies, the per-epoch metric. Labels the teacher has no output for are
+    refused here, naming the example, before any training."""
+    from ndc.heads import teacher_head
+    from ndc.losses import choose_loss
+    from ndc.scoring import pick_metric
+
+    head = teacher_head(teacher)
+    name, labels, why = choose_loss(loss, head, data)
+    labels = labels and not data_free and lam > 0
+    if name == "ce" or labels and data.labels == "classes":
+        hint = "train on the teacher's outputs alone with --lambda 0" if name == "kd" else "use --loss kd --lambda 0"
+        data.check_classes(head.scores, hint)
+    if warn is not None and (loss == "auto" or ";" in why):  # say what auto chose, and when the labels go unused
+        warn(why)
+    return {"loss": name, "labels": labels, "probabilities": head.sigmoid and name == "bce",
+            "metric": pick_metric(metric, data, head, warn=warn)}
+
+
+def score_keys(metric, **scores) -> dict:
+    """``score``-style keys of a payload, and under their old ``accuracy`` names too when the metric is accuracy."""
+    out = {"metric": metric.name, "higher_is_better": metric.higher_is_better}
+    for key, value in scores.items():
+        out[key] = value
+        if metric.kind == "accuracy":
+            out[key.replace("score", "accuracy")] = value
+    return out
 
 
 FINETUNE_LR = 1e-2  # the paper's appendix
@@ -188,7 +227,7 @@ def training_data(ws: Workspace, plan, data: str | None, limit: int | None, data
     return NoiseImages(plan.input_shape[1:], limit or 10_000, source) if data_free else source
 
 
-def epoch_logger(log: Log | None, on_epoch: Callable[[dict], None] | None = None) -> Callable[[dict], None]:
+def epoch_logger(log: Log | None, on_epoch: Callable[[dict], None] | None = None, metric=None) -> Callable[[dict], None]:
     """train()'s events as lines (and, per epoch, ``on_epoch``)."""
 
     def event(e: dict) -> None:
@@ -196,7 +235,9 @@ def epoch_logger(log: Log | None, on_epoch: Callable[[dict], None] | None = None
             if on_epoch:
                 on_epoch(e)
             if log:
-                log(f"epoch {e['epoch']}: loss {e['train_loss']:.4f}, accuracy {e['accuracy']:.2%} ({e['seconds']:.0f}s)")
+                value = metric.format(e["accuracy"]) if metric is not None else f"{e['accuracy']:.2%}"
+                title = metric.title if metric is not None else "accuracy"
+                log(f"epoch {e['epoch']}: loss {e['train_loss']:.4f}, {title} {value} ({e['seconds']:.0f}s)")
         elif e.get("event") == "resumed" and log:
             log(f"resuming after epoch {e['epoch']}")
         elif e.get("event") == "stale" and log:
@@ -205,12 +246,13 @@ def epoch_logger(log: Log | None, on_epoch: Callable[[dict], None] | None = None
     return event
 
 
-def finetune(ws: Workspace, cfg: TrainConfig, *, data: str | None, limit: int | None = None, normalize: Any = True,
-             data_free: bool = False, output: str | None = None, restart: bool = False, device: str = "cpu",
-             log: Log | None = None, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
-    """End-to-end KD of the stitched student (``student/``); the best epoch is saved in ``finetune/`` and exported."""
-    from ndc.evaluate import evaluate
-    from ndc.finetune import train
+def finetune(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str = "auto", data: str | None,
+             limit: int | None = None, normalize: Any = True, data_free: bool = False, output: str | None = None,
+             restart: bool = False, device: str = "cpu", log: Log | None = None, warn: Log | None = None,
+             on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+    """End-to-end training of the stitched student (``student/``) against the teacher; the best epoch is saved in
+    ``finetune/`` and exported. ``loss`` and ``metric`` (or ``auto``) are resolved against the teacher's head."""
+    from ndc.finetune import epoch_score, train
     from ndc.plan import load_teacher
     from ndc.stitch import STUDENT_DIR, load_student, save_student, student_document
 
@@ -221,36 +263,36 @@ def finetune(ws: Workspace, cfg: TrainConfig, *, data: str | None, limit: int | 
         model = load_student(ws, STUDENT_DIR, teacher=teacher)
         stitched = student_document(ws, STUDENT_DIR)
         source = training_data(ws, plan, data, limit, data_free, normalize)
+        cfg = replace(cfg, **training_setup(teacher, getattr(source, "real", source), loss, metric, cfg.lam, data_free, warn))
         made_from = {"teacher": teacher.sha256, "student": stitched["weights_sha256"], "selection": stitched["selection"]}
-        result = train(model, source, cfg, teacher=teacher.gm, ws=ws, folder="finetune", log=epoch_logger(log, on_epoch),
+        result = train(model, source, cfg, teacher=teacher.gm, ws=ws, folder="finetune", log=epoch_logger(log, on_epoch, cfg.metric),
                        resume=not restart, made_from=made_from, device=device)
-        real = getattr(source, "real", source)
-        teacher_acc = evaluate(teacher.gm, real, device=device)["accuracy"]
+        teacher_score = epoch_score(teacher.gm, source, cfg.metric, teacher.gm)
         model.cpu()
         teacher.gm.cpu()
-        payload = {"accuracy": result["best_accuracy"], "initial_accuracy": result["initial_accuracy"],
-                   "teacher_accuracy": teacher_acc, "lr": cfg.lr, "epochs": result["epochs"], "best_epoch": result["best_epoch"],
+        payload = {**score_keys(cfg.metric, score=result["best_accuracy"], initial_score=result["initial_accuracy"],
+                                teacher_score=teacher_score),
+                   "loss": cfg.loss, "lr": cfg.lr, "epochs": result["epochs"], "best_epoch": result["best_epoch"],
                    "seconds": result["seconds"], "history": result["history"]}
         save_student(ws, model, {k: Spec.parse(v) for k, v in stitched["selection"].items()}, stitched["candidates"],
                      {"teacher": teacher.sha256, "from_student": stitched["weights_sha256"],
-                      "finetuned": {k: payload[k] for k in ("accuracy", "initial_accuracy", "epochs", "best_epoch", "lr")}},
+                      "finetuned": {k: payload[k] for k in ("metric", "score", "initial_score", "epochs", "best_epoch", "lr")}},
                      folder="finetune")
         if output:
             _export(ws, model, output, plan, "finetune", payload)
         ws.write_json("finetune/report.json", payload)
-        return TrainResult(payload, model)
+        return TrainResult(payload, model, cfg.metric)
 
 
-def kd(ws: Workspace, cfg: TrainConfig, *, width: float | None = None, spec: str | None = None, selection_file: str | None = None,
-       data: str | None, limit: int | None = None, normalize: Any = True, data_free: bool = False, output: str | None = None,
-       restart: bool = False, device: str = "cpu", log: Log | None = None,
-       on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
-    """The end-to-end baseline: the stitched student's architecture, freshly initialised, trained by KD or CE."""
-    from ndc.evaluate import evaluate
-    from ndc.finetune import train
+def kd(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str = "auto", width: float | None = None,
+       spec: str | None = None, selection_file: str | None = None, data: str | None, limit: int | None = None,
+       normalize: Any = True, data_free: bool = False, output: str | None = None, restart: bool = False, device: str = "cpu",
+       log: Log | None = None, warn: Log | None = None, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+    """The end-to-end baseline: the stitched student's architecture, freshly initialised, trained by ``loss``."""
+    from ndc.distill.store import folder_name
+    from ndc.finetune import epoch_score, train
     from ndc.metrics import count_params
     from ndc.plan import load_teacher
-    from ndc.distill.store import folder_name
     from ndc.stitch import describe_selection, fresh_student, resolve_selection, save_student
 
     _check_output(output)
@@ -260,24 +302,26 @@ def kd(ws: Workspace, cfg: TrainConfig, *, width: float | None = None, spec: str
         selection = resolve_selection(ws, plan, width, spec, selection_file)
         model = fresh_student(teacher, selection, cfg.seed)
         source = training_data(ws, plan, data, limit, data_free, normalize)
+        cfg = replace(cfg, **training_setup(teacher, getattr(source, "real", source), loss, metric, cfg.lam, data_free, warn))
         label = describe_selection(selection)
         folder = f"kd/{cfg.loss}{'-noise' if data_free else ''}-{folder_name(label)[:60]}"
         made_from = {"teacher": teacher.sha256, "selection": {k: str(v) for k, v in selection.items()}}
-        result = train(model, source, cfg, teacher=teacher.gm if cfg.loss == "kd" else None, ws=ws, folder=folder,
-                       log=epoch_logger(log, on_epoch), resume=not restart, made_from=made_from, device=device)
-        real = getattr(source, "real", source)
-        teacher_acc = evaluate(teacher.gm, real, device=device)["accuracy"]
+        needs_teacher = cfg.loss_fn().needs_teacher or cfg.metric.needs_teacher
+        result = train(model, source, cfg, teacher=teacher.gm if needs_teacher else None, ws=ws, folder=folder,
+                       log=epoch_logger(log, on_epoch, cfg.metric), resume=not restart, made_from=made_from, device=device)
+        teacher_score = epoch_score(teacher.gm, source, cfg.metric, teacher.gm)
         model.cpu()
         teacher.gm.cpu()
         payload = {"loss": cfg.loss, "student": label, "params": count_params(model), "teacher_params": plan.teacher["params"],
-                   "accuracy": result["best_accuracy"],
-                   "teacher_accuracy": teacher_acc, "epochs": result["epochs"], "best_epoch": result["best_epoch"],
-                   "seconds": result["seconds"], "history": result["history"], "folder": folder, "lr": cfg.lr}
-        save_student(ws, model, selection, {}, {"baseline": cfg.loss, "data_free": data_free, "teacher": teacher.sha256}, folder=folder)
+                   **score_keys(cfg.metric, score=result["best_accuracy"], teacher_score=teacher_score),
+                   "epochs": result["epochs"], "best_epoch": result["best_epoch"], "seconds": result["seconds"],
+                   "history": result["history"], "folder": folder, "lr": cfg.lr}
+        save_student(ws, model, selection, {}, {"baseline": cfg.loss, "data_free": data_free, "teacher": teacher.sha256},
+                     folder=folder)
         if output:
             _export(ws, model, output, plan, folder, payload)
         ws.write_json(f"{folder}/report.json", payload)
-        return TrainResult(payload, model)
+        return TrainResult(payload, model, cfg.metric)
 
 
 def _check_output(output: str | None) -> None:

@@ -278,9 +278,9 @@ def latest_student(ws: Workspace, teacher=None) -> str | None:
             current[folder] = student_document(ws, folder)
         except NdcError:
             pass
-    sha = teacher.sha256 if teacher is not None else None
     stitched = current.get(STUDENT_DIR)
-    if stitched is None or (sha is not None and stitched.get("teacher", sha) != sha):
+    sha = teacher.sha256 if teacher is not None else (stitched or {}).get("teacher")
+    if stitched is None or stitched.get("teacher", sha) != sha:
         return None
     tuned = current.get("finetune")
     if tuned is not None and tuned.get("from_student") == stitched.get("weights_sha256") and tuned.get("teacher", sha) == sha:

@@ -144,3 +144,28 @@ class LongNames(nn.Module):
 
 def long_names() -> nn.Module:
     return LongNames()
+
+
+class HeadMLP(nn.Module):
+    """An MLP on 16-vectors: two hidden layers of 32, and a head of ``outputs`` (through a sigmoid when asked)."""
+
+    def __init__(self, outputs: int, sigmoid: bool):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 32)
+        self.head = nn.Linear(32, outputs)
+        self.sigmoid = sigmoid
+
+    def forward(self, x):
+        out = self.head(F.relu(self.fc2(F.relu(self.fc1(x)))))
+        return torch.sigmoid(out) if self.sigmoid else out
+
+
+def sigmoid_mlp():
+    """Five independent yes/no outputs (multi-label), probabilities from a sigmoid inside the model."""
+    return HeadMLP(5, sigmoid=True)
+
+
+def regression_mlp():
+    """Three real-valued outputs, no activation: a regression head."""
+    return HeadMLP(3, sigmoid=False)

@@ -118,7 +118,46 @@ def test_time_budget_limits_the_baseline(run_cli, ws):
 def test_errors(run_cli, ws, tmp_path):
     for args, needle in ((["finetune", "--epochs", "1"], "give --data SPEC"),
                          (["finetune", *DATA, "-o", "x.tflite"], "suffix"),
-                         (["kd", "--width", "0.5", *DATA, "--loss", "mse"], "Invalid value for '--loss'"),
+                         (["kd", "--width", "0.5", *DATA, "--loss", "hinge"], "Invalid value for '--loss'"),
                          (["finetune", *DATA, "-w", str(tmp_path / "empty")], "no plan in workspace")):
         r = run_cli(*args)
         assert r.exit_code in (1, 2) and needle in r.stderr, (args, r.stderr)
+
+
+@pytest.fixture
+def stray_labels(tmp_path):
+    """digits-sized images whose example 11 has label 18: outside the teacher's 10 classes."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 10
+    y[11] = 18
+    path = tmp_path / "stray.npz"
+    np.savez(path, x=rng.integers(0, 256, (40, 8, 8), dtype=np.uint8), y=y)
+    return path
+
+
+@pytest.mark.parametrize("command", [["finetune"], ["kd", "--width", "0.5"], ["kd", "--width", "0.5", "--loss", "ce"],
+                                     ["eval"]])
+def test_labels_outside_the_teachers_classes_are_one_line(run_cli, ws, stray_labels, command):
+    r = run_cli(*command, "--data", stray_labels, *([] if command == ["eval"] else ["--epochs", "1"]))
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "stray.npz: y: example 11 has label 18, outside the model's 10 classes (0..9)" in r.stderr
+    assert not (ws / "kd").exists() and not (ws / "finetune").exists()  # refused before any training
+
+
+def test_with_lambda_0_the_teacher_alone_is_matched(run_cli, ws, stray_labels):
+    r = run_cli("finetune", "--data", stray_labels, "--epochs", "1", "--lambda", "0", "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["metric"] == "agreement"  # the labels cannot score this teacher
+
+
+@pytest.mark.parametrize("option", [["--lr", "nan"], ["--lr", "0"], ["--tau", "inf"], ["--lambda", "nan"],
+                                    ["--time-budget", "nan"]])
+def test_non_finite_options_are_refused_before_any_work(run_cli, ws, option):
+    before = sorted(p.name for p in ws.iterdir())
+    for command in (["finetune"], ["kd", "--width", "0.5"]):
+        r = run_cli(*command, *DATA, "--epochs", "1", *option)
+        assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert f"{option[0]} must be" in r.stderr and option[1] in r.stderr
+    assert sorted(p.name for p in ws.iterdir()) == before  # nothing written

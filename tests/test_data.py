@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-import ndc.data as data_mod
+import ndc.data.idx as idx_mod
+import ndc.data.stats as stats_mod
 from ndc.data import DATA_SPEC_HELP, FASHION_MNIST_DIR, load_npz, open_data, plan_fit, read_idx
 from ndc.errors import NdcError
 from ndc.workspace import Workspace
@@ -157,7 +159,7 @@ def test_bad_idx_is_one_clear_line(run_cli, idx_dir, case, fragment):
 def test_missing_directories(run_cli, tmp_path, monkeypatch):
     assert "no such directory" in error_line(run_cli("data", f"mnist:{tmp_path / 'nowhere'}"))
     assert "mnist needs the directory" in error_line(run_cli("data", "mnist"))
-    monkeypatch.setattr(data_mod, "FASHION_MNIST_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(idx_mod, "FASHION_MNIST_DIR", tmp_path / "not-installed")
     line = error_line(run_cli("data", "fashion-mnist"))
     assert "apt-get install dataset-fashion-mnist" in line and "fashion-mnist:DIR" in line
 
@@ -233,7 +235,7 @@ def test_statistics_are_stored_in_the_workspace_and_reused(idx_dir, tmp_path, mo
     def must_not_recompute(*_):
         raise AssertionError("statistics recomputed although the workspace has them")
 
-    monkeypatch.setattr(data_mod, "training_statistics", must_not_recompute)
+    monkeypatch.setattr(stats_mod, "training_statistics", must_not_recompute)
     again = open_data(f"mnist:{idx_dir}", (3, 32, 32), workspace=ws)
     assert again.mean == first.mean and again.stats_path == first.stats_path
     limited = open_data(f"mnist:{idx_dir}", (3, 32, 32), workspace=ws, limit=10)  # same statistics whatever the limit
@@ -343,11 +345,13 @@ def test_npz_vectors(tmp_path):
 
 
 @pytest.mark.parametrize("arrays, fragment", [
-    ({"x": np.zeros((4, 8, 8), np.uint8)}, "has no array 'y' (found: x)"),
+    ({"y": np.zeros(4, np.int64)}, "has no array 'x' (found: y)"),
     ({"x": np.zeros((4, 8, 8), np.int32), "y": np.zeros(4, np.int64)}, "x has dtype int32; expected uint8"),
-    ({"x": np.zeros((4, 8, 8), np.uint8), "y": np.zeros(4, np.float32)}, "y has dtype float32; expected integer"),
+    ({"x": np.zeros((4, 8, 8), np.uint8), "y": np.array(["a"] * 4)}, "y has dtype <U1; expected integer class labels"),
     ({"x": np.zeros((4, 8, 8), np.uint8), "y": np.zeros(3, np.int64)}, "y has shape 3; expected (4,)"),
-    ({"x": np.zeros((4, 8, 8), np.uint8), "y": np.zeros((4, 2), np.int64)}, "y has shape 4x2"),
+    ({"x": np.zeros((4, 8, 8), np.uint8), "y": np.int64(3)}, "y has shape (); expected (4,)"),
+    ({"x": np.zeros((4, 8, 8), np.uint8), "x_test": np.zeros((2, 8, 8), np.uint8), "y_test": np.zeros(2, np.int64)},
+     "has y_test without y"),
     ({"x": np.zeros(4, np.uint8), "y": np.zeros(4, np.int64)}, "x has shape 4; expected one row per example"),
     ({"x": np.zeros((4, 2, 2, 2, 2), np.uint8), "y": np.zeros(4, np.int64)}, "examples of shape 2x2x2x2"),
     ({"x": np.zeros((4, 8, 8), np.uint8), "y": np.zeros(4, np.int64), "x_test": np.zeros((2, 8, 8), np.uint8)},
@@ -359,6 +363,61 @@ def test_npz_vectors(tmp_path):
 def test_bad_npz_is_one_clear_line(run_cli, tmp_path, arrays, fragment):
     np.savez(tmp_path / "bad.npz", **arrays)
     assert fragment in error_line(run_cli("data", str(tmp_path / "bad.npz")))
+
+
+def test_npz_labels_may_be_targets_or_absent(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.random((30, 6)).astype(np.float32)
+    np.savez(tmp_path / "bare.npz", x=x)
+    bare = open_data(str(tmp_path / "bare.npz"))
+    assert (bare.labels, bare.classes, bare.describe()["labels"]) == ("none", None, "none")
+    assert all(y is None for _, y in bare.batches("test", 4))
+    np.savez(tmp_path / "multi.npz", x=x, y=(x[:, :3] > 0.5).astype(np.uint8))
+    multi = open_data(str(tmp_path / "multi.npz"))
+    assert (multi.labels, multi.target_shape, multi.binary) == ("targets", (3,), True)
+    np.savez(tmp_path / "values.npz", x=x, y=x.sum(1))
+    values = open_data(str(tmp_path / "values.npz"), normalize=False)
+    assert (values.labels, values.target_shape, values.binary) == ("targets", (), False)
+    _, y = next(values.batches("train", 5))
+    assert y.dtype == torch.float32 and y.shape == (5,)
+
+
+@pytest.mark.parametrize("arrays, fragment", [
+    ({"x": np.where(np.arange(40).reshape(5, 8) == 19, np.nan, 1.0)}, "bad.npz: x: example 2 holds a non-finite value (nan)"),
+    ({"x": np.ones((5, 8)), "y": np.where(np.arange(5) == 4, np.inf, 0.0)}, "bad.npz: y: example 4 holds a non-finite value (inf)"),
+    ({"x": np.ones((4, 8), np.float32), "x_test": np.zeros((0, 8), np.float32)}, "bad.npz: x_test holds no examples"),
+    ({"x": np.zeros((0, 8, 8), np.uint8)}, "bad.npz: x holds no examples"),
+    ({"x": np.ones((5, 8)), "y": np.array([0, 1, -2, 1, 0])}, "y holds negative labels (example 2 is -2)"),
+])
+def test_bad_values_are_one_line_naming_the_file_and_the_example(run_cli, tmp_path, arrays, fragment):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    assert fragment in error_line(run_cli("data", str(tmp_path / "bad.npz")))
+
+
+def test_labels_outside_the_teachers_classes(run_cli, tmp_path):
+    assert run_cli("partition", "ndc.zoo:resnet20", "--input-shape", "1,3,32,32").exit_code == 0  # 10 classes
+    y = np.arange(30) % 10
+    y[17] = 18
+    np.savez(tmp_path / "stray.npz", x=np.zeros((30, 8, 8), np.uint8), y=y)
+    line = error_line(run_cli("data", str(tmp_path / "stray.npz")))
+    assert "stray.npz: y: example 17 has label 18, outside the model's 10 classes (0..9)" in line
+    assert run_cli("data", str(tmp_path / "stray.npz"), "-w", tmp_path / "no-plan").exit_code == 0  # no teacher: fine
+
+
+def test_empty_idx_split_is_one_line(run_cli, idx_dir):
+    write_idx(idx_dir / "t10k-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8))
+    write_idx(idx_dir / "t10k-labels-idx1-ubyte", np.zeros(0, np.uint8))
+    assert "t10k-images-idx3-ubyte holds no examples" in error_line(run_cli("data", f"mnist:{idx_dir}"))
+
+
+def test_float_memory_maps_reach_torch_without_a_warning(tmp_path):
+    np.savez(tmp_path / "f.npz", x=np.ones((8, 4), np.float32), y=np.zeros(8, np.int64))
+    data = open_data(str(tmp_path / "f.npz"), normalize=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x, _ = next(data.batches("train", 4))
+    x.add_(1)  # writable: not a view of the read-only map
+    assert float(x[0, 0]) == 2.0
 
 
 def test_npz_not_a_zip_missing_or_pickled(run_cli, tmp_path):
@@ -445,6 +504,36 @@ def datasets():
 def tensors():
     return TensorDataset(torch.rand(10, 2, 4, 4), torch.arange(10) % 2), None
 
+class Unlabelled(Dataset):
+    def __len__(self):
+        return 6
+    def __getitem__(self, i):
+        return torch.full((4,), float(i))
+
+class Poisoned(Dataset):
+    def __len__(self):
+        return 5
+    def __getitem__(self, i):
+        return torch.full((4,), float("nan") if i == 3 else 1.0), 0
+
+class Targets(Dataset):
+    def __len__(self):
+        return 6
+    def __getitem__(self, i):
+        return torch.full((4,), float(i)), np.array([i % 2, 1 - i % 2], np.float32)
+
+def unlabelled():
+    return Unlabelled(), None
+
+def poisoned():
+    return Poisoned(), None
+
+def targets():
+    return Targets(), None
+
+def empty_test():
+    return (X[:20], Y[:20]), Items(0, 0)
+
 def wrong():
     return 42
 
@@ -483,7 +572,19 @@ def test_module_function(user_file, monkeypatch):
     assert open_data("userdata:arrays").train_size == 20
 
 
+def test_function_labels_of_every_kind(user_file):
+    bare = open_data(f"{user_file}:unlabelled", normalize=False)
+    assert bare.labels == "none" and bare.classes is None and next(bare.batches("train", 4))[1] is None
+    rows = open_data(f"{user_file}:targets", normalize=False)
+    assert (rows.labels, rows.target_shape, rows.binary) == ("targets", (2,), True)
+    x, y = next(rows.batches("train", 4))
+    assert y.dtype == torch.float32 and y.shape == (4, 2) and torch.equal(y.sum(1), torch.ones(4))
+
+
 def test_function_errors(run_cli, user_file):
+    line = error_line(run_cli("data", f"{user_file}:poisoned"))  # found when ndc data reads every item
+    assert f"{user_file}:poisoned train: example 3 holds a non-finite value" in line
+    assert f"{user_file}:empty_test test holds no examples" in error_line(run_cli("data", f"{user_file}:empty_test"))
     assert "expected a pair (train, test)" in error_line(run_cli("data", f"{user_file}:wrong"))
     assert "raised RuntimeError: disk on fire" in error_line(run_cli("data", f"{user_file}:broken"))
     assert "has no callable 'absent'" in error_line(run_cli("data", f"{user_file}:absent"))

@@ -50,7 +50,8 @@ def labels(data) -> torch.Tensor:
 def test_accuracy_and_agreement(digits):
     y = labels(digits)
     result = evaluate(Constant(2), digits, batch_size=32)
-    assert result == {"accuracy": pytest.approx(float((y == 2).float().mean())), "examples": 100}
+    share = pytest.approx(float((y == 2).float().mean()))
+    assert result == {"metric": "accuracy", "score": share, "accuracy": share, "examples": 100}
     same = evaluate(Constant(2), digits, teacher=Constant(2))
     assert same["agreement"] == 1.0 and same["teacher_accuracy"] == same["accuracy"]
     other = evaluate(Constant(2), digits, teacher=Constant(3))
@@ -66,7 +67,7 @@ def test_module_mode_is_restored(digits):
 
 
 def test_wrong_class_count_is_one_line(digits):
-    with pytest.raises(NdcError, match="scores 3 classes but digits has 10"):
+    with pytest.raises(NdcError, match=r"digits labels: example \d+ has label [3-9], outside the model's 3 classes"):
         evaluate(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), digits)
     with pytest.raises(NdcError, match="does not run on digits batches of shape"):
         evaluate(nn.Linear(5, 10), digits)

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 from ndc.data import open_data
 from ndc.errors import NdcError
-from ndc.finetune import NoiseImages, TrainConfig, accuracy, kd_loss, train
+from ndc.finetune import NoiseImages, TrainConfig, accuracy, train
+from ndc.losses import kd_loss
+from ndc.scoring import Metric
 from ndc.workspace import Workspace
 
 
@@ -106,9 +108,19 @@ def test_noise_inputs_for_data_free_kd(digits):
 
 def test_bad_configurations():
     with pytest.raises(NdcError, match="unknown --loss"):
-        TrainConfig(loss="mse")
-    with pytest.raises(NdcError, match="needs a teacher"):
-        train(small_net(), None, TrainConfig(loss="kd"))
+        TrainConfig(loss="hinge")
+    for loss in ("kd", "mse", "bce"):
+        with pytest.raises(NdcError, match=f"--loss {loss} needs a teacher"):
+            train(small_net(), None, TrainConfig(loss=loss))
+    with pytest.raises(NdcError, match="--metric agreement needs a teacher"):
+        train(small_net(), None, TrainConfig(loss="ce", metric=Metric("agreement")))
+    for bad in ({"lr": math.nan}, {"lr": math.inf}, {"tau": math.nan}, {"lr": -1.0}):
+        with pytest.raises(NdcError, match="--lr and --tau must be positive finite numbers"):
+            TrainConfig(**bad)
+    with pytest.raises(NdcError, match="--lambda"):
+        TrainConfig(lam=math.nan)
+    with pytest.raises(NdcError, match="--time-budget"):
+        TrainConfig(time_budget=math.nan)
 
 
 def test_non_finite_loss_is_one_clear_error(digits):

@@ -227,7 +227,7 @@ def test_options_that_are_not_numbers_are_refused_before_any_work(run_cli, ws, o
     assert r.exit_code == 1 and one_line_error(r.stderr) and "must be" in r.stderr
     for command in (["finetune"], ["kd", "--width", "0.5"]):
         r = run_cli(*command, *DATA, "--lr", "nan")
-        assert r.exit_code == 1 and "--lr must be a positive number" in r.stderr
+        assert r.exit_code == 1 and one_line_error(r.stderr) and "--lr must be a positive" in r.stderr
 
 
 # ------------------------------------------------------------ 5. one line, never a traceback

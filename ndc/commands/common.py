@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -91,6 +92,63 @@ def device_option(f: Callable) -> Callable:
     """``--device cpu|cuda|cuda:N`` for every command that trains or evaluates."""
     return click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]",
                         help="Where models train and run: cpu, or cuda (a GPU).")(f)
+
+
+def metric_option(what: str = "Score"):
+    """``--metric NAME``: how eval, search, probe and training score a model (see ndc.scoring)."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str) -> str:
+        from ndc.scoring import parse_metric
+
+        if value != "auto":
+            try:
+                parse_metric(value)
+            except NdcError as e:
+                raise click.BadParameter(str(e)) from None
+        return value
+
+    return click.option(
+        "--metric",
+        default="auto",
+        show_default=True,
+        metavar="NAME",
+        callback=parse,
+        help=f"{what}: accuracy, top-K (e.g. top-5), agreement (with the teacher), output-error (relative, "
+        "lower is better), or module:function / file.py:function computing fn(student_out, teacher_out, y) -> float; "
+        "auto: accuracy when the labels fit the teacher's output, else agreement for class scores, else output-error.",
+    )
+
+
+def teacher_head(teacher: Any) -> Any:
+    """The :class:`ndc.heads.Head` of a workspace teacher (see :func:`ndc.heads.teacher_head`)."""
+    from ndc.heads import teacher_head as head
+
+    return head(teacher)
+
+
+def pick_metric(requested: str, data: Any, head: Any, labels_must_fit: bool = False, without_teacher: str = "") -> Any:
+    """:func:`ndc.scoring.pick_metric`, saying on stderr why auto settled for less than accuracy."""
+    from ndc.scoring import pick_metric as pick
+
+    return pick(requested, data, head, labels_must_fit=labels_must_fit, without_teacher=without_teacher, warn=warn)
+
+
+def finite_float(what: str = "a finite number", positive: bool = False) -> click.ParamType:
+    """A click float type that refuses NaN and infinity (and, with ``positive``, zero and below) while the command
+    line is parsed, before any work: a NaN learning rate would otherwise pass every ``<=`` check and poison
+    training. The refusal is one line and exit status 1, like every other bad input."""
+
+    class Finite(click.ParamType):
+        name = "float"
+
+        def convert(self, value: Any, param: Any, ctx: Any) -> float:
+            number = click.FLOAT.convert(value, param, ctx)
+            if not math.isfinite(number) or (positive and not number > 0):
+                option = param.opts[-1] if param is not None and param.opts else "the value"
+                raise click.ClickException(f"{option} must be {what}, not {value}")
+            return number
+
+    return Finite()
 
 
 def common_options(f: Callable) -> Callable:

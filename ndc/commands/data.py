@@ -20,14 +20,17 @@ from ndc.errors import NdcError
 @common_options
 @user_errors
 def command(spec, input_shape, limit, normalize, workspace, fmt):
-    """Resolve SPEC and print its sizes, classes, fitted example shape and statistics.
+    """Resolve SPEC and print its sizes, labels, fitted example shape and statistics.
 
     SPEC is fashion-mnist[:DIR], mnist:DIR, digits, file.npz, imagefolder:DIR,
     or module:function / file.py:function returning (train, test). With
     normalisation by training statistics (the default) they are computed once
     and stored in WORKSPACE/data/, where every later stage finds them. Image
     folders and user datasets are read in full once, so a broken file shows up
-    here rather than in the middle of training.
+    here rather than in the middle of training. A non-finite value, an empty
+    split, or (with a workspace plan) a class label the teacher has no output
+    for is one line naming the file and the first bad example, and exit
+    status 1.
 
     \b
       ndc data fashion-mnist --input-shape 1,3,32,32
@@ -39,15 +42,20 @@ def command(spec, input_shape, limit, normalize, workspace, fmt):
 
     ws = Workspace(workspace)
     shape, shape_from = None, "the data's own shape"
+    plan = ws.load_plan() if ws.exists(PLAN) else None
     if input_shape:
         full = parse_shape(input_shape)
         if len(full) < 2:
             raise NdcError(f"bad --input-shape {input_shape!r}: give the batch size first, e.g. 1,3,32,32")
         shape, shape_from = full[1:], "--input-shape"
-    elif ws.exists(PLAN):
-        shape, shape_from = tuple(ws.load_plan().input_shape[1:]), f"the plan in {ws.root}"
+    elif plan is not None:
+        shape, shape_from = tuple(plan.input_shape[1:]), f"the plan in {ws.root}"
     data = open_data(spec, shape, limit=limit, workspace=ws, normalize=normalize)
     data.check()
+    output = plan.neighbourhoods[-1].output_shape if plan is not None and plan.neighbourhoods else []
+    if len(output) == 2:  # the plan's teacher scores classes: its labels must be among them
+        data.check_classes(output[1], f"the teacher of {ws.root} scores {output[1]} classes (search and probe can "
+                                      "still measure agreement with --metric agreement)")
     payload = data.describe()
 
     def text() -> str:
@@ -57,7 +65,7 @@ def command(spec, input_shape, limit, normalize, workspace, fmt):
             ["source", data.where],
             ["train", data.train_size],
             ["test", f"{data.test_size}  ({data.split})"],
-            ["classes", data.classes],
+            ["labels", _labels(data)],
             ["example", f"{raw} -> {dims}  (fit: {payload['fit']}; shape from {shape_from})"],
             ["mean", " ".join(f"{m:.4f}" for m in data.mean)],
             ["std", " ".join(f"{s:.4f}" for s in data.std)],
@@ -68,3 +76,12 @@ def command(spec, input_shape, limit, normalize, workspace, fmt):
         return f"{spec}\n" + table(["", ""], rows, "ll").split("\n", 2)[2]
 
     emit(fmt, payload, text)
+
+
+def _labels(data) -> str:
+    if data.labels == "classes":
+        return f"{data.classes} classes"
+    if data.labels == "targets":
+        what = "0/1 multi-label targets" if data.binary else "real-valued targets"
+        return f"{what}, {'x'.join(map(str, data.target_shape)) or 'one'} per example"
+    return "none (inputs only)"

@@ -1,4 +1,4 @@
-"""``ndc eval [MODEL]``: accuracy on a data set, and agreement with the workspace's teacher."""
+"""``ndc eval [MODEL]``: a model's score on a data set, and its agreement with the workspace's teacher."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from ndc.commands.common import common_options, data_options, emit, normalize_option, table, user_errors, warn
+from ndc.commands.common import (common_options, data_options, emit, metric_option, normalize_option, pick_metric, table,
+                                 teacher_head, user_errors, warn)
 from ndc.errors import NdcError, fmt_shape
 
 
@@ -18,18 +19,21 @@ from ndc.errors import NdcError, fmt_shape
 @click.option("--trust-pickle", is_flag=True,
               help="Allow unpickling a .pt MODEL (a pickled module can run code when loaded).")
 @click.option("--device", default="cpu", show_default=True, help="Device for torch models (cpu, cuda).")
+@metric_option()
 @normalize_option
 @common_options
 @user_errors
-def command(model, data_spec, limit, batch_size, trust_pickle, device, normalize, workspace, fmt):
-    """Accuracy of MODEL on the test split of --data, and its agreement with the teacher.
+def command(model, data_spec, limit, batch_size, trust_pickle, device, metric, normalize, workspace, fmt):
+    """Score of MODEL on the test split of --data (accuracy by default), and its agreement with the teacher.
 
     MODEL is an exported .onnx or .pt2 file, a .pt (pickled, needs
     --trust-pickle) or a workspace directory. Without MODEL, the workspace
     -w is evaluated: its stitched student against its teacher, or the teacher
     alone before `ndc stitch` has run. For a MODEL file, agreement is measured
     against the teacher of the workspace -w when it has a plan; otherwise only
-    accuracy is reported.
+    accuracy is reported. --metric scores by another measure (top-5,
+    output-error for a regression head, your own function); the teacher's own
+    score is reported beside it when the metric uses the labels.
 
     \b
       ndc eval --data fashion-mnist
@@ -48,14 +52,14 @@ def command(model, data_spec, limit, batch_size, trust_pickle, device, normalize
         if not ws.root.is_dir():
             raise NdcError(f"no workspace at {ws.root}; run `ndc partition MODEL -w {ws.root}` first, or give a MODEL file")
         with ws.reading():
-            payload = _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device)
+            payload = _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device, metric)
     else:
         ws = Workspace(workspace)
         has_plan = ws.exists(PLAN)
         if workspace_given and not has_plan:
             warn(f"no plan in workspace {ws.root}: reporting accuracy only (no teacher to compare with)")
         payload = _evaluate_file(model, ws if has_plan else None, data_spec, limit, normalize, batch_size, device,
-                                 trust_pickle)
+                                 trust_pickle, metric)
     if payload.get("note"):
         warn(payload["note"])
     emit(fmt, payload, lambda: _text(payload))
@@ -64,7 +68,7 @@ def command(model, data_spec, limit, batch_size, trust_pickle, device, normalize
 # ------------------------------------------------------------------ workspace
 
 
-def _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device) -> dict:
+def _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device, metric) -> dict:
     from ndc.data import open_data
     from ndc.evaluate import evaluate
     from ndc.plan import load_teacher
@@ -72,25 +76,27 @@ def _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device) -> 
 
     teacher = load_teacher(ws)
     data = open_data(data_spec, teacher.plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
+    metric = pick_metric(metric, data, teacher_head(teacher), labels_must_fit=True)
     folder = latest_student(ws, teacher)
     if folder is None:
-        result = evaluate(teacher.gm, data, batch_size=batch_size, device=device)
+        reference = teacher.gm if metric.needs_teacher else None  # the teacher against itself, trivially
+        result = evaluate(teacher.gm, data, metric=metric, teacher=reference, batch_size=batch_size, device=device)
         note = "no stitched student in the workspace yet (run ndc stitch); evaluated the teacher only"
-        return _payload("teacher", "teacher", result["accuracy"], result["accuracy"], None, result["examples"],
-                        data, ws, note)
+        return _payload("teacher", "teacher", metric, {**result, "agreement": None}, data, ws, note)
     student = load_student(ws, folder, teacher=teacher)
-    result = evaluate(student, data, teacher=teacher.gm, batch_size=batch_size, device=device)
+    result = evaluate(student, data, metric=metric, teacher=teacher.gm, batch_size=batch_size, device=device)
     label = "fine-tuned student" if folder == "finetune" else "stitched student"
-    return _payload("student", label, result["accuracy"], result["teacher_accuracy"],
-                    result["agreement"], result["examples"], data, ws, None)
+    return _payload("student", label, metric, result, data, ws, None)
 
 
 # ----------------------------------------------------------------------- file
 
 
-def _evaluate_file(model, ws, data_spec, limit, normalize, batch_size, device, trust_pickle) -> dict:
+def _evaluate_file(model, ws, data_spec, limit, normalize, batch_size, device, trust_pickle, metric) -> dict:
     from ndc.data import open_data
-    from ndc.evaluate import load_for_eval, evaluate
+    from ndc.evaluate import evaluate, load_for_eval
+    from ndc.heads import head_of
+    from ndc.scoring import runner
 
     predictor = load_for_eval(model, trust_pickle=trust_pickle)
     teacher = None
@@ -100,10 +106,16 @@ def _evaluate_file(model, ws, data_spec, limit, normalize, batch_size, device, t
         teacher = load_teacher(ws)
     shape = _input_shape(predictor, teacher, model)
     data = open_data(data_spec, shape, limit=limit, workspace=ws, normalize=normalize)
-    result = evaluate(predictor, data, teacher=teacher.gm if teacher is not None else None,
+    if teacher is not None:
+        head = teacher_head(teacher)
+    else:
+        with runner(predictor, device, str(model), data.name) as run:
+            head = head_of(predictor, run(next(data.batches("test", 2))[0]).shape)
+    metric = pick_metric(metric, data, head, labels_must_fit=True,
+                         without_teacher="" if teacher else f"pass -w with the workspace {model} was made from")
+    result = evaluate(predictor, data, metric=metric, teacher=teacher.gm if teacher is not None else None,
                       batch_size=batch_size, device=device)
-    return _payload("model", str(model), result["accuracy"], result.get("teacher_accuracy"), result.get("agreement"),
-                    result["examples"], data, ws, None)
+    return _payload("model", str(model), metric, result, data, ws, None)
 
 
 def _input_shape(predictor, teacher, model: str) -> tuple[int, ...]:
@@ -128,33 +140,45 @@ def _input_shape(predictor, teacher, model: str) -> tuple[int, ...]:
 # --------------------------------------------------------------------- output
 
 
-def _payload(evaluated: str, label: str, accuracy, teacher_accuracy, agreement, examples, data, ws, note) -> dict:
+def _payload(evaluated: str, label: str, metric, result: dict, data, ws, note) -> dict:
+    """The JSON of ``ndc eval``; ``accuracy`` and ``teacher_accuracy`` are the scores when the metric is accuracy."""
+    accuracy = metric.kind == "accuracy"
+    teacher_score = result["score"] if evaluated == "teacher" else result.get("teacher_score")
     return {
-        "accuracy": accuracy,
-        "teacher_accuracy": teacher_accuracy,
-        "agreement": agreement,
-        "examples": examples,
+        "accuracy": result["score"] if accuracy else None,
+        "teacher_accuracy": teacher_score if accuracy else None,
+        "agreement": result.get("agreement"),
+        "examples": result["examples"],
+        "metric": metric.name,
+        "score": result["score"],
+        "teacher_score": teacher_score,
+        "higher_is_better": metric.higher_is_better,
         "evaluated": evaluated,
         "model": label,
         "data": data.name,
         "split": "test",
         "split_source": data.split,
         "classes": data.classes,
+        "labels": data.labels,
         "workspace": str(ws.root) if ws is not None else None,
         "note": note,
     }
 
 
 def _text(p: dict) -> str:
-    def pct(v):
-        return "" if v is None else f"{100 * v:.2f}%"
+    from ndc.scoring import Metric
 
+    metric = Metric(p["metric"])
     rows = []
     if p["evaluated"] == "teacher":
-        rows.append(["teacher", pct(p["accuracy"]), ""])
+        rows.append(["teacher", metric.format(p["score"]), ""])
     else:
-        if p["teacher_accuracy"] is not None:
-            rows.append(["teacher", pct(p["teacher_accuracy"]), ""])
-        rows.append([p["model"], pct(p["accuracy"]), pct(p["agreement"])])
-    out = table(["model", "accuracy", "agreement with teacher"], rows, "lrr")
+        if p["teacher_score"] is not None:
+            rows.append(["teacher", metric.format(p["teacher_score"]), ""])
+        agreement = "" if p["agreement"] is None else f"{100 * p['agreement']:.2f}%"
+        rows.append([p["model"], metric.format(p["score"]), agreement])
+    if metric.kind == "agreement":  # the score already is the agreement
+        rows = [row[:2] for row in rows]
+    headers = ["model", metric.title] + ([] if metric.kind == "agreement" else ["agreement with teacher"])
+    out = table(headers, rows, "lrr")
     return f"{out}\n\n{p['examples']} test examples of {p['data']} ({p['split_source']})"

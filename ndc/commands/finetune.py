@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ndc.commands.common import common_options, data_options, device_option, emit, normalize_option, table, user_errors
+from ndc.commands.common import (common_options, data_options, device_option, emit, finite_float, metric_option,
+                                 normalize_option, table, user_errors)
+from ndc.losses import LOSS_CHOICES
 
 
 def training_options(lr_default: float):
@@ -12,14 +14,23 @@ def training_options(lr_default: float):
 
     def wrap(f):
         for option in reversed([
+            click.option("--loss", type=click.Choice(LOSS_CHOICES), default="auto", show_default=True,
+                         help="kd: softened logits + λ·label cross entropy (classifiers); ce: labels alone, no teacher; "
+                              "mse: match the teacher's outputs (any head, regression); bce: the teacher's sigmoid "
+                              "probabilities (multi-label heads); auto picks from the teacher's output and the data "
+                              "and says which."),
+            metric_option("Score after every epoch, which picks the epoch kept"),
             click.option("--epochs", type=int, default=10, show_default=True),
-            click.option("--lr", type=float, default=None,
+            click.option("--lr", type=finite_float("a positive learning rate", positive=True), default=None,
                          help=f"SGD learning rate (momentum 0.9, cosine decay) [default: {lr_default:g}; a tenth of it with --data-free]."),
             click.option("--batch-size", type=int, default=128, show_default=True),
-            click.option("--tau", type=float, default=2.5, show_default=True, help="Distillation temperature."),
-            click.option("--lambda", "lam", type=float, default=1.0, show_default=True, help="Weight of the label cross entropy."),
-            click.option("--patience", type=int, default=None, help="Stop after N epochs without better accuracy [default: never]."),
-            click.option("--time-budget", type=float, default=None, metavar="SECONDS", help="Stop training after this much wall time."),
+            click.option("--tau", type=finite_float("a positive temperature", positive=True), default=2.5,
+                         show_default=True, help="Distillation temperature (--loss kd)."),
+            click.option("--lambda", "lam", type=finite_float("a finite weight"), default=1.0, show_default=True,
+                         help="Weight of the label term (cross entropy, or the loss's own form against the targets)."),
+            click.option("--patience", type=int, default=None, help="Stop after N epochs without a better score [default: never]."),
+            click.option("--time-budget", type=finite_float("a positive number of seconds", positive=True), default=None,
+                         metavar="SECONDS", help="Stop training after this much wall time."),
             click.option("--no-augment", is_flag=True, help="No random translations."),
             click.option("--data-free", is_flag=True, help="Train on Gaussian-noise images with the teacher's soft targets only (--data still measures accuracy and picks the epoch kept)."),
             click.option("--restart", is_flag=True, help="Discard an earlier checkpoint and start again."),
@@ -35,15 +46,25 @@ def training_options(lr_default: float):
 
 
 def epoch_progress(epochs: int, what: str, quiet: bool, fmt: str):
-    """A progress bar over epochs and the log that feeds it."""
+    """A progress bar over epochs and the callback that advances it."""
     from ndc.progress import Progress
 
     progress = Progress(epochs, what, quiet=quiet, bar=fmt != "json")
 
     def on_epoch(e: dict) -> None:
-        progress.advance(1, accuracy=f"{e['accuracy']:.2%}")
+        progress.advance(1)
 
     return progress, on_epoch
+
+
+def base_config(epochs, lr, lr_default, batch_size, tau, lam, patience, time_budget, no_augment, data_free, seed, **extra):
+    """The teacher-independent settings of an end-to-end run, checked before any work (loss and metric come later)."""
+    from ndc import stages
+    from ndc.finetune import TrainConfig
+
+    return TrainConfig(epochs=epochs, lr=stages.learning_rate(lr, lr_default, data_free), batch_size=batch_size, tau=tau,
+                       lam=0.0 if data_free else lam, patience=patience, time_budget=time_budget,
+                       augment=not no_augment and not data_free, seed=seed, **extra)
 
 
 @click.command("finetune")
@@ -52,38 +73,43 @@ def epoch_progress(epochs: int, what: str, quiet: bool, fmt: str):
 @training_options(lr_default=1e-2)
 @common_options
 @user_errors
-def command(data_spec, limit, normalize, epochs, lr, batch_size, tau, lam, patience, time_budget, no_augment, data_free, restart, seed,
-            output, device, quiet, workspace, fmt):
-    """Fine-tune the stitched student end to end by knowledge distillation.
+def command(data_spec, limit, normalize, loss, metric, epochs, lr, batch_size, tau, lam, patience, time_budget, no_augment,
+            data_free, restart, seed, output, device, quiet, workspace, fmt):
+    """Fine-tune the stitched student end to end against the teacher.
 
-    Loss: τ²·CE(softmax(T/τ), softmax(S/τ)) + λ·CE(y, softmax(S)) (the paper's
-    eq. 3 with Hinton's τ² scaling). Checkpoints after every epoch; a killed
-    run resumes where it stopped, and only a checkpoint of the same teacher,
-    stitched student, data and settings is ever resumed. The best epoch's
-    student is saved in the workspace (finetune/) and exported with -o.
+    The loss fits the teacher's head (--loss, auto by default): for
+    classifiers τ²·CE(softmax(T/τ), softmax(S/τ)) + λ·CE(y, softmax(S)) (the
+    paper's eq. 3 with Hinton's τ² scaling); for regression and other heads
+    the mean squared error to the teacher's outputs; for sigmoid heads the
+    binary cross entropy with its probabilities. Checkpoints after every
+    epoch; a killed run resumes where it stopped, and only a checkpoint of the
+    same teacher, stitched student, data and settings is ever resumed. The
+    best epoch's student (by --metric) is saved in the workspace (finetune/)
+    and exported with -o.
 
     \b
       ndc finetune --data fashion-mnist --epochs 5 -o student.onnx
+      ndc finetune --data targets.npz --loss mse --metric output-error
     """
     from ndc import stages
-    from ndc.finetune import TrainConfig
     from ndc.workspace import Workspace
 
-    cfg = TrainConfig(loss="kd", epochs=epochs, lr=stages.learning_rate(lr, stages.FINETUNE_LR, data_free), batch_size=batch_size,
-                      tau=tau, lam=0.0 if data_free else lam, patience=patience, time_budget=time_budget,
-                      augment=not no_augment and not data_free, seed=seed, freeze_bn=data_free, keep_initial=True)
+    cfg = base_config(epochs, lr, stages.FINETUNE_LR, batch_size, tau, lam, patience, time_budget, no_augment, data_free, seed,
+                      freeze_bn=data_free, keep_initial=True)
     progress, on_epoch = epoch_progress(epochs, "finetune", quiet, fmt)
     with progress:
-        result = stages.finetune(Workspace(workspace), cfg, data=data_spec, limit=limit, normalize=normalize, data_free=data_free,
-                                 output=output, restart=restart, device=device, log=progress.log, on_epoch=on_epoch)
-    payload = result.payload
+        result = stages.finetune(Workspace(workspace), cfg, loss=loss, metric=metric, data=data_spec, limit=limit,
+                                 normalize=normalize, data_free=data_free, output=output, restart=restart, device=device,
+                                 log=progress.log, warn=progress.warn, on_epoch=on_epoch)
+    payload, metric = result.payload, result.metric
 
     def text() -> str:
-        rows = [["teacher", f"{payload['teacher_accuracy']:.2%}"], ["stitched student", f"{payload['initial_accuracy']:.2%}"]]
+        rows = [["teacher", metric.format(payload["teacher_score"])], ["stitched student", metric.format(payload["initial_score"])]]
         if payload["best_epoch"]:
-            rows.append([f"fine-tuned (epoch {payload['best_epoch']})", f"{payload['accuracy']:.2%}"])
+            rows.append([f"fine-tuned (epoch {payload['best_epoch']})", metric.format(payload["score"])])
         tail = "" if payload["best_epoch"] else "\nno epoch beat the stitched student: it is kept unchanged"
         tail += f"\nwrote {payload['output']}" if output else ""
-        return table(["model", "accuracy"], rows, "lr") + f"\n\n{payload['epochs']} epochs in {payload['seconds']:.0f}s" + tail
+        return (table(["model", metric.title], rows, "lr") + f"\n\n{payload['epochs']} epochs of --loss {payload['loss']} in "
+                f"{payload['seconds']:.0f}s" + tail)
 
     emit(fmt, payload, text)

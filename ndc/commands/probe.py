@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from ndc.commands.common import common_options, data_options, emit, model_options, normalize_option, table, user_errors, warn
+from ndc.commands.common import (common_options, data_options, emit, finite_float, metric_option, model_options,
+                                 normalize_option, pick_metric, table, teacher_head, user_errors, warn)
 from ndc.errors import NdcError
 
 
@@ -16,12 +17,12 @@ from ndc.errors import NdcError
 @click.option("--eps", "eps_text", default=None, metavar="E[,E...]",
               help="Noise amplitudes [default: 0 and 0.001 to 10 in 1-2-5 steps].")
 @click.option("--relative", is_flag=True, help="Scale the noise at each boundary by the teacher's activation std there.")
-@click.option("--tolerance", type=float, default=0.5, show_default=True,
+@click.option("--tolerance", type=finite_float("a positive number of points", positive=True), default=0.5,
+              show_default=True,
               help="Threshold: the largest amplitude whose drop stays below this many points.")
 @click.option("--eval-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Held-out set: the first N examples of the test split.")
-@click.option("--metric", type=click.Choice(["auto", "accuracy", "agreement"]), default="auto", show_default=True,
-              help="Score: accuracy against the labels, or agreement with the unperturbed model.")
+@metric_option("Score under noise (agreement and output-error compare with the unperturbed model)")
 @click.option("--all-neighbourhoods", "include_kept", is_flag=True,
               help="Also perturb the neighbourhoods kept with the teacher (stem, head).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise.")
@@ -54,20 +55,16 @@ def command(model, data_spec, limit, eps_text, relative, tolerance, eval_size, m
     """
     from ndc.data import open_data
     from ndc.probe import parse_eps, probe, write_probe
-    from ndc.search import HeldOut, choose_metric
+    from ndc.search import HeldOut
     from ndc.workspace import Workspace
 
     if not data_spec:
         raise NdcError("ndc probe measures accuracy under noise: give --data SPEC, e.g. --data fashion-mnist")
-    if not tolerance > 0:
-        raise NdcError("--tolerance must be a positive number of points")
     eps = parse_eps(eps_text)
     teacher, ws, what = _teacher(model, workspace, input_shape, by, depth, every, cuts, leaves, weights, trust_pickle)
     plan = teacher.plan
     data = open_data(data_spec, plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
-    metric, why = choose_metric(metric, data, plan.neighbourhoods[-1].output_shape)
-    if why:
-        warn(why)
+    metric = pick_metric(metric, data, teacher_head(teacher))
     targets = [nb.name for nb in (plan.neighbourhoods if include_kept else plan.trainable)]
     if not targets:
         targets = plan.names
@@ -77,7 +74,7 @@ def command(model, data_spec, limit, eps_text, relative, tolerance, eval_size, m
                    seed=seed, tolerance=tolerance)
     folder = Path(out_dir) if out_dir else Workspace(workspace if ws is None else ws.root).path("probe")
     title = (f"Thresholding effect: {what}\n{result.examples} held-out examples of {data_spec}, "
-             f"{score_name(result.metric)} {100 * result.baseline:.1f}% without noise")
+             f"{metric.title} {metric.format(result.baseline)} without noise")
     files = write_probe(folder, result, title)
     payload = {**result.to_json(), "model": what, "files": files}
 
@@ -95,16 +92,12 @@ def command(model, data_spec, limit, eps_text, relative, tolerance, eval_size, m
         if relative:
             headers.insert(1, "activation std")
         lines = [table(headers, rows), "",
-                 f"{what}: {score_name(result.metric)} {100 * result.baseline:.2f}% on {result.examples} held-out examples; "
-                 f"threshold = largest ε with a drop below {tolerance:g} points",
+                 f"{what}: {metric.title} {metric.format(result.baseline)} on {result.examples} held-out examples; "
+                 f"threshold = largest ε with a drop below {tolerance:g}{' points' if metric.fraction else ''}",
                  f"wrote {files['png']}, {files['csv']} and {files['json']}"]
         return "\n".join(lines)
 
     emit(fmt, payload, text)
-
-
-def score_name(metric: str) -> str:
-    return "accuracy" if metric == "accuracy" else "agreement"
 
 
 def _teacher(model, workspace, input_shape, by, depth, every, cuts, leaves, weights, trust_pickle):

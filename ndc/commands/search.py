@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import click
 
-from ndc.commands.common import common_options, data_options, emit, human, normalize_option, table, user_errors, warn
+from ndc.commands.common import (common_options, data_options, emit, finite_float, human, metric_option, normalize_option,
+                                 pick_metric, table, teacher_head, user_errors, warn)
 from ndc.errors import NdcError
 
 
 @click.command("search")
-@click.option("--max-drop", type=float, default=None, metavar="X",
+@click.option("--max-drop", type=finite_float("a finite number of points"), default=None, metavar="X",
               help="Greedy rule: per neighbourhood, the smallest candidate whose drop is below X points.")
 @click.option("--budget", "budget_text", default=None, metavar="params=N|flops=N",
               help="Exact rule: least summed drop with the whole student within N parameters or FLOPs "
@@ -17,8 +18,7 @@ from ndc.errors import NdcError
 @data_options
 @click.option("--eval-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Held-out set: the first N examples of the test split.")
-@click.option("--metric", type=click.Choice(["auto", "accuracy", "agreement"]), default="auto", show_default=True,
-              help="Score: accuracy against the labels, or agreement with the teacher (auto: accuracy when the labels fit).")
+@metric_option("Score of each candidate inside the teacher")
 @click.option("--fallback", type=click.Choice(["teacher", "widest"]), default="teacher", show_default=True,
               help="--max-drop: what a neighbourhood keeps when no candidate qualifies.")
 @click.option("--calibrate", type=click.IntRange(min=0), default=20, show_default=True,
@@ -36,11 +36,12 @@ def command(max_drop, budget_text, data_spec, limit, eval_size, metric, fallback
     """Pick one trained candidate per neighbourhood and write WORKSPACE/selection.json.
 
     Each candidate is scored inside the teacher (only its neighbourhood
-    replaced) on the held-out set; its drop is the teacher's score minus that,
-    in percentage points. --max-drop X takes, per neighbourhood, the smallest
-    candidate (parameters, then FLOPs) whose drop is below X; --budget finds
-    the choice with the least summed drop whose whole student fits the budget
-    (solved exactly; the teacher's own neighbourhood is always an option).
+    replaced) on the held-out set (by --metric, accuracy by default); its drop is
+    how much worse than the teacher's score that is, in percentage points.
+    --max-drop X takes, per neighbourhood, the smallest candidate (parameters,
+    then FLOPs) whose drop is below X; --budget finds the choice with the
+    least summed drop whose whole student fits the budget (solved exactly; the
+    teacher's own neighbourhood is always an option).
     Without a rule, the table of candidates is printed and nothing is chosen.
     The selected student is stitched, its batch norms recalibrated, and its
     measured score reported beside the predicted one (teacher minus summed
@@ -53,8 +54,8 @@ def command(max_drop, budget_text, data_spec, limit, eval_size, metric, fallback
     """
     from ndc.data import open_data
     from ndc.plan import load_teacher
-    from ndc.search import (HeldOut, choose_metric, greedy, load_candidates, measure_selection, parse_budget,
-                            quality_table, run_sweep, solve_budget, write_pareto, write_selection)
+    from ndc.search import (HeldOut, greedy, load_candidates, measure_selection, parse_budget, quality_table, run_sweep,
+                            solve_budget, write_pareto, write_selection)
     from ndc.workspace import Workspace
 
     if max_drop is not None and budget_text is not None:
@@ -67,9 +68,7 @@ def command(max_drop, budget_text, data_spec, limit, eval_size, metric, fallback
     plan = teacher.plan
     budget = parse_budget(budget_text, plan.teacher) if budget_text is not None else None
     data = open_data(data_spec, plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
-    metric, why = choose_metric(metric, data, plan.neighbourhoods[-1].output_shape)
-    if why:
-        warn(why)
+    metric = pick_metric(metric, data, teacher_head(teacher))
     heldout = HeldOut.first(data, eval_size, batch_size)
     candidates = load_candidates(ws, teacher)
     if not candidates:
@@ -114,10 +113,9 @@ def command(max_drop, budget_text, data_spec, limit, eval_size, metric, fallback
         for name, opts in quality.options.items():
             for o in opts:
                 mark = "<-" if chosen.get(name) == o else ""
-                rows.append([name, o.label, human(o.params), human(o.flops), f"{100 * o.accuracy:.2f}", f"{o.drop:+.2f}", mark])
-        score = "agreement %" if quality.metric == "agreement" else "accuracy %"
-        lines = [table(["neighbourhood", "candidate", "params", "FLOPs", score, "drop", ""], rows, "llrrrrl"), ""]
-        lines.append(f"teacher {100 * quality.teacher_accuracy:.2f}% on {quality.examples} held-out examples"
+                rows.append([name, o.label, human(o.params), human(o.flops), metric.format(o.accuracy), f"{o.drop:+.2f}", mark])
+        lines = [table(["neighbourhood", "candidate", "params", "FLOPs", metric.title, "drop", ""], rows, "llrrrrl"), ""]
+        lines.append(f"teacher {metric.format(quality.teacher_accuracy)} {metric.title} on {quality.examples} held-out examples"
                      + (" (measurements reused from search/quality.json)" if reused else ""))
         if doc is not None:
             rule = (f"--max-drop {max_drop:g}" if max_drop is not None else f"--budget {budget.kind}<={human(budget.limit)}")
@@ -126,11 +124,12 @@ def command(max_drop, budget_text, data_spec, limit, eval_size, metric, fallback
             if measured is None:
                 measured_text = "not measured (--no-verify)"
             elif measured["calibrated_norms"]:
-                measured_text = (f"measured {100 * measured['uncalibrated_accuracy']:.2f}% as stitched, "
-                                 f"{100 * measured['accuracy']:.2f}% after recalibrating {measured['calibrated_norms']} batch norms")
+                measured_text = (f"measured {metric.format(measured['uncalibrated_accuracy'])} as stitched, "
+                                 f"{metric.format(measured['accuracy'])} after recalibrating {measured['calibrated_norms']} batch norms")
             else:
-                measured_text = f"measured {100 * measured['accuracy']:.2f}%"
-            lines.append(f"predicted {100 * doc['predicted_accuracy']:.2f}% (drop {doc['predicted_drop']:.2f} points), {measured_text}")
+                measured_text = f"measured {metric.format(measured['accuracy'])}"
+            lines.append(f"predicted {metric.format(doc['predicted_accuracy'])} (drop {doc['predicted_drop']:.2f}{' points' if metric.fraction else ''}), "
+                         f"{measured_text}")
             lines.append(f"wrote {payload['selection_file']}; `ndc stitch -o FILE` uses it")
         else:
             lines.append("no rule given: pass --max-drop X or --budget params=N to choose a student")

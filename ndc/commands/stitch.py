@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ndc.commands.common import (common_options, data_options, device_option, emit, human, normalize_option, selection_options,
-                                 table, user_errors)
+                                 table, user_errors, warn)
 
 
 @click.command("stitch")
@@ -25,7 +25,7 @@ def command(output, width, spec_text, selection_file, data_spec, limit, normaliz
     compared with onnxruntime at batch sizes 1, 7 and 64), .pt2
     (torch.export, loads with torch.export.load), .pt (a pickled module:
     trusted-only). With --data, batch-norm statistics are recalibrated and
-    teacher and student accuracy are reported.
+    the teacher's and the student's scores are reported.
 
     \b
       ndc stitch -o student.onnx
@@ -35,15 +35,16 @@ def command(output, width, spec_text, selection_file, data_spec, limit, normaliz
     from ndc import stages
     from ndc.workspace import Workspace
 
-    summary = stages.stitch(Workspace(workspace), output, width=width, spec=spec_text, selection_file=selection_file,
-                            data=data_spec, limit=limit, normalize=normalize, calibrate=calibrate, fold_bn=fold_bn,
-                            device=device).summary
+    result = stages.stitch(Workspace(workspace), output, width=width, spec=spec_text, selection_file=selection_file,
+                           data=data_spec, limit=limit, normalize=normalize, calibrate=calibrate, fold_bn=fold_bn,
+                           device=device, warn=warn)
+    summary, metric = result.summary, result.metric
 
     def text() -> str:
         rows = [["parameters", human(summary["teacher_params"]), human(summary["params"])],
                 ["FLOPs", human(summary["teacher_flops"]), human(summary["flops"])]]
-        if "accuracy" in summary:
-            rows.append(["accuracy", f"{summary['teacher_accuracy']:.2%}", f"{summary['accuracy']:.2%}"])
+        if "score" in summary:
+            rows.append([metric.title, metric.format(summary["teacher_score"]), metric.format(summary["score"])])
         lat = summary.get("latency_ms") or {}
         lines = [table(["", "teacher", "student"], rows, "lrr"), ""]
         lines.append(f"wrote {summary['output']} ({human(summary['bytes'] or 0)}B, max |diff| vs PyTorch {summary['max_abs_diff']:.2g}"

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ndc.chain import run_parts
 from ndc.errors import NdcError
 from ndc.workspace import Workspace, read_json, sha256_file, sha256_json, write_json_atomic
 
@@ -70,14 +71,10 @@ class TeacherChain:
             self._parts[k] = self.teacher.part(self.names[k]).eval().requires_grad_(False).to(self.device)
         return self._parts[k]
 
-    @torch.no_grad()
     def run(self, x: torch.Tensor, start: int, stop: int) -> list[torch.Tensor]:
-        """Outputs of parts ``start .. stop-1`` applied in turn to ``x``."""
-        outs = []
-        for k in range(start, stop):
-            x = self.part(k)(x)
-            outs.append(x)
-        return outs
+        """Outputs of parts ``start .. stop-1`` applied in turn to ``x``; neither ``x`` nor any output is changed by a
+        later part's in-place operation (:func:`ndc.chain.run_parts`)."""
+        return run_parts([self.part(k) for k in range(start, stop)], x, keep=True)[1:]
 
 
 # ----------------------------------------------------------------------- cache

@@ -57,11 +57,11 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
 from ndc.errors import NdcError, first_line, fmt_shape
+from ndc.formats import format_of, load_exported
 from ndc.metrics import count_flops, count_params
-from ndc.report import library_versions, measure_latency, ort_session
+from ndc.report import library_versions, measure_latency
 from ndc.workspace import atomic_write, pid_alive, write_json_atomic
 
-FORMATS = {".onnx": "onnx", ".pt2": "pt2", ".pt": "pt"}
 CHECK_BATCH_SIZES = (1, 7, 64)
 # torch.export specialises a dimension whose example size is 0 or 1, so the
 # example that fixes the graph has batch size 2 (never one of the checked sizes).
@@ -112,10 +112,10 @@ def export_model(module: nn.Module, path: str | os.PathLike, input_shape: Sequen
             _WRITERS[fmt](model, tmp, shape, seed)
         except OSError as e:  # name the file the user asked for, not the temporary one
             raise OSError(e.errno, e.strerror, str(path)) from None
-        run = _LOADERS[fmt](tmp)
+        run = load_exported(tmp, trust_pickle=True)  # we wrote it a moment ago: unpickling our own file is safe
         diffs: dict[str, float] = {}
         if check:
-            diffs = verify(model, run.call, shape, fmt=fmt, atol=atol, rtol=rtol, seed=seed,
+            diffs = verify(model, run.outputs, shape, fmt=fmt, atol=atol, rtol=rtol, seed=seed,
                            report_dir=report_dir, rejected=tmp)
         latency = measure_latency(run.latency_target, shape, runs=latency_runs) if latency_runs > 0 else None
         _fsync(tmp)
@@ -156,12 +156,8 @@ def check_output_path(path: str | os.PathLike) -> str:
 
 
 def export_format(path: Path) -> str:
-    """'onnx', 'pt2' or 'pt' from ``path``'s suffix; anything else is one :class:`NdcError` line."""
-    fmt = FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        what = f"unknown suffix {path.suffix!r}" if path.suffix else "no suffix"
-        raise NdcError(f"cannot export to {path}: {what}; use .onnx or .pt2 (safe to load) or .pt (pickled, trusted-only)")
-    return fmt
+    """'onnx', 'pt2' or 'pt' from ``path``'s suffix (:data:`ndc.formats.FORMATS`); anything else is one :class:`NdcError` line."""
+    return format_of(path).name
 
 
 def check_destination(path: Path) -> None:
@@ -417,56 +413,6 @@ def _make_picklable(gm: fx.GraphModule) -> None:
 
 
 _WRITERS = {"onnx": _write_onnx, "pt2": _write_pt2, "pt": _write_pt}
-
-
-# ------------------------------------------------------------- loaders
-
-
-class _Loaded:
-    """An exported file loaded back: ``call(x) -> list of numpy outputs`` and what to time."""
-
-    def __init__(self, call: Callable[[torch.Tensor], list[np.ndarray]], latency_target: Any):
-        self.call = call
-        self.latency_target = latency_target
-
-
-def _load_onnx(tmp: Path) -> _Loaded:
-    session = ort_session(tmp)
-    name = session.get_inputs()[0].name
-
-    def call(x: torch.Tensor) -> list[np.ndarray]:
-        return list(session.run(None, {name: x.numpy()}))
-
-    return _Loaded(call, session)
-
-
-def _torch_call(module: Callable) -> Callable[[torch.Tensor], list[np.ndarray]]:
-    def call(x: torch.Tensor) -> list[np.ndarray]:
-        with torch.no_grad():
-            return [t.detach().cpu().numpy() for t in tree_leaves(module(x)) if isinstance(t, torch.Tensor)]
-
-    return call
-
-
-def _load_pt2(tmp: Path) -> _Loaded:
-    try:
-        module = torch.export.load(tmp).module()
-    except Exception as e:
-        raise NdcError(f"the written .pt2 file does not load back with torch.export.load: {first_line(e)}") from None
-    return _Loaded(_torch_call(module), module)
-
-
-def _load_pt(tmp: Path) -> _Loaded:
-    # We wrote this file ourselves a moment ago, so unpickling it is safe here.
-    try:
-        module = torch.load(tmp, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise NdcError(f"the written .pt file does not load back: {first_line(e)}; export to .pt2 or .onnx instead") from None
-    module.eval()
-    return _Loaded(_torch_call(module), module)
-
-
-_LOADERS = {"onnx": _load_onnx, "pt2": _load_pt2, "pt": _load_pt}
 
 
 # ------------------------------------------------------------- helpers

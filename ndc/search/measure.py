@@ -1,0 +1,185 @@
+"""Measuring candidates inside the teacher, and stitched students, on the held-out set."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ndc.chain import run_parts
+from ndc.errors import NdcError
+from ndc.ir import Spec
+from ndc.scoring import Metric, as_metric, score
+from ndc.search.table import QUALITY_FORMAT, QualityTable, build_table
+from ndc.workspace import Workspace, sha256_json
+
+SEARCH_DIR = "search"
+QUALITY = f"{SEARCH_DIR}/quality.json"
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out set: the first ``size`` examples of ``data``'s test split, in its fixed order.
+
+    Every measurement of search and probe (teacher, candidates, stitched
+    students, noise) runs on exactly these examples in these batches, so their
+    scores compare example by example.
+    """
+
+    data: Any
+    size: int
+    batch_size: int = 256
+
+    @classmethod
+    def first(cls, data: Any, eval_size: int | None, batch_size: int = 256) -> "HeldOut":
+        if eval_size is not None and eval_size < 1:
+            raise NdcError("--eval-size must be at least 1")
+        size = data.test_size if eval_size is None else min(eval_size, data.test_size)
+        if size < 1:
+            raise NdcError(f"the data {data.name} has no test examples to measure on")
+        return cls(data, size, batch_size)
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        seen = 0
+        for x, y in self.data.batches("test", self.batch_size):
+            keep = self.size - seen
+            x, y = x[:keep], None if y is None else y[:keep]
+            if not len(x):
+                return
+            seen += len(x)
+            yield x, y
+            if seen >= self.size:
+                return
+
+
+def candidate_size(module: nn.Module, spec: Spec, input_shape: Sequence[int]) -> tuple[int, int]:
+    """(parameters, FLOPs per example) of one candidate; a sparse spec counts only its non-zero weight matrices' entries."""
+    from ndc.metrics import count_flops
+
+    unique = {id(p): p for p in module.parameters()}.values()
+    sparse = spec.sparsity > 0 or spec.nm is not None
+    params = sum(int(torch.count_nonzero(p)) if sparse and p.dim() >= 2 else p.numel() for p in unique)
+    return params, count_flops(module, list(input_shape))
+
+
+@torch.no_grad()
+def measure_quality(parts: Sequence[nn.Module], names: Sequence[str],
+                    candidates: Mapping[str, Sequence[tuple[Spec, nn.Module]]], heldout: HeldOut,
+                    metric: Metric | str) -> tuple[float, dict[tuple[str, Spec], float], int]:
+    """Score of the teacher, and of the teacher with only ``name`` replaced by each candidate; and the example count.
+
+    ``parts`` are the teacher's neighbourhoods in order (``names``). Per batch
+    the teacher runs once, keeping every boundary; each candidate then runs
+    on its neighbourhood's input followed by the teacher's suffix. Metrics
+    that compare with the teacher compare with its unmodified output. A
+    candidate equal to the teacher's part scores exactly the teacher's score.
+    """
+    metric = as_metric(metric)
+    index = {n: k for k, n in enumerate(names)}
+    for name in candidates:
+        if name not in index:
+            raise NdcError(f"no neighbourhood named {name!r}")
+    for part in parts:
+        part.eval()
+    for options in candidates.values():
+        for _, module in options:
+            module.eval()
+    tallies = {(name, spec): metric.tally() for name, options in candidates.items() for spec, _ in options}
+    teacher_tally = metric.tally()
+    total = 0
+    for x, y in heldout.batches():
+        values = run_parts(parts, x, keep=True)
+        teacher_out = values[-1]
+        teacher_tally.add(teacher_out, teacher_out, y)
+        for name, options in candidates.items():
+            i = index[name]
+            for spec, module in options:
+                out = run_parts(parts, module(values[i].clone()), i + 1)
+                tallies[name, spec].add(out, teacher_out, y)
+        total += len(x)
+    if not total:
+        raise NdcError("the held-out set is empty")
+    return teacher_tally.result(), {k: t.result() for k, t in tallies.items()}, total
+
+
+# ------------------------------------------------------------------ workspace side
+
+
+def load_candidates(ws: Workspace, teacher) -> dict[str, list[tuple[Spec, nn.Module, dict]]]:
+    """Every finished candidate of the workspace, rebuilt with its weights: ``{neighbourhood: [(spec, module, info)]}``."""
+    from ndc.stitch import load_candidate, trained_specs
+
+    plan = teacher.plan
+    trainable = {nb.name for nb in plan.trainable}
+    out: dict[str, list[tuple[Spec, nn.Module, dict]]] = {}
+    for name, specs in trained_specs(ws, plan).items():
+        if name not in trainable:
+            continue
+        for spec in specs:
+            module, info = load_candidate(ws, teacher, name, spec)
+            out.setdefault(name, []).append((spec, module.eval(), info))
+    return {nb.name: out[nb.name] for nb in plan.trainable if nb.name in out}
+
+
+def quality_key(teacher, candidates: Mapping[str, Sequence[tuple[Spec, nn.Module, dict]]], heldout: HeldOut,
+                metric: Metric) -> str:
+    """Hash of everything a quality table depends on: teacher, each candidate's weights, the held-out examples, the metric."""
+    data = heldout.data
+    return sha256_json({
+        "format": QUALITY_FORMAT,
+        "teacher": teacher.sha256,
+        "candidates": {name: [[str(spec), info.get("key"), info.get("weights_sha256")] for spec, _, info in opts]
+                       for name, opts in candidates.items()},
+        "data": [data.name, data.limit, data.mean, data.std, list(data.shape)],
+        "examples": heldout.size,
+        "batch_size": heldout.batch_size,
+        "metric": [metric.name, metric.threshold],
+    })
+
+
+def quality_table(ws: Workspace, teacher, candidates: Mapping[str, Sequence[tuple[Spec, nn.Module, dict]]],
+                  heldout: HeldOut, metric: Metric | str, reuse: bool = True) -> tuple[QualityTable, bool]:
+    """Measure (or reuse from ``search/quality.json``) every candidate's quality; returns the table and whether it was reused."""
+    metric = as_metric(metric)
+    key = quality_key(teacher, candidates, heldout, metric)
+    if reuse and ws.exists(QUALITY):
+        try:
+            cached = QualityTable.from_json(ws.read_json(QUALITY))
+        except (NdcError, KeyError, TypeError, ValueError):
+            cached = None
+        if cached is not None and cached.key == key:
+            return cached, True
+    plan = teacher.plan
+    simple = {name: [(spec, module) for spec, module, _ in opts] for name, opts in candidates.items()}
+    teacher_score, scores, examples = measure_quality(teacher.parts(), plan.names, simple, heldout, metric)
+    sizes = {(name, spec): candidate_size(module, spec, plan[name].input_shape)
+             for name, opts in candidates.items() for spec, module, _ in opts}
+    errors = {(name, spec): info.get("final_error") for name, opts in candidates.items() for spec, _, info in opts}
+    table = build_table(plan, teacher_score, scores, examples, sizes, metric, errors, key)
+    ws.write_json(QUALITY, table.to_json())
+    return table, False
+
+
+def measure_selection(ws: Workspace, teacher, selection: Mapping[str, Spec], data, heldout: HeldOut,
+                      metric: Metric | str, calibrate: int = 20) -> dict:
+    """Stitch ``selection`` and score it on the held-out set, as stitched and after recalibrating its batch norms.
+
+    ``uncalibrated_accuracy`` is the student exactly as the drops predict it
+    (every candidate with the statistics it was distilled with);
+    ``accuracy`` is after ``calibrate`` training batches re-estimate every
+    batch norm, as ``ndc stitch --data`` does (equal to the former when there
+    is nothing to recalibrate). Both are values of ``metric``.
+    """
+    from ndc.metrics import count_params
+    from ndc.stitch import build_student, recalibrate_batchnorm
+
+    metric = as_metric(metric)
+    model, _ = build_student(ws, teacher, dict(selection))
+    before = score(model, heldout.batches(), metric, teacher.gm)
+    norms = recalibrate_batchnorm(model, data, calibrate) if calibrate > 0 else 0
+    after = score(model, heldout.batches(), metric, teacher.gm) if norms else before
+    return {"accuracy": after, "uncalibrated_accuracy": before, "calibrated_norms": norms,
+            "stitched_params": count_params(model)}

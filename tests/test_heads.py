@@ -1,0 +1,296 @@
+"""Losses and metrics for any head: a sigmoid (multi-label) teacher and a regression teacher, end to end.
+
+Each teacher is a small MLP on 16-vectors, trained here for a moment on an
+.npz of random inputs: five 0/1 targets per example for the sigmoid head,
+three real values for the regression head. Both are partitioned, distilled
+(a few steps), stitched, then fine-tuned, trained from scratch, evaluated,
+searched and probed with the new --loss and --metric options.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from ndc.errors import NdcError
+from ndc.losses import Loss, bce_loss, choose_loss, mse_loss
+from ndc.heads import Head
+from ndc.scoring import Metric, choose_metric, score
+
+HERE = pathlib.Path(__file__).resolve().parent
+MODELS = HERE / "models_for_tests.py"
+
+
+def invoke(*args):
+    from ndc.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def make_data(folder: pathlib.Path) -> dict[str, pathlib.Path]:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 16)).astype(np.float32)
+    labels = (x @ rng.standard_normal((16, 5)) > 0).astype(np.uint8)
+    values = np.tanh(x @ rng.standard_normal((16, 3))).astype(np.float32)
+    paths = {"multi": folder / "multi.npz", "values": folder / "values.npz", "inputs": folder / "inputs.npz"}
+    np.savez(paths["multi"], x=x[:320], y=labels[:320], x_test=x[320:], y_test=labels[320:])
+    np.savez(paths["values"], x=x[:320], y=values[:320], x_test=x[320:], y_test=values[320:])
+    np.savez(paths["inputs"], x=x)
+    return paths
+
+
+def train_teacher(factory: str, data: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
+    from safetensors.torch import save_file
+
+    from tests import models_for_tests
+
+    torch.manual_seed(0)
+    model = getattr(models_for_tests, factory)()
+    arrays = np.load(data)
+    x, y = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"]).float()
+    loss_fn = F.binary_cross_entropy if factory == "sigmoid_mlp" else F.mse_loss
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(150):
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_file(model.state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory):
+    """{"sigmoid": ..., "regression": ...}: each a workspace with a width-0.25 student stitched, and its data."""
+    root = tmp_path_factory.mktemp("heads")
+    data = make_data(root)
+    out = {"inputs": data["inputs"]}
+    for name, factory, spec in (("sigmoid", "sigmoid_mlp", data["multi"]), ("regression", "regression_mlp", data["values"])):
+        ws = root / name
+        weights = train_teacher(factory, spec, root / f"{name}.safetensors")
+        for args in (["partition", f"{MODELS}:{factory}", "--weights", weights, "--input-shape", "1,16", "--by", "layers",
+                      "--every", "2"],
+                     ["distill", "--width", "0.25,0.5", "--data", spec, "--steps", "10", "--quiet"],
+                     ["stitch", "--width", "0.25", "-o", root / f"{name}.onnx", "--data", spec]):
+            r = invoke(*args, "-w", ws)
+            assert r.exit_code == 0, r.output
+        out[name] = {"ws": ws, "data": spec, "onnx": root / f"{name}.onnx"}
+    return out
+
+
+def run_json(*args) -> dict:
+    r = invoke(*args, "--format", "json")
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def one_line_error(*args) -> str:
+    r = invoke(*args)
+    assert r.exit_code == 1, r.output
+    assert r.stderr.count("\n") == 1, r.stderr
+    return r.stderr
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def test_finetune_picks_bce_for_a_sigmoid_head_and_mse_for_a_regression_head(heads):
+    sigmoid, regression = heads["sigmoid"], heads["regression"]
+    r = invoke("finetune", "--data", sigmoid["data"], "--epochs", "2", "-w", sigmoid["ws"], "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert "loss bce: the teacher's output comes from a sigmoid" in r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["loss"] == "bce" and doc["metric"] == "accuracy" and len(doc["history"]) == 2
+    assert doc["score"] == doc["accuracy"] >= doc["initial_score"]  # the starting weights compete: never worse
+
+    r = invoke("finetune", "--data", regression["data"], "--epochs", "2", "-w", regression["ws"], "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert "loss mse: the labels are real-valued targets" in r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["loss"] == "mse" and doc["metric"] == "output-error" and doc["higher_is_better"] is False
+    assert "accuracy" not in doc and doc["teacher_score"] == 0.0
+    assert doc["score"] < doc["initial_score"]  # lower is better, and two epochs of MSE to the teacher help
+
+
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+def test_finetune_takes_an_explicit_loss(heads, loss):
+    sigmoid = heads["sigmoid"]
+    doc = run_json("finetune", "--data", sigmoid["data"], "--loss", loss, "--epochs", "1", "--restart", "-w", sigmoid["ws"])
+    assert doc["loss"] == loss and doc["epochs"] == 1
+
+
+def test_kd_baselines_on_both_heads(heads):
+    sigmoid, regression = heads["sigmoid"], heads["regression"]
+    doc = run_json("kd", "--width", "0.25", "--data", sigmoid["data"], "--loss", "bce", "--epochs", "2", "-w", sigmoid["ws"])
+    assert doc["loss"] == "bce" and doc["folder"].startswith("kd/bce-") and 0 <= doc["score"] <= 1
+    doc = run_json("kd", "--width", "0.25", "--data", regression["data"], "--loss", "mse", "--epochs", "2",
+                   "--metric", "output-error", "-w", regression["ws"])
+    assert doc["loss"] == "mse" and doc["metric"] == "output-error" and doc["score"] > 0
+    assert (regression["ws"] / doc["folder"] / "checkpoint.json").is_file()
+    assert "class labels" in one_line_error("kd", "--width", "0.25", "--data", regression["data"], "--loss", "ce",
+                                             "-w", regression["ws"])
+
+
+def test_eval_metrics_on_both_heads(heads, tmp_path):
+    sigmoid, regression = heads["sigmoid"], heads["regression"]
+    doc = run_json("eval", "--data", sigmoid["data"], "-w", sigmoid["ws"])
+    assert doc["metric"] == "accuracy" and 0.5 < doc["teacher_score"] <= 1 and doc["agreement"] is not None
+    agree = run_json("eval", "--data", sigmoid["data"], "-w", sigmoid["ws"], "--metric", "agreement")
+    assert agree["score"] == pytest.approx(doc["agreement"]) and agree["accuracy"] is None
+    err = run_json("eval", "--data", regression["data"], "-w", regression["ws"], "--metric", "output-error")
+    assert err["metric"] == "output-error" and err["score"] > 0 and err["higher_is_better"] is False
+
+    # A user's function sees the whole set's outputs, the teacher's, and the labels.
+    (tmp_path / "metrics.py").write_text(
+        "def neg_mse(student, teacher, y):\n"
+        "    return -float(((student - y) ** 2).mean())\n"
+        "neg_mse.higher_is_better = True\n")
+    doc = run_json("eval", "--data", regression["data"], "-w", regression["ws"], "--metric", f"{tmp_path / 'metrics.py'}:neg_mse")
+    from ndc.data import open_data
+    from ndc.plan import load_teacher
+    from ndc.stitch import latest_student, load_student
+    from ndc.workspace import Workspace
+
+    ws = Workspace(regression["ws"])
+    data = open_data(str(regression["data"]), (16,), workspace=ws)
+    student = load_student(ws, latest_student(ws), teacher=load_teacher(ws))  # what eval scores
+    x, y = (torch.cat(t) for t in zip(*data.batches("test", 64)))
+    with torch.no_grad():
+        expected = -float(((student(x) - y) ** 2).mean())
+    assert doc["score"] == pytest.approx(expected, rel=1e-5)
+
+    assert "real-valued targets" in one_line_error("eval", "--data", regression["data"], "-w", regression["ws"],
+                                                   "--metric", "accuracy")
+    assert "multi-label" in one_line_error("eval", "--data", sigmoid["data"], "-w", sigmoid["ws"], "--metric", "top-2")
+    r = invoke("eval", "--data", sigmoid["data"], "-w", sigmoid["ws"], "--metric", "nonsense")
+    assert r.exit_code == 2 and "unknown metric 'nonsense'" in r.stderr
+
+
+def test_eval_of_an_exported_file_finds_its_sigmoid(heads):
+    sigmoid = heads["sigmoid"]
+    doc = run_json("eval", sigmoid["onnx"], "--data", sigmoid["data"], "-w", "no-workspace-here")
+    assert doc["metric"] == "accuracy" and doc["teacher_score"] is None
+    with_teacher = run_json("eval", sigmoid["onnx"], "--data", sigmoid["data"], "-w", sigmoid["ws"])
+    assert doc["score"] == pytest.approx(with_teacher["score"])  # thresholded at 0.5 with or without the teacher
+
+
+def test_search_and_probe_by_output_error_on_a_regression_head(heads):
+    regression = heads["regression"]
+    doc = run_json("search", "--data", regression["data"], "--metric", "output-error", "--budget", "params=60%",
+                   "-w", regression["ws"])
+    assert doc["metric"] == "output-error" and doc["teacher_accuracy"] == 0.0
+    for options in doc["table"].values():
+        assert all(o["drop"] == pytest.approx(100 * o["accuracy"]) for o in options)  # error in points above 0
+    assert doc["predicted_accuracy"] == pytest.approx(doc["predicted_drop"] / 100)  # lower is better: teacher + drop
+    assert doc["params"] <= 0.6 * doc["teacher_params"]
+    assert doc["measured_accuracy"] > 0
+
+    probe = run_json("probe", "--data", regression["data"], "--metric", "output-error", "--eps", "0,1", "-w",
+                     regression["ws"])
+    assert probe["metric"] == "output-error" and probe["baseline"] == 0.0
+    for curve in probe["curves"].values():
+        assert curve[0]["drop"] == 0.0 and curve[1]["drop"] > 0
+
+
+def test_unlabelled_data_trains_and_scores_against_the_teacher(heads):
+    sigmoid = heads["sigmoid"]
+    r = invoke("finetune", "--data", heads["inputs"], "--epochs", "1", "--restart", "-w", sigmoid["ws"], "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert "has no labels, so only the teacher is matched" in r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["metric"] == "agreement" and doc["teacher_score"] == 1.0
+    assert "has no labels" in one_line_error("eval", "--data", heads["inputs"], "-w", sigmoid["ws"], "--metric", "accuracy")
+    doc = run_json("search", "--data", heads["inputs"], "-w", sigmoid["ws"])
+    assert doc["metric"] == "agreement" and doc["teacher_accuracy"] == 1.0
+
+
+# ------------------------------------------------------------------ the pieces
+
+
+class Fake:
+    """What choose_loss and choose_metric read of a data source."""
+
+    def __init__(self, labels="classes", classes=10, target_shape=None, binary=False):
+        self.name, self.labels, self.classes = "fake", labels, classes
+        self.target_shape, self.binary = target_shape, binary
+
+
+@pytest.mark.parametrize("head, data, loss, labels", [
+    (Head((10,)), Fake(), "kd", True),
+    (Head((5,), sigmoid=True), Fake("targets", None, (5,), True), "bce", True),
+    (Head((5,)), Fake("targets", None, (5,), True), "bce", True),  # logits of a multi-label head
+    (Head((3,)), Fake("targets", None, (3,)), "mse", True),
+    (Head((1,)), Fake("none", None), "mse", False),
+    (Head((8, 4, 4)), Fake(), "mse", False),  # a feature map: not class scores
+    (Head((10,)), Fake("none", None), "kd", False),
+])
+def test_auto_loss(head, data, loss, labels):
+    name, uses_labels, why = choose_loss("auto", head, data)
+    assert (name, uses_labels) == (loss, labels) and why.startswith(f"loss {loss}: ")
+
+
+def test_explicit_losses_the_head_cannot_take_are_one_line():
+    with pytest.raises(NdcError, match="needs a vector of scores per example"):
+        choose_loss("kd", Head((8, 4, 4)), Fake())
+    with pytest.raises(NdcError, match="--loss ce trains on class labels alone, but fake has no labels"):
+        choose_loss("ce", Head((10,)), Fake("none", None))
+    with pytest.raises(NdcError, match="unknown --loss 'hinge'"):
+        choose_loss("hinge", Head((10,)), Fake())
+
+
+@pytest.mark.parametrize("head, data, metric, threshold", [
+    (Head((10,)), Fake(), "accuracy", None),
+    (Head((5,), sigmoid=True), Fake("targets", None, (5,), True), "accuracy", 0.5),
+    (Head((5,)), Fake("targets", None, (5,), True), "accuracy", 0.0),
+    (Head((1,), sigmoid=True), Fake("classes", 2), "accuracy", 0.5),  # 0/1 labels, one sigmoid output
+    (Head((5,)), Fake("classes", 10), "agreement", None),  # labels the output cannot score
+    (Head((10,)), Fake("none", None), "agreement", None),
+    (Head((3,)), Fake("targets", None, (3,)), "output-error", None),
+    (Head((8, 4, 4)), Fake(), "output-error", None),
+])
+def test_auto_metric(head, data, metric, threshold):
+    chosen, why = choose_metric("auto", data, head)
+    assert (chosen.name, chosen.threshold) == (metric, threshold)
+    assert (why is None) == (metric == "accuracy")
+
+
+def test_losses_match_their_formulas():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(6, 5), torch.randn(6, 5), (torch.rand(6, 5) > 0.5).float()
+    assert torch.allclose(mse_loss(s, t, y, lam=0.5), F.mse_loss(s, t) + 0.5 * F.mse_loss(s, y))
+    logits = bce_loss(s, t, y)
+    expected = (F.binary_cross_entropy(torch.sigmoid(s), torch.sigmoid(t))
+                + F.binary_cross_entropy(torch.sigmoid(s), y))
+    assert torch.allclose(logits, expected, atol=1e-5)
+    # A model that outputs probabilities itself gets the same loss from its probabilities.
+    probabilities = bce_loss(torch.sigmoid(s), torch.sigmoid(t), y, probabilities=True)
+    assert torch.allclose(probabilities, expected, atol=1e-4)
+    # Without labels (or with λ = 0) only the teacher term remains.
+    assert torch.allclose(Loss("mse", labels=False)(s, t, y), F.mse_loss(s, t))
+    assert torch.allclose(Loss("kd", lam=0.0)(s, t, torch.zeros(6, dtype=torch.long)),
+                          Loss("kd", labels=False)(s, t, None))
+
+
+def test_metric_values():
+    x = torch.eye(4)
+    labels = torch.tensor([0, 1, 3, 3])
+    batches = [(x, labels)]
+    identity = torch.nn.Identity()
+    assert score(identity, batches, Metric("accuracy")) == 0.75
+    assert score(lambda v: v + torch.tensor([0, 0, 0.5, 0]), batches, Metric("top-2")) == 1.0  # the 2nd best counts
+    assert score(identity, batches, Metric("agreement"), teacher=lambda v: v.flip(1)) == 0.0
+    half = score(lambda v: 0.5 * v, batches, Metric("output-error"), teacher=identity)
+    assert half == pytest.approx(0.5)  # ‖0.5x − x‖ / ‖x‖
+    assert Metric("output-error").better(0.1, 0.2) and Metric("accuracy").better(0.2, 0.1)
+    assert Metric("accuracy").drop(0.9, 0.8) == pytest.approx(10.0)
+    assert Metric("output-error").drop(0.0, 0.1) == pytest.approx(10.0)
+    with pytest.raises(NdcError, match="unknown metric 'top-0'"):
+        Metric("top-0")
+    assert math.isinf(score(identity, [(x, None)], Metric("output-error"), teacher=lambda v: 0 * v))
