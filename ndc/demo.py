@@ -61,6 +61,7 @@ def run_demo(ws: Workspace, cfg: DemoConfig, log=lambda message: None) -> dict:
     from ndc.plan import load_teacher, partition_model, write_plan
 
     data_spec = cfg.data or default_data()
+    stages.one_device(cfg.device)  # no GPU: one line now, not after training a teacher
     ws.ensure()
     times: dict[str, float] = {}
     with ws.writing("ndc demo", create=True):

@@ -177,7 +177,7 @@ def probe(parts: Sequence[nn.Module], names: Sequence[str], heldout: HeldOut, *,
         clean = values[-1]
         baseline.add(clean, clean, y)
         total += len(x)
-        noise = {i: standard_noise(values[i + 1].shape, seed, i, b).to(values[i + 1].dtype) for i in idx}
+        noise = {i: standard_noise(values[i + 1].shape, seed, i, b).to(values[i + 1].device, values[i + 1].dtype) for i in idx}
         for k, e in enumerate(eps):
             for t, i, s in zip(targets, idx, sigma):
                 tallies[t][k].add(run_parts(parts, values[i + 1] + (e * s) * noise[i], i + 1), clean, y)

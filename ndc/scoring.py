@@ -331,12 +331,12 @@ class _FunctionTally(Tally):
         self.teacher: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
 
-    def add(self, out, teacher_out, y):
-        self.outs.append(out)
+    def add(self, out, teacher_out, y):  # the user's function sees CPU tensors, whatever device measured them
+        self.outs.append(out.cpu())
         if teacher_out is not None:
-            self.teacher.append(teacher_out)
+            self.teacher.append(teacher_out.cpu())
         if y is not None:
-            self.labels.append(y)
+            self.labels.append(y.cpu())
 
     def result(self):
         def joined(parts: list[torch.Tensor]) -> torch.Tensor | None:

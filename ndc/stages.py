@@ -35,6 +35,13 @@ def _quiet(message: str) -> None:
     pass
 
 
+def one_device(device: str) -> str:
+    """``cpu``, or the GPU a single-device stage runs on (``cuda`` is the first visible one); one line if there is none."""
+    from ndc.backends.base import resolve_devices
+
+    return resolve_devices(device)[0]
+
+
 # --------------------------------------------------------------------- distill
 
 
@@ -129,6 +136,7 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
     from ndc.scoring import pick_metric
     from ndc.stitch import build_student, recalibrate_batchnorm, resolve_selection, save_student
 
+    device = one_device(device)
     if output is not None:
         check_output_path(output)
     if calibrate < 0:
@@ -257,6 +265,7 @@ def finetune(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str
     from ndc.stitch import STUDENT_DIR, load_student, save_student, student_document
 
     _check_output(output)
+    device = one_device(device)
     with ws.writing("ndc finetune"):
         teacher = load_teacher(ws)
         plan = teacher.plan
@@ -296,6 +305,7 @@ def kd(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str = "au
     from ndc.stitch import describe_selection, fresh_student, resolve_selection, save_student
 
     _check_output(output)
+    device = one_device(device)
     with ws.writing("ndc kd"):
         teacher = load_teacher(ws)
         plan = teacher.plan
@@ -322,6 +332,130 @@ def kd(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str = "au
             _export(ws, model, output, plan, folder, payload)
         ws.write_json(f"{folder}/report.json", payload)
         return TrainResult(payload, model, cfg.metric)
+
+
+# ---------------------------------------------------------------------- search
+
+
+@dataclass
+class SearchOutcome:
+    payload: dict  # what ndc search prints as JSON
+    quality: Any  # the measured QualityTable
+    result: Any  # the SearchResult of the rule (None without one)
+    measured: dict | None  # the stitched selection's measured scores
+    doc: dict | None  # selection.json as written
+    files: dict
+    metric: Any
+    reused: bool  # the quality table came from search/quality.json
+    budget: Any
+
+
+def search(ws: Workspace, *, data: str | None, limit: int | None = None, normalize: Any = True, max_drop: float | None = None,
+           budget: str | None = None, eval_size: int | None = 1000, metric: str = "auto", fallback: str = "teacher",
+           calibrate: int = 20, verify: bool = True, plot: bool = False, batch_size: int = 256, device: str = "cpu",
+           warn: Log = _quiet, log: Log = _quiet) -> SearchOutcome:
+    """Student Search: score every trained candidate inside the teacher, choose by ``max_drop`` (greedy) or ``budget``
+    (exact), measure the stitched choice, and write ``selection.json`` (which ``stitch`` then uses)."""
+    from ndc.data import open_data
+    from ndc.heads import teacher_head
+    from ndc.plan import load_teacher
+    from ndc.scoring import pick_metric
+    from ndc.search import (HeldOut, greedy, load_candidates, measure_selection, parse_budget, quality_table, run_sweep,
+                            solve_budget, write_pareto, write_selection)
+
+    if max_drop is not None and budget is not None:
+        raise NdcError("give one of --max-drop and --budget")
+    device = one_device(device)
+    if not data:
+        raise NdcError("ndc search scores every candidate inside the teacher: give --data SPEC "
+                       "(the data the teacher was trained on), e.g. --data fashion-mnist")
+    with ws.writing("ndc search"):
+        teacher = load_teacher(ws)
+        plan = teacher.plan
+        rule_budget = parse_budget(budget, plan.teacher) if budget is not None else None
+        source = open_data(data, plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
+        chosen_metric = pick_metric(metric, source, teacher_head(teacher), warn=warn)
+        heldout = HeldOut.first(source, eval_size, batch_size, device)
+        candidates = load_candidates(ws, teacher, device)
+        if not candidates:
+            raise NdcError("no trained candidates in the workspace; run ndc distill first, e.g. ndc distill --width 0.25,0.5,0.75 --data SPEC")
+        missing = [nb.name for nb in plan.trainable if nb.name not in candidates]
+        if missing:
+            warn(f"no trained candidates for {', '.join(missing)}: they keep the teacher's neighbourhood")
+        quality, reused = quality_table(ws, teacher, candidates, heldout, chosen_metric)
+        result = None
+        if max_drop is not None:
+            result = greedy(quality, max_drop, fallback)
+        elif rule_budget is not None:
+            result = solve_budget(quality, rule_budget)
+        for note in result.notes if result else []:
+            warn(note)
+        measured = None
+        if result is not None and verify:
+            measured = measure_selection(ws, teacher, result.selection(), source, heldout, chosen_metric, calibrate)
+        doc = write_selection(ws, result, measured, data) if result is not None else None
+        files = {}
+        if plot:
+            points = run_sweep(ws, teacher, quality, source, heldout, calibrate, result, measured, log=log)
+            files = write_pareto(ws, points, quality)
+        teacher.gm.cpu()
+        payload = {
+            **(doc or {"selection": None}),
+            "table": {name: [o.to_json() for o in opts] for name, opts in quality.options.items()},
+            "quality_reused": reused,
+            "selection_file": str(ws.path("selection.json")) if doc else None,
+            "files": files,
+        }
+        if doc is None:
+            payload.update({"metric": quality.metric, "eval_size": quality.examples, "teacher_accuracy": quality.teacher_accuracy})
+        return SearchOutcome(payload, quality, result, measured, doc, files, chosen_metric, reused, rule_budget)
+
+
+# ----------------------------------------------------------------------- probe
+
+
+@dataclass
+class ProbeOutcome:
+    result: Any  # ndc.probe.ProbeResult
+    files: dict
+    payload: dict
+    metric: Any
+
+
+def probe(teacher, ws: Workspace | None, folder, what: str, *, data: str, limit: int | None = None, normalize: Any = True,
+          eps=None, relative: bool = False, tolerance: float = 0.5, eval_size: int | None = 1000, metric: str = "auto",
+          include_kept: bool = False, seed: int = 0, batch_size: int = 256, device: str = "cpu",
+          warn: Log = _quiet) -> ProbeOutcome:
+    """The thresholding effect of ``teacher`` (a workspace's, or one partitioned in memory: ``ws`` None): its score with
+    Gaussian noise at each neighbourhood's output and at all of them; curves and thresholds written into ``folder``."""
+    import contextlib
+    from pathlib import Path
+
+    from ndc.data import open_data
+    from ndc.heads import teacher_head
+    from ndc.probe import DEFAULT_EPS, probe as run_probe, write_probe
+    from ndc.scoring import pick_metric
+    from ndc.search import HeldOut
+
+    device = one_device(device)
+    writes_workspace = ws is not None and ws.root in Path(folder).resolve().parents
+    lock = ws.writing("ndc probe") if writes_workspace else ws.reading() if ws is not None else contextlib.nullcontext()
+    with lock:
+        plan = teacher.plan
+        source = open_data(data, plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
+        chosen_metric = pick_metric(metric, source, teacher_head(teacher), warn=warn)
+        targets = [nb.name for nb in (plan.neighbourhoods if include_kept else plan.trainable)]
+        if not targets:
+            targets = plan.names
+            warn("the plan keeps every neighbourhood with the teacher; probing all of them")
+        heldout = HeldOut.first(source, eval_size, batch_size, device)
+        parts = [part.to(device) for part in teacher.parts()]
+        result = run_probe(parts, plan.names, heldout, targets=targets, eps=eps or DEFAULT_EPS, relative=relative,
+                           metric=chosen_metric, seed=seed, tolerance=tolerance)
+        title = (f"Thresholding effect: {what}\n{result.examples} held-out examples of {data}, "
+                 f"{chosen_metric.title} {chosen_metric.format(result.baseline)} without noise")
+        files = write_probe(folder, result, title)
+        return ProbeOutcome(result, files, {**result.to_json(), "model": what, "files": files}, chosen_metric)
 
 
 def _check_output(output: str | None) -> None:

@@ -203,8 +203,9 @@ def recalibrate_batchnorm(model: nn.Module, data, batches: int, batch_size: int 
         m.momentum = None  # cumulative average over the calibration batches
         m.train()
     seen = 0
+    device = next(iter(model.parameters()), torch.empty(0)).device
     for x, _ in data.batches("train", batch_size, shuffle=True, seed=12345):
-        model(x)
+        model(x.to(device))
         seen += 1
         if seen >= batches:
             break

@@ -132,3 +132,18 @@ def test_mixed_precision_students_match_full_precision(run_cli, ws, precision):
     for key, error in errors(mixed).items():
         assert error <= 1.1 * errors(full)[key] and error < 0.9 * next(
             row["initial_error"] for row in mixed["candidates"] if (row["neighbourhood"], row["spec"]) == key)
+
+
+def test_every_stage_takes_device_and_says_when_there_is_no_gpu(run_cli, ws):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    for args in (["distill", "--width", "0.5", *FAST], ["stitch", "-o", "s.onnx", "--width", "1.0"],
+                 ["finetune", "--data", "digits"], ["kd", "--width", "0.5", "--data", "digits"], ["eval", "--data", "digits"],
+                 ["search", "--data", "digits"], ["probe", "--data", "digits"], ["demo", "--quick"]):
+        r = run_cli(*args, "--device", "cuda")
+        assert r.exit_code == 1, (args, r.stderr)
+        assert r.stderr.startswith("Error: --device cuda: no CUDA GPU is visible") and r.stderr.count("\n") == 1, r.stderr
+    r = run_cli("distill", "--width", "0.5", *FAST, "--device", "tpu")
+    assert r.exit_code == 1 and "unknown --device 'tpu'" in r.stderr

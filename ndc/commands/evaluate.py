@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ndc.commands.common import (common_options, data_options, emit, metric_option, normalize_option, pick_metric, table,
+from ndc.commands.common import (common_options, data_options, device_option, emit, metric_option, normalize_option, pick_metric, table,
                                  teacher_head, user_errors, warn)
 from ndc.errors import NdcError, fmt_shape
 
@@ -18,7 +18,7 @@ from ndc.errors import NdcError, fmt_shape
               help="Examples per forward pass.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow unpickling a .pt MODEL (a pickled module can run code when loaded).")
-@click.option("--device", default="cpu", show_default=True, help="Device for torch models (cpu, cuda).")
+@device_option
 @metric_option()
 @normalize_option
 @common_options
@@ -40,7 +40,10 @@ def command(model, data_spec, limit, batch_size, trust_pickle, device, metric, n
       ndc eval student.onnx --data fashion-mnist -w ndc-work
       ndc eval student.pt2 --data digits --limit 200 --format json
     """
+    from ndc.stages import one_device
     from ndc.workspace import PLAN, Workspace
+
+    device = one_device(device)
 
     if not data_spec:
         raise NdcError("ndc eval needs --data SPEC, e.g. --data fashion-mnist or --data digits")

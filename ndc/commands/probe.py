@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from ndc.commands.common import (common_options, data_options, emit, finite_float, metric_option, model_options,
-                                 normalize_option, pick_metric, table, teacher_head, user_errors, warn)
+from ndc.commands.common import (common_options, data_options, device_option, emit, finite_float, metric_option,
+                                 model_options, normalize_option, table, user_errors, warn)
 from ndc.errors import NdcError
 
 
@@ -31,10 +31,11 @@ from ndc.errors import NdcError
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Examples per forward pass.")
 @model_options("MODEL: ")
 @normalize_option
+@device_option
 @common_options
 @user_errors
 def command(model, data_spec, limit, eps_text, relative, tolerance, eval_size, metric, include_kept, seed, out_dir,
-            batch_size, input_shape, by, depth, every, cuts, leaves, weights, trust_pickle, normalize, workspace, fmt):
+            batch_size, input_shape, by, depth, every, cuts, leaves, weights, trust_pickle, normalize, device, workspace, fmt):
     """Add Gaussian noise of amplitude ε at each neighbourhood's output, and at all of them, and measure the drop.
 
     The paper's thresholding effect (section 3, Figure 1): accuracy holds
@@ -53,30 +54,19 @@ def command(model, data_spec, limit, eps_text, relative, tolerance, eval_size, m
       ndc probe --data fashion-mnist --relative --eps 0,0.01,0.1,1
       ndc probe models.py:resnet20 --weights r20.safetensors --input-shape 1,3,32,32 --data cifar.npz
     """
-    from ndc.data import open_data
-    from ndc.probe import parse_eps, probe, write_probe
-    from ndc.search import HeldOut
+    from ndc import stages
+    from ndc.probe import parse_eps
     from ndc.workspace import Workspace
 
     if not data_spec:
         raise NdcError("ndc probe measures accuracy under noise: give --data SPEC, e.g. --data fashion-mnist")
     eps = parse_eps(eps_text)
     teacher, ws, what = _teacher(model, workspace, input_shape, by, depth, every, cuts, leaves, weights, trust_pickle)
-    plan = teacher.plan
-    data = open_data(data_spec, plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
-    metric = pick_metric(metric, data, teacher_head(teacher))
-    targets = [nb.name for nb in (plan.neighbourhoods if include_kept else plan.trainable)]
-    if not targets:
-        targets = plan.names
-        warn("the plan keeps every neighbourhood with the teacher; probing all of them")
-    heldout = HeldOut.first(data, eval_size, batch_size)
-    result = probe(teacher.parts(), plan.names, heldout, targets=targets, eps=eps, relative=relative, metric=metric,
-                   seed=seed, tolerance=tolerance)
     folder = Path(out_dir) if out_dir else Workspace(workspace if ws is None else ws.root).path("probe")
-    title = (f"Thresholding effect: {what}\n{result.examples} held-out examples of {data_spec}, "
-             f"{metric.title} {metric.format(result.baseline)} without noise")
-    files = write_probe(folder, result, title)
-    payload = {**result.to_json(), "model": what, "files": files}
+    out = stages.probe(teacher, ws, folder, what, data=data_spec, limit=limit, normalize=normalize, eps=eps, relative=relative,
+                       tolerance=tolerance, eval_size=eval_size, metric=metric, include_kept=include_kept, seed=seed,
+                       batch_size=batch_size, device=device, warn=warn)
+    result, files, payload, metric = out.result, out.files, out.payload, out.metric
 
     def text() -> str:
         rows = []

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ndc.commands.common import (common_options, data_options, emit, finite_float, human, metric_option, normalize_option,
-                                 pick_metric, table, teacher_head, user_errors, warn)
+from ndc.commands.common import (common_options, data_options, device_option, emit, finite_float, human, metric_option,
+                                 normalize_option, table, user_errors, warn)
 from ndc.errors import NdcError
 
 
@@ -29,10 +29,11 @@ from ndc.errors import NdcError
               help="Also measure uniform and searched students and write search/pareto.png and search/pareto.csv.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Examples per forward pass.")
 @normalize_option
+@device_option
 @common_options
 @user_errors
 def command(max_drop, budget_text, data_spec, limit, eval_size, metric, fallback, calibrate, verify, plot, batch_size,
-            normalize, workspace, fmt):
+            normalize, device, workspace, fmt):
     """Pick one trained candidate per neighbourhood and write WORKSPACE/selection.json.
 
     Each candidate is scored inside the teacher (only its neighbourhood
@@ -52,60 +53,17 @@ def command(max_drop, budget_text, data_spec, limit, eval_size, metric, fallback
       ndc search --budget params=150K --data fashion-mnist --plot
       ndc stitch -o student.onnx --data fashion-mnist
     """
-    from ndc.data import open_data
-    from ndc.plan import load_teacher
-    from ndc.search import (HeldOut, greedy, load_candidates, measure_selection, parse_budget, quality_table, run_sweep,
-                            solve_budget, write_pareto, write_selection)
+    from ndc import stages
     from ndc.workspace import Workspace
 
     if max_drop is not None and budget_text is not None:
         raise NdcError("give one of --max-drop and --budget")
-    if not data_spec:
-        raise NdcError("ndc search scores every candidate inside the teacher: give --data SPEC "
-                       "(the data the teacher was trained on), e.g. --data fashion-mnist")
-    ws = Workspace(workspace)
-    teacher = load_teacher(ws)
-    plan = teacher.plan
-    budget = parse_budget(budget_text, plan.teacher) if budget_text is not None else None
-    data = open_data(data_spec, plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
-    metric = pick_metric(metric, data, teacher_head(teacher))
-    heldout = HeldOut.first(data, eval_size, batch_size)
-    candidates = load_candidates(ws, teacher)
-    if not candidates:
-        raise NdcError("no trained candidates in the workspace; run ndc distill first, e.g. ndc distill --width 0.25,0.5,0.75 --data SPEC")
-    missing = [nb.name for nb in plan.trainable if nb.name not in candidates]
-    if missing:
-        warn(f"no trained candidates for {', '.join(missing)}: they keep the teacher's neighbourhood")
-    quality, reused = quality_table(ws, teacher, candidates, heldout, metric)
-
-    result = None
-    if max_drop is not None:
-        result = greedy(quality, max_drop, fallback)
-    elif budget is not None:
-        result = solve_budget(quality, budget)
-    for note in result.notes if result else []:
-        warn(note)
-
-    measured = None
-    if result is not None and verify:
-        measured = measure_selection(ws, teacher, result.selection(), data, heldout, metric, calibrate)
-    doc = write_selection(ws, result, measured, data_spec) if result is not None else None
-
-    files = {}
-    if plot:
-        points = run_sweep(ws, teacher, quality, data, heldout, calibrate, result, measured,
-                           log=lambda m: None if fmt == "json" else click.echo(m, err=True))
-        files = write_pareto(ws, points, quality)
-
-    payload = {
-        **(doc or {"selection": None}),
-        "table": {name: [o.to_json() for o in opts] for name, opts in quality.options.items()},
-        "quality_reused": reused,
-        "selection_file": str(ws.path("selection.json")) if doc else None,
-        "files": files,
-    }
-    if doc is None:
-        payload.update({"metric": quality.metric, "eval_size": quality.examples, "teacher_accuracy": quality.teacher_accuracy})
+    out = stages.search(Workspace(workspace), data=data_spec, limit=limit, normalize=normalize, max_drop=max_drop,
+                        budget=budget_text, eval_size=eval_size, metric=metric, fallback=fallback, calibrate=calibrate,
+                        verify=verify, plot=plot, batch_size=batch_size, device=device, warn=warn,
+                        log=lambda m: None if fmt == "json" else click.echo(m, err=True))
+    quality, result, measured, doc, files, payload = out.quality, out.result, out.measured, out.doc, out.files, out.payload
+    metric, reused, budget = out.metric, out.reused, out.budget
 
     def text() -> str:
         chosen = {name: o for name, o in (result.choice.items() if result else [])}

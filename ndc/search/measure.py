@@ -32,21 +32,22 @@ class HeldOut:
     data: Any
     size: int
     batch_size: int = 256
+    device: str = "cpu"  # where batches are delivered (and the models measured on them run)
 
     @classmethod
-    def first(cls, data: Any, eval_size: int | None, batch_size: int = 256) -> "HeldOut":
+    def first(cls, data: Any, eval_size: int | None, batch_size: int = 256, device: str = "cpu") -> "HeldOut":
         if eval_size is not None and eval_size < 1:
             raise NdcError("--eval-size must be at least 1")
         size = data.test_size if eval_size is None else min(eval_size, data.test_size)
         if size < 1:
             raise NdcError(f"the data {data.name} has no test examples to measure on")
-        return cls(data, size, batch_size)
+        return cls(data, size, batch_size, device)
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         seen = 0
         for x, y in self.data.batches("test", self.batch_size):
             keep = self.size - seen
-            x, y = x[:keep], None if y is None else y[:keep]
+            x, y = x[:keep].to(self.device), None if y is None else y[:keep].to(self.device)
             if not len(x):
                 return
             seen += len(x)
@@ -108,7 +109,7 @@ def measure_quality(parts: Sequence[nn.Module], names: Sequence[str],
 # ------------------------------------------------------------------ workspace side
 
 
-def load_candidates(ws: Workspace, teacher) -> dict[str, list[tuple[Spec, nn.Module, dict]]]:
+def load_candidates(ws: Workspace, teacher, device: str = "cpu") -> dict[str, list[tuple[Spec, nn.Module, dict]]]:
     """Every finished candidate of the workspace, rebuilt with its weights: ``{neighbourhood: [(spec, module, info)]}``."""
     from ndc.stitch import load_candidate, trained_specs
 
@@ -120,7 +121,7 @@ def load_candidates(ws: Workspace, teacher) -> dict[str, list[tuple[Spec, nn.Mod
             continue
         for spec in specs:
             module, info = load_candidate(ws, teacher, name, spec)
-            out.setdefault(name, []).append((spec, module.eval(), info))
+            out.setdefault(name, []).append((spec, module.eval().to(device), info))
     return {nb.name: out[nb.name] for nb in plan.trainable if nb.name in out}
 
 
@@ -154,7 +155,8 @@ def quality_table(ws: Workspace, teacher, candidates: Mapping[str, Sequence[tupl
             return cached, True
     plan = teacher.plan
     simple = {name: [(spec, module) for spec, module, _ in opts] for name, opts in candidates.items()}
-    teacher_score, scores, examples = measure_quality(teacher.parts(), plan.names, simple, heldout, metric)
+    parts = [part.to(heldout.device) for part in teacher.parts()]
+    teacher_score, scores, examples = measure_quality(parts, plan.names, simple, heldout, metric)
     sizes = {(name, spec): candidate_size(module, spec, plan[name].input_shape)
              for name, opts in candidates.items() for spec, module, _ in opts}
     errors = {(name, spec): info.get("final_error") for name, opts in candidates.items() for spec, _, info in opts}
@@ -173,13 +175,16 @@ def measure_selection(ws: Workspace, teacher, selection: Mapping[str, Spec], dat
     batch norm, as ``ndc stitch --data`` does (equal to the former when there
     is nothing to recalibrate). Both are values of ``metric``.
     """
+    from ndc.devicedata import on_device
     from ndc.metrics import count_params
     from ndc.stitch import build_student, recalibrate_batchnorm
 
     metric = as_metric(metric)
     model, _ = build_student(ws, teacher, dict(selection))
+    model.to(heldout.device)
+    teacher.gm.to(heldout.device)
     before = score(model, heldout.batches(), metric, teacher.gm)
-    norms = recalibrate_batchnorm(model, data, calibrate) if calibrate > 0 else 0
+    norms = recalibrate_batchnorm(model, on_device(data, heldout.device), calibrate) if calibrate > 0 else 0
     after = score(model, heldout.batches(), metric, teacher.gm) if norms else before
     return {"accuracy": after, "uncalibrated_accuracy": before, "calibrated_norms": norms,
             "stitched_params": count_params(model)}
