@@ -282,9 +282,7 @@ class _Run:
                 self._advance(len(losses), step, total)
                 if step % eval_every == 0 or step == total:
                     self._evaluate([t for t in active if t.failed is None], feed)
-                for t in active:
-                    if not t.active:
-                        self._finish(t, feed)
+                self._finish([t for t in active if not t.active], feed)
                 if time.perf_counter() - last_checkpoint > self.unit.checkpoint_seconds:
                     self._checkpoint([t for t in trainers if t.active])
                     last_checkpoint = time.perf_counter()
@@ -315,13 +313,19 @@ class _Run:
             self._advanced, self._reported = 0, now
 
     # -------------------------------------------------------------- results
-    def _finish(self, t: CandidateTrainer, feed: Feed) -> None:
-        item = next(i for i in self.unit.items if i.key == t.key)
-        if t.failed is not None:
-            self._failed(item, t.failed)
-            return
-        t.settle()
-        final = heldout_errors([t], feed.heldout())[0]
+    def _finish(self, trainers: list[CandidateTrainer], feed: Feed) -> None:
+        """Publish the trainers that stopped this step (one held-out pass measures all of them)."""
+        done = []
+        for t in trainers:
+            if t.failed is not None:
+                self._failed(next(i for i in self.unit.items if i.key == t.key), t.failed)
+            else:
+                t.settle()
+                done.append(t)
+        for t, final in zip(done, heldout_errors(done, feed.heldout())):
+            self._publish(t, final)
+
+    def _publish(self, t: CandidateTrainer, final: dict) -> None:
         outcome = t.outcome(final)
         nb = self.plan.neighbourhoods[t.index]
         model = outcome.model
