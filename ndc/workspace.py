@@ -286,7 +286,7 @@ def lock_holder(root: Path) -> dict:
     return info if isinstance(info, dict) else {}
 
 
-def _busy(root: Path, fd: int, wanted: str) -> WorkspaceBusy:
+def _busy(root: Path, wanted: str) -> WorkspaceBusy:
     readers_only = False
     if wanted == "write":
         probe = os.open(root / LOCK, os.O_RDONLY)
@@ -315,7 +315,7 @@ def _hold(root: Path, mode: str, command: str) -> Iterator[_Holding]:
             try:
                 fcntl.flock(held.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise _busy(root, held.fd, mode) from None
+                raise _busy(root, mode) from None
             held.mode, held.token = "write", _announce(root, held.fd, command)
         held.count += 1
         try:
@@ -328,7 +328,7 @@ def _hold(root: Path, mode: str, command: str) -> Iterator[_Holding]:
         fcntl.flock(fd, (fcntl.LOCK_EX if mode == "write" else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise _busy(root, fd, mode) from None
+        raise _busy(root, mode) from None
     held = _HELD[root] = _Holding(fd, mode, 1, _announce(root, fd, command) if mode == "write" else None)
     try:
         yield held

@@ -147,3 +147,49 @@ def test_every_stage_takes_device_and_says_when_there_is_no_gpu(run_cli, ws):
         assert r.stderr.startswith("Error: --device cuda: no CUDA GPU is visible") and r.stderr.count("\n") == 1, r.stderr
     r = run_cli("distill", "--width", "0.5", *FAST, "--device", "tpu")
     assert r.exit_code == 1 and "unknown --device 'tpu'" in r.stderr
+
+
+def test_in_a_fused_unit_one_failing_candidate_fails_alone(ws, monkeypatch):
+    from ndc.backends import make_backend
+    from ndc.distill import DistillConfig, run_distill
+    from ndc.distill.trainer import CandidateTrainer
+    from ndc.ir import Spec
+    from ndc.workspace import Workspace
+
+    real_loss = CandidateTrainer.loss
+
+    def poisoned(self, batch):
+        loss = real_loss(self, batch)
+        return loss * float("nan") if self.spec.width == 0.25 and self.name == "layer2.0" else loss
+
+    monkeypatch.setattr(CandidateTrainer, "loss", poisoned)
+    cfg = DistillConfig(data="digits", limit=200, steps=24, batch_size=32, val_size=64, engine="fused")
+    rows = run_distill(Workspace(ws), [Spec(width=0.25), Spec(width=0.5)], cfg, make_backend("local"))
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert [(r["neighbourhood"], r["spec"]) for r in failed] == [("layer2.0", "width=0.25")]
+    assert "the loss became nan" in failed[0]["error"]
+    done = [r for r in rows if r["status"] == "done"]
+    assert len(done) == 5 and all(r["final_error"] < r["initial_error"] for r in done)
+
+
+def test_in_a_fused_unit_a_candidate_that_stops_early_is_published_at_once(ws, monkeypatch):
+    from ndc.backends import make_backend
+    from ndc.distill import DistillConfig, run_distill
+    from ndc.distill.trainer import CandidateTrainer
+    from ndc.ir import Spec
+    from ndc.workspace import Workspace
+
+    real_evaluate = CandidateTrainer.evaluate
+
+    def stalls(self, heldout):  # width 1.0 students never improve on the teacher: they stop after `patience` evaluations
+        real_evaluate(self, heldout if self.spec.width != 1.0 else {**heldout, "mse": heldout["mse"] + 1.0})
+
+    monkeypatch.setattr(CandidateTrainer, "evaluate", stalls)
+    cfg = DistillConfig(data="digits", limit=200, steps=60, evals=20, patience=2, batch_size=32, val_size=64, engine="fused")
+    rows = run_distill(Workspace(ws), [Spec(width=0.5), Spec(width=1.0)], cfg, make_backend("local"))
+    for r in rows:
+        assert r["status"] == "done"
+        if r["spec"] == "width=1.0":
+            assert r["stopped_early"] and r["steps"] == 6 and r["final_error"] < 1e-3  # kept its best (the teacher's) weights
+        else:
+            assert not r["stopped_early"] and r["steps"] == 60
