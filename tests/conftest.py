@@ -80,3 +80,27 @@ def calibrated_weights(model: torch.nn.Module, shape, path) -> str:
     recalibrate_batchnorm(model, open_data("digits", shape, limit=256), batches=4, batch_size=64)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return str(path)
+
+
+TINY_RESNET = f"{os.path.dirname(os.path.abspath(__file__))}/models_for_tests.py:tiny_resnet"
+
+
+def cli_workspace(folder, tiny_teacher: str, *commands: list[str]):
+    """A workspace at ``folder`` where the tiny ResNet teacher is partitioned, then each of ``commands`` run (as the CLI)."""
+    from click.testing import CliRunner
+
+    from ndc.cli import main
+
+    runner = CliRunner()
+    for args in (["partition", TINY_RESNET, "--weights", tiny_teacher, "--input-shape", "1,3,16,16"], *commands):
+        r = runner.invoke(main, [*map(str, args), "-w", str(folder)])
+        assert r.exit_code == 0, (args, r.output)
+    return folder
+
+
+def copy_of(workspace, tmp_path):
+    """A fresh copy of a module's prepared workspace for one test (``tmp_path/ndc-work``, the CLI's default)."""
+    import shutil
+
+    shutil.copytree(workspace, tmp_path / "ndc-work")
+    return tmp_path / "ndc-work"

@@ -5,40 +5,30 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from tests.conftest import cli_workspace, copy_of
 
 HERE = pathlib.Path(__file__).resolve().parent
-TINY = f"{HERE / 'models_for_tests.py'}:tiny_resnet"
 DATA = ["--data", "digits", "--limit", "300"]
 
 
 @pytest.fixture(scope="module")
 def stitched(tmp_path_factory, tiny_teacher):
     """A workspace with an under-trained width-0.5 student stitched (5 distillation steps per block)."""
-    from click.testing import CliRunner
-
-    from ndc.cli import main
-
     ws = tmp_path_factory.mktemp("ft") / "ws"
-    runner = CliRunner()
-    for args in (["partition", TINY, "--weights", tiny_teacher, "--input-shape", "1,3,16,16"],
-                 ["distill", "--width", "0.5", *DATA, "--steps", "5", "--batch-size", "32", "--val-size", "64", "--quiet"],
-                 ["stitch", "-o", str(ws.parent / "s.onnx"), *DATA]):
-        r = runner.invoke(main, [*args, "-w", str(ws)])
-        assert r.exit_code == 0, r.output
-    return ws
+    return cli_workspace(ws, tiny_teacher,
+                         ["distill", "--width", "0.5", *DATA, "--steps", "5", "--batch-size", "32", "--val-size", "64", "--quiet"],
+                         ["stitch", "-o", ws.parent / "s.onnx", *DATA])
 
 
 @pytest.fixture
 def ws(stitched, tmp_path):
-    shutil.copytree(stitched, tmp_path / "ndc-work")
-    return tmp_path / "ndc-work"
+    return copy_of(stitched, tmp_path)
 
 
 def test_finetune_raises_an_undertrained_student(run_cli, ws, tmp_path):

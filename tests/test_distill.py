@@ -15,29 +15,21 @@ import pytest
 import torch
 
 from ndc.workspace import Workspace, sha256_file
+from tests.conftest import cli_workspace, copy_of
 
 HERE = pathlib.Path(__file__).resolve().parent
-TINY = f"{HERE / 'models_for_tests.py'}:tiny_resnet"
 FAST = ["--data", "digits", "--limit", "200", "--steps", "12", "--batch-size", "32", "--val-size", "64", "--quiet"]
 
 
 @pytest.fixture(scope="module")
 def partitioned(tmp_path_factory, tiny_teacher):
     """A workspace holding the tiny ResNet's plan (3 residual blocks), trained on digits."""
-    from click.testing import CliRunner
-
-    from ndc.cli import main
-
-    root = tmp_path_factory.mktemp("tiny")
-    r = CliRunner().invoke(main, ["partition", TINY, "--weights", tiny_teacher, "--input-shape", "1,3,16,16", "-w", str(root / "ws")])
-    assert r.exit_code == 0, r.output
-    return root / "ws"
+    return cli_workspace(tmp_path_factory.mktemp("tiny") / "ws", tiny_teacher)
 
 
 @pytest.fixture
 def ws(partitioned, tmp_path):
-    shutil.copytree(partitioned, tmp_path / "ndc-work")
-    return tmp_path / "ndc-work"
+    return copy_of(partitioned, tmp_path)
 
 
 def distill(run_cli, *args):

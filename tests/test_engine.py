@@ -14,28 +14,20 @@ import time
 import pytest
 
 from ndc.workspace import sha256_file
+from tests.conftest import cli_workspace, copy_of
 
 HERE = pathlib.Path(__file__).resolve().parent
-TINY = f"{HERE / 'models_for_tests.py'}:tiny_resnet"
 FAST = ["--data", "digits", "--limit", "200", "--steps", "24", "--batch-size", "32", "--val-size", "64", "--quiet"]
 
 
 @pytest.fixture(scope="module")
 def partitioned(tmp_path_factory, tiny_teacher):
-    from click.testing import CliRunner
-
-    from ndc.cli import main
-
-    root = tmp_path_factory.mktemp("engine")
-    r = CliRunner().invoke(main, ["partition", TINY, "--weights", tiny_teacher, "--input-shape", "1,3,16,16", "-w", str(root / "ws")])
-    assert r.exit_code == 0, r.output
-    return root / "ws"
+    return cli_workspace(tmp_path_factory.mktemp("engine") / "ws", tiny_teacher)
 
 
 @pytest.fixture
 def ws(partitioned, tmp_path):
-    shutil.copytree(partitioned, tmp_path / "ndc-work")
-    return tmp_path / "ndc-work"
+    return copy_of(partitioned, tmp_path)
 
 
 def distill(run_cli, *args):

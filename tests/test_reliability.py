@@ -11,7 +11,6 @@ import json
 import os
 import pathlib
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,9 +20,9 @@ import pytest
 import torch
 
 from ndc.workspace import sha256_file
+from tests.conftest import TINY_RESNET as TINY, cli_workspace, copy_of
 
 HERE = pathlib.Path(__file__).resolve().parent
-TINY = f"{HERE / 'models_for_tests.py'}:tiny_resnet"
 DATA = ["--data", "digits", "--limit", "300"]
 FAST = [*DATA, "--steps", "8", "--batch-size", "32", "--val-size", "64", "--quiet"]
 ENV = {**os.environ, "PYTHONPATH": str(HERE.parent), "PYTHONDONTWRITEBYTECODE": "1"}
@@ -42,24 +41,14 @@ def one_line_error(stderr: str) -> bool:
 @pytest.fixture(scope="module")
 def stitched(tmp_path_factory, tiny_teacher):
     """A workspace with width 0.5 and 0.25 students distilled and the 0.5 one stitched on digits."""
-    from click.testing import CliRunner
-
-    from ndc.cli import main
-
     ws = tmp_path_factory.mktemp("rel") / "ws"
-    runner = CliRunner()
-    for args in (["partition", TINY, "--weights", tiny_teacher, "--input-shape", "1,3,16,16"],
-                 ["distill", "--width", "0.5,0.25", *FAST],
-                 ["stitch", "-o", str(ws.parent / "s.onnx"), "--width", "0.5", *DATA]):
-        r = runner.invoke(main, [*args, "-w", str(ws)])
-        assert r.exit_code == 0, r.output
-    return ws
+    return cli_workspace(ws, tiny_teacher, ["distill", "--width", "0.5,0.25", *FAST],
+                         ["stitch", "-o", ws.parent / "s.onnx", "--width", "0.5", *DATA])
 
 
 @pytest.fixture
 def ws(stitched, tmp_path):
-    shutil.copytree(stitched, tmp_path / "ndc-work")
-    return tmp_path / "ndc-work"
+    return copy_of(stitched, tmp_path)
 
 
 def json_of(r) -> dict:

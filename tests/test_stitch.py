@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shutil
 
 import onnx
 import pytest
@@ -15,9 +14,9 @@ from ndc.load import LoadedModel
 from ndc.plan import Teacher, partition_model
 from ndc.stitch import stitch
 from ndc.zoo import FAMILIES
+from tests.conftest import cli_workspace, copy_of
 
 HERE = pathlib.Path(__file__).resolve().parent
-TINY = f"{HERE / 'models_for_tests.py'}:tiny_resnet"
 FAST = ["--data", "digits", "--limit", "200", "--steps", "10", "--batch-size", "32", "--val-size", "64", "--quiet"]
 
 
@@ -59,23 +58,12 @@ def test_stitched_students_export_to_onnx_with_parity(family, width, tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_teacher):
     """A tiny ResNet workspace with width 0.5 and 1.0 students trained."""
-    from click.testing import CliRunner
-
-    from ndc.cli import main
-
-    ws = tmp_path_factory.mktemp("stitch") / "ws"
-    runner = CliRunner()
-    r = runner.invoke(main, ["partition", TINY, "--weights", tiny_teacher, "--input-shape", "1,3,16,16", "-w", str(ws)])
-    assert r.exit_code == 0, r.output
-    r = runner.invoke(main, ["distill", "--width", "0.5,1.0", *FAST, "-w", str(ws)])
-    assert r.exit_code == 0, r.output
-    return ws
+    return cli_workspace(tmp_path_factory.mktemp("stitch") / "ws", tiny_teacher, ["distill", "--width", "0.5,1.0", *FAST])
 
 
 @pytest.fixture
 def ws(trained, tmp_path):
-    shutil.copytree(trained, tmp_path / "ndc-work")
-    return tmp_path / "ndc-work"
+    return copy_of(trained, tmp_path)
 
 
 def test_width_one_students_reproduce_the_teacher(run_cli, ws):
