@@ -9,6 +9,10 @@ MODEL forms:
 * ``package.module:factory`` or ``path/to/file.py:factory``: the factory is
   called with no arguments; ``weights`` (a state dict loaded with
   ``weights_only=True``, or ``.safetensors``) is loaded into the result.
+* ``file.pt2``: a ``torch.export`` archive (``torch.export.save``). Loading it
+  unpickles nothing, so it needs no trust: the safe answer for a user who has
+  only a saved model and no factory. Its graph is what ndc traces (the export
+  frontend), and it says its own input shape and dtype.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from ndc.workspace import load_tensors, sha256_file
 class LoadedModel:
     model: nn.Module
     source: dict  # JSON-able description of where the model came from (see Plan.source)
+    input_shape: tuple[int, ...] | None = None  # known from the file itself (a .pt2 archive)
+    inputs: object = None  # its InputSpec, when the file says (a .pt2 archive)
 
 
 def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False) -> LoadedModel:
@@ -45,6 +51,12 @@ def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False
             load_weights(model, weights)
         return LoadedModel(model, source)
     path = Path(spec)
+    if path.suffix == ".pt2":
+        if weights is not None:
+            raise NdcError(f"--weights goes with a factory MODEL; the archive {spec} holds its weights")
+        source = {"kind": "export", "path": str(path.resolve()), "sha256": _sha(path) if path.is_file() else None}
+        gm, shape, inputs = _load_program(path)
+        return LoadedModel(gm, source, shape, inputs)
     if weights is not None:
         raise NdcError(f"--weights goes with a factory MODEL (file.py:factory or package.module:factory), not with the pickled module {spec}")
     return LoadedModel(_load_pickled_module(path, trust_pickle), {
@@ -61,6 +73,11 @@ def reload_model(source: dict) -> nn.Module:
     Refuses a pickle whose content changed since it was trusted, so trust given
     to one file at ``ndc partition`` never extends to another.
     """
+    if source["kind"] == "export":
+        path = Path(source["path"])
+        if not path.is_file():
+            raise NdcError(f"the teacher {path} named in the plan no longer exists; rerun ndc partition")
+        return _load_program(path)[0]
     if source["kind"] == "pickle":
         path = Path(source["path"])
         if not path.is_file():
@@ -70,6 +87,22 @@ def reload_model(source: dict) -> nn.Module:
         return _load_pickled_module(path, trust_pickle=bool(source.get("trust_pickle")))
     model, _ = _load_factory(source["target"])
     return model
+
+
+# ------------------------------------------------------------------ archives
+
+
+def _load_program(path: Path):
+    """A ``.pt2`` archive as a graph (see :func:`ndc.passes.trace_export.load_program`); nothing is unpickled."""
+    from ndc.passes.trace_export import load_program
+
+    if not path.is_file():
+        raise NdcError(f"{path}: no such file")
+    try:
+        program = torch.export.load(str(path))
+    except Exception as e:
+        raise NdcError(f"{path} is not a readable torch.export archive: {first_line(e, 160)}") from None
+    return load_program(program, str(path))
 
 
 # ------------------------------------------------------------------ factories

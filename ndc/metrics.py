@@ -22,14 +22,18 @@ def count_nonzero_params(module: nn.Module) -> int:
 
 
 @torch.no_grad()
-def count_flops(module: nn.Module, input_shape: tuple[int, ...] | list[int]) -> int:
-    """FLOPs for one example through ``module`` (eval mode, no autograd)."""
+def count_flops(module: nn.Module, input_shape: tuple[int, ...] | list[int], inputs=None) -> int:
+    """FLOPs for one example through ``module`` (eval mode, no autograd).
+
+    ``inputs`` (an :class:`~ndc.passes.inputs.InputSpec`) says when the input
+    is not a float tensor (token ids are fed as zeros of their dtype).
+    """
     shape = tuple(input_shape)
     was_training = module.training
     module.eval()
     try:
         with FlopCounterMode(display=False) as counter:
-            module(torch.zeros(shape))
+            module(inputs.zeros(shape) if inputs is not None else torch.zeros(shape))
     finally:
         module.train(was_training)
     return int(counter.get_total_flops() // max(shape[0], 1))

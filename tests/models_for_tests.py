@@ -125,3 +125,91 @@ def tiny_resnet():
     from ndc.zoo import cifar_resnet
 
     return cifar_resnet(depth=8, width=8)
+
+
+class PreNormLayer(nn.Module):
+    """A pre-norm transformer layer on ``nn.MultiheadAttention``: the attention stays a leaf returning ``(out, None)``."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        y = self.norm1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class MHAEncoder(nn.Module):
+    """Tokens (B, 6, 8) -> 5 logits through two pre-norm layers: the model of the issue's first report."""
+
+    input_shape = (1, 6, 8)
+
+    def __init__(self, dim: int = 32, depth: int = 2):
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.layers = nn.Sequential(*[PreNormLayer(dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        return self.head(self.norm(self.layers(self.embed(x))).mean(1))
+
+
+def mha_encoder():
+    return MHAEncoder()
+
+
+class Chain(nn.Module):
+    """A VGG-style chain: no residual block anywhere."""
+
+    input_shape = (1, 3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                                      nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+        self.classifier = nn.Linear(16 * 4 * 4, 4)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+def chain():
+    return Chain()
+
+
+class TupleOut(nn.Module):
+    """Returns ``(logits, features)``."""
+
+    input_shape = (1, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.head(h), h
+
+
+class DictOut(TupleOut):
+    """Returns ``{"features": ..., "logits": ...}``."""
+
+    def forward(self, x):
+        h = self.body(x)
+        return {"features": h, "logits": self.head(h)}
+
+
+def tuple_out():
+    return TupleOut()
+
+
+def dict_out():
+    return DictOut()

@@ -110,7 +110,8 @@ def command(data_spec, limit, normalize, epochs, lr, batch_size, tau, lam, patie
     if output:
         from ndc.passes.export import export_model
 
-        payload["export"] = export_model(model, output, plan.input_shape, report_dir=ws.path("finetune/export-failure"))
+        payload["export"] = export_model(model, output, plan.input_shape, report_dir=ws.path("finetune/export-failure"),
+                                         inputs=plan.inputs)
         payload["output"] = payload["export"]["output"]
     ws.write_json("finetune/report.json", payload)
 

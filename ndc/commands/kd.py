@@ -67,7 +67,8 @@ def command(width, spec_text, selection_file, data_spec, limit, normalize, loss,
     if output:
         from ndc.passes.export import export_model
 
-        payload["export"] = export_model(model, output, plan.input_shape, report_dir=ws.path(f"{folder}/export-failure"))
+        payload["export"] = export_model(model, output, plan.input_shape, report_dir=ws.path(f"{folder}/export-failure"),
+                                         inputs=plan.inputs)
         payload["output"] = payload["export"]["output"]
     ws.write_json(f"{folder}/report.json", payload)
 

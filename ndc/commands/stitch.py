@@ -55,13 +55,14 @@ def command(output, width, spec_text, selection_file, data_spec, limit, normaliz
         calibrated = recalibrate_batchnorm(model, data, calibrate)
     save_student(ws, model, selection, made_from, {"calibrated_batches": calibrate if calibrated else 0, "data": data_spec})
 
-    report = export_model(model, output, plan.input_shape, fold_bn=fold_bn, report_dir=ws.path("student/export-failure"))
+    report = export_model(model, output, plan.input_shape, fold_bn=fold_bn, report_dir=ws.path("student/export-failure"),
+                          inputs=plan.inputs)
     summary = {
         "output": report["output"],
         "format": report.get("format"),
         "params": count_params(model),
         "teacher_params": plan.teacher["params"],
-        "flops": count_flops(model, plan.input_shape),
+        "flops": count_flops(model, plan.input_shape, plan.inputs),
         "teacher_flops": plan.teacher["flops"],
         "bytes": report.get("bytes"),
         "max_abs_diff": report.get("max_abs_diff"),

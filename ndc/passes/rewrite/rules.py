@@ -469,7 +469,8 @@ def split(an: Analysis, node: fx.Node) -> None:
     if meta is None or hasattr(meta, "shape"):
         return an.unknown(node)
     shape, axes = an.shape(x), an.axes(x)
-    name = node.target if node.op == "call_method" else node.target.__name__
+    name = node.target if node.op == "call_method" else node.target.__name__.split(".")[0]  # aten.split.Tensor -> split
+    name = "split" if name == "split_with_sizes" else name
     if name == "unbind":
         d = _axis(_arg(node, 1, "dim", 0), len(shape))
         an.pin(axes[d], f"unbound by {an.where(node)}")
@@ -486,14 +487,21 @@ def split(an: Analysis, node: fx.Node) -> None:
         if equal:
             for p in pieces[1:]:
                 an.tie(pieces[0], p, node)  # equal pieces in the teacher stay equal in the student
-        if name == "split" and not (equal and isinstance(sections, int)):
-            _rewrite_sizes(an, node, pieces)
+        if name == "split":
+            _rewrite_sizes(an, node, pieces, one=equal and isinstance(sections, int))
     an.set(node, tuple(axes[:d] + [p] + axes[d + 1:] for p in pieces))
 
 
-def _rewrite_sizes(an: Analysis, node: fx.Node, pieces: list[Layout]) -> None:
+def _rewrite_sizes(an: Analysis, node: fx.Node, pieces: list[Layout], one: bool = False) -> None:
+    """The student's piece sizes: one size for ``split(x, n)`` into equal pieces, else the list of them."""
     def fix(rw, n: fx.Node) -> None:
         sizes = [rw.size(p) for p in pieces]
+        if one:
+            n.args = (n.args[0], sizes[0]) + tuple(n.args[2:]) if len(n.args) > 1 else n.args
+            n.kwargs = {**n.kwargs, "split_size": sizes[0]} if len(n.args) <= 1 else n.kwargs
+            return
+        if n.op == "call_function" and n.target is torch.ops.aten.split.Tensor:
+            n.target = torch.ops.aten.split_with_sizes.default  # ATen takes a list of sizes under another name
         if len(n.args) > 1:
             n.args = (n.args[0], sizes) + tuple(n.args[2:])
         else:
@@ -536,7 +544,8 @@ def reshape_like(an: Analysis, node: fx.Node) -> None:
         elif len(go) == 1:
             out[go[0]] = _merge(an, [axes[i] for i in gi], [ins[i] for i in gi], why)
         elif len(gi) == 1:
-            for o, layout in zip(go, _split(an, axes[gi[0]], [outs[o] for o in go], why)):
+            heads = gi[0] == len(ins) - 1  # the feature axis of (B, N, C) tokens split into heads
+            for o, layout in zip(go, _split(an, axes[gi[0]], [outs[o] for o in go], why, heads)):
                 out[o] = layout
         else:
             for i in gi:
@@ -590,10 +599,11 @@ def expand_rule(an: Analysis, node: fx.Node) -> None:
     an.set(node, out)
 
     def fix(rw, n: fx.Node) -> None:
-        given = list(n.args[1]) if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else list(n.args[1:])
+        listed = len(n.args) == 2 and isinstance(n.args[1], (list, tuple))
+        given = list(n.args[1]) if listed else list(n.args[1:])
         new = [rw.size(layout) for layout in out]
         shape = [g if s == o else -1 for g, o, s in zip(given, outs, new)]
-        n.args = (n.args[0], *shape)
+        n.args = (n.args[0], shape) if n.op == "call_function" else (n.args[0], *shape)  # aten.expand takes a list
 
     an.on_apply(node, fix)
 
@@ -684,14 +694,22 @@ def _merge(an: Analysis, layouts: list[Layout], sizes: list[int], why: str) -> L
     return segs * before
 
 
-def _split(an: Analysis, layout: Layout, sizes: list[int], why: str) -> list[Layout]:
+def _split(an: Analysis, layout: Layout, sizes: list[int], why: str, heads: bool = False) -> list[Layout]:
     """One axis reshaped into several: find the axis that carries the channels.
 
-    First an un-flatten (the leading axes are size 1 in effect: each channel
-    owns whole blocks of the trailing axes); else, innermost first, an axis
-    whose blocks repeat along the outer axes (heads: all blocks are tied).
+    ``heads``: the last axis of tokens split as ``(..., heads, head_dim)``
+    (attention): the heads axis carries the channels, each head owning its
+    ``head_dim`` features, which stay whole (rotary embeddings and the
+    attention scale see the teacher's head size); a student keeps fewer heads.
+    Otherwise, first an un-flatten (the leading axes are size 1 in effect:
+    each channel owns whole blocks of the trailing axes); else, innermost
+    first, an axis whose blocks repeat along the outer axes (all blocks tied).
     """
     dims = an.dims
+    if heads and len(sizes) >= 2 and sizes[-1] > 1 and dims.is_free(layout):
+        found = _split_heads(an, layout, sizes, why)
+        if found is not None:
+            return found
     segs = dims.resolve(layout)
     order = [j for j in range(len(sizes)) if math.prod(sizes[:j]) == 1]
     order += [j for j in reversed(range(len(sizes))) if j not in order]
@@ -708,6 +726,27 @@ def _split(an: Analysis, layout: Layout, sizes: list[int], why: str) -> list[Lay
         return [chunks[0] if o == j else dims.fresh(n, why) for o, n in enumerate(sizes)]
     dims.pin(layout, f"{why}: split in a way the rewrite cannot follow")
     return [dims.fresh(n, why) for n in sizes]
+
+
+def _split_heads(an: Analysis, layout: Layout, sizes: list[int], why: str) -> list[Layout] | None:
+    """``(.., C)`` -> ``(.., [3,] heads, head_dim)``: channels in blocks of ``head_dim`` (see :func:`_split`)."""
+    dims = an.dims
+    head_dim = sizes[-1]
+    for s in dims.resolve(layout):
+        if s.inner % head_dim and (head_dim % s.inner or (dims.sizes[s.atom] * s.inner) % head_dim):
+            return None
+    for s in dims.resolve(layout):  # each producing atom kept in whole heads
+        if s.inner % head_dim:
+            dims.coarsen(s.atom, head_dim // s.inner)
+    reduced = tuple(Seg(s.atom, s.inner // head_dim) for s in dims.resolve(layout))
+    j = len(sizes) - 2
+    chunks = dims.cut(reduced, sizes[j]) if math.prod(sizes[:j]) > 1 else [reduced]
+    if chunks is None:
+        return None
+    for c in chunks[1:]:
+        dims.unify(chunks[0], c, f"{why}: q, k and v keep the same heads")
+    head = f"{why}: the head dimension stays whole (fewer heads instead)"
+    return [chunks[0] if o == j else dims.fresh(n, head if o == len(sizes) - 1 else why) for o, n in enumerate(sizes)]
 
 
 # ----------------------------------------------------------- indexing
@@ -731,7 +770,7 @@ def getitem(an: Analysis, node: fx.Node) -> None:
         return
     value = an.layouts.get(src)
     if isinstance(value, tuple):
-        if not isinstance(index, int):
+        if not isinstance(index, int) or value[index] is None:
             return an.unknown(node)
         return an.set(node, list(value[index]))
     if not isinstance(value, list):
@@ -866,7 +905,8 @@ def attention(an: Analysis, node: fx.Node) -> None:
     the student keeps the teacher's scale explicitly.
     """
     q, k, v = node.args[:3]
-    if not all(an.is_tensor(t) for t in (q, k, v)) or _arg(node, 3, "attn_mask") is not None:
+    mask = _arg(node, 3, "attn_mask")
+    if not all(an.is_tensor(t) for t in (q, k, v)) or (mask is not None and not an.is_tensor(mask)):
         return an.unknown(node)
     lq, lk, lv = an.axes(q), an.axes(k), an.axes(v)
     an.tie(lq[-1], lk[-1], node)
@@ -875,6 +915,12 @@ def attention(an: Analysis, node: fx.Node) -> None:
         an.tie(x, y, node)
     for x, y in zip(lq[:-2], lv[:-2]):
         an.tie(x, y, node)
+    if mask is not None:  # the mask broadcasts against the scores (..., heads, queries, keys)
+        scores = lq[:-1] + [lk[-2]]
+        sizes = an.shape(q)[:-1] + (an.shape(k)[-2],)
+        for layout, size, theirs in zip(reversed(an.axes(mask)), reversed(an.shape(mask)), reversed(range(len(scores)))):
+            if size == sizes[theirs]:
+                an.tie(layout, scores[theirs], node)
     an.set(node, lq[:-1] + [lv[-1]])
     head, teacher = lq[-1], an.shape(q)[-1]
 

@@ -213,8 +213,9 @@ class _Propagate(fx.Interpreter):
             raise
         if isinstance(result, torch.Tensor):
             n.meta["tensor_meta"] = _extract_tensor_metadata(result)
-        elif isinstance(result, (list, tuple)) and result and all(isinstance(r, torch.Tensor) for r in result):
-            n.meta["tensor_meta"] = tuple(_extract_tensor_metadata(r) for r in result)
+        elif isinstance(result, (list, tuple)) and any(isinstance(r, torch.Tensor) for r in result):
+            n.meta["tensor_meta"] = tuple(_extract_tensor_metadata(r) if isinstance(r, torch.Tensor) else None
+                                          for r in result)
         return result
 
 
@@ -242,8 +243,8 @@ def check_shapes(gm: fx.GraphModule, rw: Rewrite) -> None:
         want = predicted[n.name]
         wants = [want] if isinstance(want, list) else list(want)
         gots = [got] if hasattr(got, "shape") else list(got or ())
-        expected = [[rw.size(layout) for layout in axes] for axes in wants]
-        actual = [list(m.shape) for m in gots]
+        expected = [None if axes is None else [rw.size(layout) for layout in axes] for axes in wants]
+        actual = [None if m is None else list(m.shape) for m in gots]
         if expected != actual:
             raise NdcError(f"rewrite produced shape {actual} at node {n.name}, expected {expected} "
                            "(a bug in the rule for that operator)")
