@@ -162,7 +162,7 @@ def load_teacher(ws: Workspace) -> Teacher:
 
 
 def partition_model(loaded: LoadedModel, input_shape, by: str = "auto", depth: int = 1, every: int = 1,
-                    cuts: tuple[str, ...] = (), leaves: tuple[str, ...] = (), *, frontend: str = "fx",
+                    cuts: tuple[str, ...] = (), leaves: tuple[str, ...] = (), *, frontend: str = "auto",
                     inputs: InputSpec | None = None, output: str | None = None) -> tuple[Plan, Traced]:
     """Trace and cut ``loaded``: the library form of ``ndc partition``.
 

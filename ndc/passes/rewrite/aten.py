@@ -110,7 +110,8 @@ def addmm(an: Analysis, node: fx.Node) -> None:
         return an.unknown(node, f"{an.where(node)} multiplies by a computed weight")
     axes, waxes = an.axes(x), an.axes(w)
     an.tie(axes[-1], waxes[0], node)
-    an.produce(waxes[1], f"{w.target}[out]", an.tensor(w.target), 1)
+    an.label(axes[-1], r.features(w.target, "in_features"))
+    an.produce(waxes[1], r.features(w.target, "out_features"), an.tensor(w.target), 1)
     if an.is_tensor(bias):
         an.tie(waxes[1], an.axes(bias)[-1], node)
     an.set(node, axes[:-1] + [waxes[1]])

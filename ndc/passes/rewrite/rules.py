@@ -235,6 +235,11 @@ def linear(an: Analysis, node: fx.Node) -> None:
     an.on_apply(node, fix)
 
 
+def features(weight: str, side: str) -> str:
+    """``layer.weight`` -> ``layer.out_features``: how a report names the channels of a weight read from an attribute."""
+    return f"{weight[:-len('.weight')]}.{side}" if weight.endswith(".weight") else f"{weight}[{side}]"
+
+
 @RULES.function(F.linear)
 def linear_function(an: Analysis, node: fx.Node) -> None:
     """``F.linear(x, w, b)`` with ``w``/``b`` read from attributes: the same coupling as :func:`linear`."""
@@ -243,7 +248,8 @@ def linear_function(an: Analysis, node: fx.Node) -> None:
         return an.unknown(node, f"{an.where(node)} multiplies by a computed weight")
     axes, waxes = an.axes(x), an.axes(w)
     an.tie(axes[-1], waxes[1], node)
-    an.produce(waxes[0], f"{w.target}[out]", an.tensor(w.target), 0)
+    an.label(axes[-1], features(w.target, "in_features"))
+    an.produce(waxes[0], features(w.target, "out_features"), an.tensor(w.target), 0)
     if an.is_tensor(b):
         an.tie(waxes[0], an.axes(b)[0], node)
     an.set(node, axes[:-1] + [waxes[0]])
@@ -558,9 +564,20 @@ def reshape_like(an: Analysis, node: fx.Node) -> None:
 @RULES.function(torch.reshape)
 @RULES.method("reshape", "view")
 def reshape(an: Analysis, node: fx.Node) -> None:
-    """``reshape``/``view``: as :func:`reshape_like`; sizes that change are rewritten as integers."""
+    """``reshape``/``view``: as :func:`reshape_like`; sizes that change are rewritten as integers.
+
+    A size computed from the batch (``view(x, [6, b * 4, 8])``: heads folded
+    into the batch, as ``nn.MultiheadAttention`` does) cannot become an
+    integer: that axis stays the teacher's.
+    """
     reshape_like(an, node)
     layouts = an.layouts[node]
+    sizes = _arg(node, 1, "shape")
+    given = list(sizes) if isinstance(sizes, (list, tuple)) else list(node.args[1:]) if node.op == "call_method" else []
+    if len(given) == len(layouts):
+        for layout, g in zip(layouts, given):
+            if isinstance(g, fx.Node) and not _batch_free(g):
+                an.pin(layout, f"its size {g.name} in {an.where(node)} depends on the batch size")
 
     def fix(rw, n: fx.Node) -> None:
         new = [rw.size(layout) for layout in layouts]
@@ -580,6 +597,12 @@ def reshape(an: Analysis, node: fx.Node) -> None:
         n.kwargs = {k: v for k, v in n.kwargs.items() if k != "shape"}
 
     an.on_apply(node, fix)
+
+
+def _batch_free(n: fx.Node) -> bool:
+    """True when integer node ``n`` had the same value at both traced batch sizes (so a constant may replace it)."""
+    v1, v2 = n.meta.get("ndc_value"), n.meta.get("ndc_value_b2")
+    return isinstance(v1, int) and v1 == v2
 
 
 @RULES.method("expand")
@@ -895,6 +918,23 @@ def matmul(an: Analysis, node: fx.Node) -> None:
                 an.tie(batch[o], axes[k], node)
     an.set(node, [lay if lay is not None else an.fresh(out_shape[o], f"created by {an.where(node)}")
                   for o, lay in enumerate(batch)] + [la[-2], lb[-1]])
+
+
+@RULES.module(nn.MultiheadAttention)
+def multihead_attention(an: Analysis, node: fx.Node) -> None:
+    """``nn.MultiheadAttention`` (a leaf under fx) keeps its width, and says why.
+
+    PyTorch derives its head size from the width of its input (which is the
+    residual stream's, pinned), so fewer heads cannot be expressed with the
+    module; exported, it folds heads into the batch axis, which a student
+    cannot shrink either. Its MLP neighbours still shrink.
+    """
+    why = (f"{node.target} (nn.MultiheadAttention) keeps its width: PyTorch derives its head size "
+           "from the input width")
+    an.unknown(node, why)
+    out = an.layouts.get(node)
+    if isinstance(out, tuple) and out and out[0]:
+        an.label(out[0][-1], f"{node.target}.embed_dim")
 
 
 @RULES.function(F.scaled_dot_product_attention)

@@ -230,7 +230,14 @@ def check_shapes(gm: fx.GraphModule, rw: Rewrite) -> None:
     prop = _Propagate(gm)
     try:
         with torch.no_grad():
+            # Another batch size first: a size the rewrite made constant that should follow the batch fails here.
+            if x.dim():
+                out = prop.run(torch.zeros((x.shape[0] + 1, *x.shape[1:]), dtype=x.dtype, device=device))
+                if isinstance(out, torch.Tensor) and out.dim() and out.shape[0] != x.shape[0] + 1:
+                    raise NdcError("rewrite produced a student whose output does not follow the batch size")
             prop.run(x)
+    except NdcError:
+        raise
     except Exception:
         raise NdcError(f"rewrite produced a student that does not run, at node {prop.failed}") from None
     finally:
