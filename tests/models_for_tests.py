@@ -213,3 +213,36 @@ def tuple_out():
 
 def dict_out():
     return DictOut()
+
+
+class ModelOutputOut(TupleOut):
+    """Returns a Hugging Face ``SequenceClassifierOutput`` (``logits`` and ``hidden_states``)."""
+
+    def forward(self, x):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        h = self.body(x)
+        return SequenceClassifierOutput(logits=self.head(h), hidden_states=(h,))
+
+
+def model_output():
+    return ModelOutputOut()
+
+
+class TokenClassifier(nn.Module):
+    """Token ids (B, N) below 20 -> 3 logits: an embedding, one residual block, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 16)
+        self.block = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.block(h)
+        return self.head(h.mean(1))
+
+
+def token_classifier():
+    return TokenClassifier()

@@ -129,16 +129,18 @@ def trace(model: nn.Module, input_shape: tuple[int, ...] | list[int], leaves: li
     if frontend == "export" or is_exported(model):
         return _finish(model, _export_frontend(model, input_shape, leaves, inputs), input_shape, inputs, output)
     try:
-        traced = _finish(model, _fx_frontend(model, input_shape, leaves), input_shape, inputs, output)
+        made = _fx_frontend(model, input_shape, leaves)
     except NdcError as fx_error:
         if frontend == "fx":
             raise
         try:
-            traced = _finish(model, _export_frontend(model, input_shape, leaves, inputs), input_shape, inputs, output)
+            made = _export_frontend(model, input_shape, leaves, inputs)
         except NdcError as export_error:
             raise NdcError(f"{fx_error} (torch.export failed too: {export_error})") from None
+        traced = _finish(model, made, input_shape, inputs, output)
         traced.notes.insert(0, f"frontend: torch.export (torch.fx failed: {str(fx_error).split('. torch.fx')[0]})")
         return traced
+    traced = _finish(model, made, input_shape, inputs, output)
     automatic = sorted(set(traced.leaves) - set(leaves))
     if frontend == "auto" and automatic:
         try:
