@@ -54,7 +54,7 @@ from ndc.workspace import sha256_json
 if TYPE_CHECKING:
     from ndc.workspace import Workspace
 
-DATA_SPEC_HELP = ("fashion-mnist[:DIR], mnist:DIR, digits, file.npz, imagefolder:DIR, "
+DATA_SPEC_HELP = ("fashion-mnist[:DIR], mnist:DIR, digits, file.npz, imagefolder:DIR, text:FILE[,TOKENIZER], "
                   "module:function or file.py:function")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 # Held out when a source has no test set. One fifth keeps the digits split (359
@@ -1004,6 +1004,11 @@ def open_data(spec: str, input_shape: Sequence[int] | None = None, *, limit: int
     """
     if limit is not None and limit < 1:
         raise NdcError(f"--limit must be a positive number of examples, not {limit}")
+    from ndc.tokens import token_source  # token ids (an integer .npz, text:FILE): see ndc.tokens
+
+    tokens = token_source(spec, input_shape, limit=limit)
+    if tokens is not None:
+        return tokens
     raw = _resolve(spec)
     train, test = raw.train, raw.test
     if test is None:

@@ -61,7 +61,7 @@ def data_options(f: Callable) -> Callable:
         "data_spec",
         default=None,
         metavar="SPEC",
-        help="Data set: fashion-mnist[:DIR], mnist:DIR, digits, file.npz, imagefolder:DIR, module:function.",
+        help="Data set: fashion-mnist[:DIR], mnist:DIR, digits, file.npz, imagefolder:DIR, text:FILE[,TOKENIZER], module:function.",
     )(f)
 
 
