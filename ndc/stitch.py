@@ -177,12 +177,15 @@ def fresh_student(teacher, selection: dict[str, Spec], seed: int = 0) -> fx.Grap
 
 
 def reset_parameters(module: nn.Module, seed: int = 0) -> None:
+    from ndc.passes.rewrite.width import reset_plain_parameters
+
     torch.manual_seed(seed)
     for m in module.modules():
         if hasattr(m, "reset_parameters") and m is not module:
             m.reset_parameters()
         if hasattr(m, "reset_running_stats"):
             m.reset_running_stats()
+    reset_plain_parameters(module)  # an exported graph's parameters sit in plain containers
 
 
 # ------------------------------------------------------------- calibration

@@ -255,9 +255,11 @@ class Dims:
         if r in self.parts or block <= 1 or n % block:
             return False
         c = self.atom(n // block)
-        for table in (self.pins, self.labels, self.producers):
+        if r in self.pins:
+            self.pins[c] = list(self.pins[r])
+        for table in (self.labels, self.producers):  # the report counts blocks: say how big they are
             if r in table:
-                table[c] = list(table[r])
+                table[c] = [f"{label} in blocks of {block}" for label in table[r]]
         if r in self.importance:
             self.importance[c] = self.importance[r].reshape(n // block, block).sum(1)
         self.parts[r] = (Seg(c, block),)

@@ -333,14 +333,45 @@ def rebuild_student(part: fx.GraphModule, spec: Spec, record: dict) -> fx.GraphM
 def reinitialise(module: nn.Module, seed: int) -> None:
     """Fresh parameters for every submodule with ``reset_parameters`` (seeded; the global RNG is left alone).
 
-    Tensors held directly by the neighbourhood (a ``get_attr`` constant such as
-    a position embedding) keep the teacher's values.
+    Parameters without a layer that resets them (an exported graph's, a
+    position embedding) get the defaults of :func:`reset_plain_parameters`;
+    buffers keep the teacher's values.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for _, m in module.named_modules():
             if m is not module and callable(getattr(m, "reset_parameters", None)):
                 m.reset_parameters()
+        reset_plain_parameters(module)
+
+
+def reset_plain_parameters(module: nn.Module) -> int:
+    """Fresh values for parameters held by plain containers (an exported graph's), which have no ``reset_parameters``.
+
+    The defaults of the layers they came from: matrices as ``nn.Linear``'s
+    (Kaiming uniform), a 1-D ``weight`` as a norm's (ones), a ``bias`` zero,
+    anything else (class tokens, position embeddings) N(0, 0.02). Returns how
+    many were reset; parameters of modules with ``reset_parameters`` are left
+    to them. Uses the global random generator (the caller seeds it).
+    """
+    owned = {id(p) for m in module.modules() if callable(getattr(m, "reset_parameters", None)) and m is not module
+             for p in m.parameters(recurse=False)}
+    count = 0
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if id(p) in owned:
+                continue
+            leaf = name.rpartition(".")[2]
+            if p.dim() >= 2 and leaf == "weight":
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+            elif leaf == "weight":
+                nn.init.ones_(p)
+            elif leaf == "bias":
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, std=0.02)
+            count += 1
+    return count
 
 
 def report(an: Analysis, kept: dict[int, torch.Tensor], spec: Spec) -> list[dict]:
