@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ndc.errors import NdcError
+from ndc.metrics import per_position
 from ndc.workspace import Workspace, read_json, sha256_json
 
 LOSSES = ("kd", "ce")
@@ -81,12 +82,16 @@ class TrainConfig:
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, tau: float = 2.5,
             lam: float = 1.0, tau_squared: bool = True) -> torch.Tensor:
-    """Hinton's loss: soft cross entropy with the teacher at temperature τ (× τ²) plus λ × label cross entropy."""
+    """Hinton's loss: soft cross entropy with the teacher at temperature τ (× τ²) plus λ × label cross entropy.
+
+    Token logits ``(B, L, V)`` count every position (labels ``(B, L)``; -100 is ignored).
+    """
+    student_logits, teacher_logits, labels = per_position(student_logits, teacher_logits, labels)
     soft_targets = F.softmax(teacher_logits / tau, dim=1)
     soft = -(soft_targets * F.log_softmax(student_logits / tau, dim=1)).sum(dim=1).mean()
     if tau_squared:
         soft = soft * tau * tau
-    return soft + lam * F.cross_entropy(student_logits, labels)
+    return soft + lam * F.cross_entropy(student_logits, labels) if lam else soft  # λ=0: noise has no labels
 
 
 @torch.no_grad()
@@ -97,8 +102,10 @@ def accuracy(model: nn.Module, data, split: str = "test", batch_size: int = 256,
     for k, (x, y) in enumerate(data.batches(split, batch_size)):
         if max_batches is not None and k >= max_batches:
             break
-        correct += int((model(x).argmax(1) == y).sum())
-        total += len(y)
+        logits, y = per_position(model(x), y)
+        known = y >= 0  # -100: a position without a label (the end of a token sequence)
+        correct += int((logits.argmax(1) == y)[known].sum())
+        total += int(known.sum())
     model.train(was)
     return correct / max(total, 1)
 
@@ -247,11 +254,15 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[s
 class NoiseImages:
     """A data source of Gaussian-noise training inputs (data-free KD); evaluation uses ``real`` when given.
 
-    Labels of noise are meaningless, so train with ``lam=0`` (soft teacher targets only).
+    Labels of noise are meaningless, so train with ``lam=0`` (soft teacher targets only). ``inputs``
+    (the plan's :class:`~ndc.passes.inputs.InputSpec`) makes the noise random token ids for a language model.
     """
 
-    def __init__(self, shape, examples: int = 10_000, real=None):
+    def __init__(self, shape, examples: int = 10_000, real=None, inputs=None):
+        from ndc.passes.inputs import FLOAT
+
         self.shape, self.train_size, self.real = tuple(shape), examples, real
+        self.inputs = inputs or FLOAT
         self.test_size = real.test_size if real is not None else 0
 
     def batches(self, split: str = "train", batch_size: int = 128, *, shuffle: bool = False, augment: bool = False,
@@ -266,7 +277,7 @@ class NoiseImages:
             n = min(batch_size, self.train_size - start)
             if drop_last and n < batch_size:
                 break
-            yield torch.randn((n, *self.shape), generator=gen), torch.zeros(n, dtype=torch.long)
+            yield self.inputs.sample((n, *self.shape), gen), torch.zeros(n, dtype=torch.long)
 
 
 def read_history(ws: Workspace, folder: str) -> list[dict]:

@@ -37,3 +37,14 @@ def count_flops(module: nn.Module, input_shape: tuple[int, ...] | list[int], inp
     finally:
         module.train(was_training)
     return int(counter.get_total_flops() // max(shape[0], 1))
+
+
+def per_position(logits: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Token logits ``(B, L, V)`` as ``(B*L, V)`` rows, one classification per position (labels ``(B, L)`` alike).
+
+    Classifier logits ``(B, C)`` come back unchanged, so losses and accuracy
+    written for classifiers also serve a language model's next-token head.
+    """
+    if logits.dim() != 3:
+        return (logits, *others)
+    return (logits.flatten(0, 1), *(t.flatten(0, 1) if t.dim() >= 2 else t for t in others))

@@ -4,12 +4,14 @@ Two specs, both read from local files (nothing is downloaded):
 
 * ``file.npz`` whose ``x`` is an integer array ``(N, L)`` of token ids, with
   optional labels ``y`` (``(N,)``, for a sequence classifier) and optional
-  ``x_test`` / ``y_test``. Without labels every ``y`` is 0 (distillation
-  needs only the inputs).
+  ``x_test`` / ``y_test``. Without labels, the labels are the next tokens
+  (``(N, L)``: ``x`` shifted by one, -100 at the last position), what a
+  language model predicts.
 * ``text:FILE`` or ``text:FILE,TOKENIZER``: a UTF-8 text file tokenised with
   a Hugging Face ``tokenizer.json`` (the ``tokenizers`` library; by default
   the ``tokenizer.json`` beside FILE), cut into consecutive sequences of the
-  model's length ``L``; labels are 0.
+  model's length ``L``; the labels are the next tokens (across sequence
+  ends, since the text runs on).
 
 Ids are batches of int64 ``(B, L)``, never normalised or augmented. Without a
 test split, the last fifth of the sequences is held out (the same ones
@@ -61,9 +63,9 @@ class TokenData:
         self.shape = self.raw_shape = tuple(int(d) for d in train[0].shape[1:])
         self.mean, self.std = [0.0], [1.0]
         self.train_size, self.test_size = len(train[0]), len(test[0])
-        labels = np.concatenate([train[1], test[1]])
-        self.classes = int(labels.max()) + 1 if labels.size and labels.max() > 0 else 0
         self.max_id = int(max(train[0].max(initial=0), test[0].max(initial=0)))
+        labels = np.concatenate([train[1].ravel(), test[1].ravel()])
+        self.classes = int(labels.max(initial=0)) + 1 if train[1].ndim == 1 else self.max_id + 1
 
     def __repr__(self) -> str:
         return f"TokenData({self.name!r}, train={self.train_size}, test={self.test_size}, shape={self.shape})"
@@ -109,9 +111,9 @@ def _npz(spec: str, input_shape, limit) -> TokenData:
     with np.load(path, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     x = arrays["x"]
-    y = _labels(arrays.get("y"), len(x), f"{path}: y")
+    y = _labels(arrays.get("y"), x, f"{path}: y")
     if "x_test" in arrays:
-        test = (_ids(arrays["x_test"], f"{path}: x_test"), _labels(arrays.get("y_test"), len(arrays["x_test"]), f"{path}: y_test"))
+        test = (_ids(arrays["x_test"], f"{path}: x_test"), _labels(arrays.get("y_test"), arrays["x_test"], f"{path}: y_test"))
         split = "the source's own test set"
     else:
         x, y, test, split = _hold_out(x, y)
@@ -129,11 +131,21 @@ def _ids(x: np.ndarray, what: str) -> np.ndarray:
     return x
 
 
-def _labels(y, n: int, what: str) -> np.ndarray:
+def _labels(y, x: np.ndarray, what: str) -> np.ndarray:
     if y is None:
-        return np.zeros(n, dtype=np.int64)
+        return next_tokens(x)
+    n = len(x)
     if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
         raise NdcError(f"{what} must be {n} integer labels, got {y.dtype} {list(y.shape)}")
+    return y
+
+
+def next_tokens(x: np.ndarray, following: np.ndarray | None = None) -> np.ndarray:
+    """Labels of a language model: each position's next id; the last position's is ``following`` or -100 (none)."""
+    y = np.full(x.shape, -100, dtype=np.int64)
+    y[:, :-1] = x[:, 1:]
+    if following is not None:
+        y[:, -1] = following
     return y
 
 
@@ -183,5 +195,6 @@ def _text(spec: str, input_shape, limit) -> TokenData:
     if n < 2:
         raise NdcError(f"{path} tokenises to {len(ids)} ids: fewer than two sequences of {length}")
     x = ids[: n * length].reshape(n, length)
-    x, y, test, split = _hold_out(x, np.zeros(n, dtype=np.int64))
+    following = np.append(ids[length: n * length: length], ids[n * length] if len(ids) > n * length else -100)
+    x, y, test, split = _hold_out(x, next_tokens(x, following))
     return TokenData(spec, f"{path} tokenised with {tok_path}", (x, y), test, split, limit)

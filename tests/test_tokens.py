@@ -80,3 +80,22 @@ def test_a_language_model_distils_on_text(run_cli, tmp_path):
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["source"] == "cache" and doc["candidates"][0]["status"] == "done"
+
+
+def test_a_language_model_goes_through_the_end_to_end_stages(run_cli, tmp_path):
+    """Next-token labels, KD over every position, random token ids as data-free noise; eval says what it cannot do."""
+    path = _corpus(tmp_path, words=800)
+    data = open_data(f"text:{path}", (8,))
+    ids, labels = next(data.batches("train", 2))
+    assert labels.shape == (2, 8) and torch.equal(labels[0, :-1], ids[0, 1:]) and labels[0, -1] == ids[1, 0]
+    assert run_cli("partition", f"{HF}:llama", "--input-shape", "1,8").exit_code == 0
+    fast = ["--limit", "16", "--batch-size", "8", "--epochs", "1"]
+    assert run_cli("distill", "--data-free", "--width", "0.5", "--steps", "2", "--batch-size", "8", "--val-size", "8",
+                   "--quiet").exit_code == 0
+    assert run_cli("stitch", "-o", "s.pt2", "--width", "0.5").exit_code == 0
+    for args in (["finetune", "--data-free", "--data", f"text:{path}"], ["finetune", "--data", f"text:{path}"],
+                 ["kd", "--width", "0.5", "--data", f"text:{path}"]):
+        r = run_cli(*args, *fast, "--format", "json")
+        assert r.exit_code == 0, (args, r.stderr)
+    r = run_cli("eval", "s.pt2", "--data", f"text:{path}", "--limit", "16")
+    assert r.exit_code == 1 and r.stderr.splitlines()[-1].startswith("Error: ") and "class scores" in r.stderr

@@ -50,7 +50,7 @@ def open_training_data(ws, plan, data_spec, limit, data_free, normalize=True):
     if not data_spec:
         raise NdcError("give --data SPEC: training and accuracy need data (with --data-free it only measures accuracy)")
     data = open_data(data_spec, plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
-    return NoiseImages(plan.input_shape[1:], limit or 10_000, data) if data_free else data
+    return NoiseImages(plan.input_shape[1:], limit or 10_000, data, plan.inputs) if data_free else data
 
 
 def progress_log(fmt: str):
