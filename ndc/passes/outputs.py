@@ -121,5 +121,22 @@ def select(gm: fx.GraphModule, path: tuple, flat_index: int | None = None) -> No
     if not isinstance(target, fx.Node):
         raise NdcError("the chosen output is a constant, not computed from the input; choose another with --output")
     out.args = (target,)
-    gm.graph.eliminate_dead_code()
+    _drop_unused(gm)
     gm.recompile()
+
+
+def _drop_unused(gm: fx.GraphModule) -> None:
+    """Remove what only the dropped outputs used: a dead branch would keep activations alive and block cuts.
+
+    An operation that writes into its argument stays, used or not.
+    """
+    from ndc.passes.extract import mutates_first_argument
+
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed(list(gm.graph.nodes)):
+            if (not n.users and n.op in ("call_function", "call_method", "call_module", "get_attr")
+                    and not mutates_first_argument(n, gm)):
+                gm.graph.erase_node(n)
+                changed = True

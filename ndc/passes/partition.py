@@ -265,7 +265,7 @@ def _module_cuts(facts: GraphFacts, depth: int, notes: list[str]) -> list[int]:
             continue  # unused, or it computes the model's output: nothing to cut
         end = last[t]
         if end in boundary_set:
-            positions.append(_absorb(facts, end))
+            positions.append(_absorb(facts, end, t))
         else:
             notes.append(f"cannot cut after module {t}: {_stay(facts.alive_explanation(end))} across it; "
                          "it shares a neighbourhood with what follows")
@@ -282,8 +282,13 @@ def _enclosing(n: fx.Node) -> set[str]:
     return {str(key) for key in (n.meta.get("nn_module_stack") or {})}
 
 
-def _absorb(facts: GraphFacts, pos: int) -> int:
-    """Move a cut forward over parameter-free, shape-keeping single-input nodes (the ReLU after a block)."""
+def _absorb(facts: GraphFacts, pos: int, module: str = "") -> int:
+    """Move a cut forward over parameter-free, shape-keeping single-input nodes (the ReLU after a block).
+
+    Only nodes of ``module``'s parent (the parent applying the ReLU, a sibling
+    dropout) or of a module around it join: the first operation of a module
+    elsewhere (a pooler's slice after the encoder's last layer) does not.
+    """
     boundary_set = set(facts.boundary_positions)
     act = facts.live.act
     i = pos
@@ -295,6 +300,9 @@ def _absorb(facts: GraphFacts, pos: int) -> int:
         if facts.params_of(n) or facts.shape(n) != facts.shape(facts.order[i]) or facts.is_weight_layer(n):
             return i
         if len([a for a in n.all_input_nodes if a in act]) != 1 or n.op == "call_module" and _has_state(facts, n):
+            return i
+        scope, parent = facts.scope(n), module.rpartition(".")[0]
+        if module and scope and not (module.startswith(scope + ".") or not parent or scope.startswith(parent + ".")):
             return i
         i = nxt
 
