@@ -127,7 +127,7 @@ def trace(model: nn.Module, input_shape: tuple[int, ...] | list[int], leaves: li
     model.eval()
     _no_cache(model)
     if frontend == "export" or is_exported(model):
-        return _finish(model, _export_frontend(model, input_shape, leaves, inputs), input_shape, inputs, output)
+        return _finish(_export_frontend(model, input_shape, leaves, inputs), input_shape, inputs, output)
     try:
         made = _fx_frontend(model, input_shape, leaves)
     except NdcError as fx_error:
@@ -137,14 +137,14 @@ def trace(model: nn.Module, input_shape: tuple[int, ...] | list[int], leaves: li
             made = _export_frontend(model, input_shape, leaves, inputs)
         except NdcError as export_error:
             raise NdcError(f"{fx_error} (torch.export failed too: {export_error})") from None
-        traced = _finish(model, made, input_shape, inputs, output)
+        traced = _finish(made, input_shape, inputs, output)
         traced.notes.insert(0, f"frontend: torch.export (torch.fx failed: {str(fx_error).split('. torch.fx')[0]})")
         return traced
-    traced = _finish(model, made, input_shape, inputs, output)
+    traced = _finish(made, input_shape, inputs, output)
     automatic = sorted(set(traced.leaves) - set(leaves))
     if frontend == "auto" and automatic:
         try:
-            exported = _finish(model, _export_frontend(model, input_shape, leaves, inputs), input_shape, inputs, output)
+            exported = _finish(_export_frontend(model, input_shape, leaves, inputs), input_shape, inputs, output)
         except NdcError:
             return traced  # export cannot do better: keep fx with its opaque leaves
         exported.notes.insert(0, f"frontend: torch.export (torch.fx had to keep {', '.join(automatic)} opaque)")
@@ -187,7 +187,7 @@ def _export_frontend(model: nn.Module, input_shape: tuple[int, ...], leaves, inp
     return gm, "export", [], notes
 
 
-def _finish(model: nn.Module, made, input_shape, inputs: InputSpec, output: str | None) -> Traced:
+def _finish(made, input_shape, inputs: InputSpec, output: str | None) -> Traced:
     """Choose the output, then propagate shapes: the part both frontends share."""
     gm, frontend, leaves, notes = made
     gm.eval()
