@@ -345,11 +345,15 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[s
 class NoiseImages:
     """A data source of Gaussian-noise training inputs (data-free KD); evaluation uses ``real`` when given.
 
-    Labels of noise are meaningless, so train with ``lam=0`` (soft teacher targets only).
+    Labels of noise are meaningless, so train with ``lam=0`` (soft teacher targets only). ``inputs``
+    (the plan's :class:`~ndc.passes.inputs.InputSpec`) makes the noise random token ids for a language model.
     """
 
-    def __init__(self, shape, examples: int = 10_000, real=None):
+    def __init__(self, shape, examples: int = 10_000, real=None, inputs=None):
+        from ndc.passes.inputs import FLOAT
+
         self.shape, self.train_size, self.real = tuple(shape), examples, real
+        self.inputs = inputs or FLOAT
         self.test_size = real.test_size if real is not None else 0
 
     def batches(self, split: str = "train", batch_size: int = 128, *, shuffle: bool = False, augment: bool = False,
@@ -364,7 +368,7 @@ class NoiseImages:
             n = min(batch_size, self.train_size - start)
             if drop_last and n < batch_size:
                 break
-            yield torch.randn((n, *self.shape), generator=gen), torch.zeros(n, dtype=torch.long)
+            yield self.inputs.sample((n, *self.shape), gen), torch.zeros(n, dtype=torch.long)
 
 
 def read_history(ws: Workspace, folder: str) -> list[dict]:

@@ -110,9 +110,10 @@ def _load_onnx(path: Path, threads: int) -> Predictor:
     per_example = tuple(dims[1:]) if all(isinstance(d, int) for d in dims[1:]) else None
     fixed_batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
     name = inp.name
+    dtype = np.int64 if inp.type == "tensor(int64)" else np.float32  # token ids stay integers
 
     def outputs(x: torch.Tensor) -> list[np.ndarray]:
-        array = x.detach().cpu().numpy().astype(np.float32, copy=False)
+        array = x.detach().cpu().numpy().astype(dtype, copy=False)
         if fixed_batch is None or len(array) == fixed_batch:
             return list(session.run(None, {name: array}))
         # A file exported with a fixed batch size: run it in chunks of that size, zero-padding the last.

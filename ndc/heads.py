@@ -29,8 +29,9 @@ class Head:
 
     @property
     def scores(self) -> int | None:
-        """Number of scores per example when the output is a vector (B, K); None otherwise."""
-        return self.shape[0] if len(self.shape) == 1 else None
+        """Number of scores per example when the output is a vector (B, K), or per position when it is a sequence of
+        them (B, L, K: a language model's next-token scores, scored position by position); None otherwise."""
+        return self.shape[-1] if len(self.shape) in (1, 2) else None
 
     def describe(self) -> str:
         return f"Bx{fmt_shape(self.shape)}" + (" (sigmoid)" if self.sigmoid else "")

@@ -155,6 +155,13 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     version: int = PLAN_VERSION
 
+    @property
+    def inputs(self):
+        """The teacher's :class:`~ndc.passes.inputs.InputSpec` (floats, or token ids), as traced."""
+        from ndc.passes.inputs import InputSpec
+
+        return InputSpec.from_json(self.tracer.get("input"))
+
     def __getitem__(self, name: str) -> Neighbourhood:
         for n in self.neighbourhoods:
             if n.name == name:

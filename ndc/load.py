@@ -9,6 +9,10 @@ MODEL forms:
 * ``package.module:factory`` or ``path/to/file.py:factory``: the factory is
   called with no arguments; ``weights`` (a state dict loaded with
   ``weights_only=True``, or ``.safetensors``) is loaded into the result.
+* ``file.pt2``: a ``torch.export`` archive (``torch.export.save``). Loading it
+  unpickles nothing, so it needs no trust: the safe answer for a user who has
+  only a saved model and no factory. Its graph is what ndc traces (the export
+  frontend), and it says its own input shape and dtype.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from ndc.workspace import load_tensors, sha256_file
 class LoadedModel:
     model: nn.Module
     source: dict  # JSON-able description of where the model came from (see Plan.source)
+    input_shape: tuple[int, ...] | None = None  # known from the file itself (a .pt2 archive)
+    inputs: object = None  # its InputSpec, when the file says (a .pt2 archive)
 
 
 def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False) -> LoadedModel:
@@ -45,6 +51,12 @@ def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False
             load_weights(model, weights)
         return LoadedModel(model, source)
     path = Path(spec)
+    if path.suffix == ".pt2":
+        if weights is not None:
+            raise NdcError(f"--weights goes with a factory MODEL; the archive {spec} holds its weights")
+        source = {"kind": "export", "path": str(path.resolve()), "sha256": _sha(path) if path.is_file() else None}
+        gm, shape, inputs = _load_program(path)
+        return LoadedModel(gm, source, shape, inputs)
     if weights is not None:
         raise NdcError(f"--weights goes with a factory MODEL (file.py:factory or package.module:factory), not with the pickled module {spec}")
     return LoadedModel(_load_pickled_module(path, trust_pickle), {
@@ -61,6 +73,11 @@ def reload_model(source: dict) -> nn.Module:
     Refuses a pickle whose content changed since it was trusted, so trust given
     to one file at ``ndc partition`` never extends to another.
     """
+    if source["kind"] == "export":
+        path = Path(source["path"])
+        if not path.is_file():
+            raise NdcError(f"the teacher {path} named in the plan no longer exists; rerun ndc partition")
+        return _load_program(path)[0]
     if source["kind"] == "pickle":
         path = Path(source["path"])
         if not path.is_file():
@@ -70,6 +87,22 @@ def reload_model(source: dict) -> nn.Module:
         return _load_pickled_module(path, trust_pickle=bool(source.get("trust_pickle")))
     model, _ = _load_factory(source["target"])
     return model
+
+
+# ------------------------------------------------------------------ archives
+
+
+def _load_program(path: Path):
+    """A ``.pt2`` archive as a graph (see :func:`ndc.passes.trace_export.load_program`); nothing is unpickled."""
+    from ndc.passes.trace_export import load_program
+
+    if not path.is_file():
+        raise NdcError(f"{path}: no such file")
+    try:
+        program = torch.export.load(str(path))
+    except Exception as e:
+        raise NdcError(f"{path} is not a readable torch.export archive: {first_line(e, 160)}") from None
+    return load_program(program, str(path))
 
 
 # ------------------------------------------------------------------ factories
@@ -292,3 +325,48 @@ def _sha(path: str | os.PathLike) -> str:
 
 def _few(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+# -------------------------------------------------------------- what it reads
+
+
+def guess_input_shape(model) -> tuple[int, ...] | None:
+    """An input shape from the model itself: an ``input_shape`` attribute, or its first layer."""
+    declared = getattr(model, "input_shape", None)
+    if isinstance(declared, (tuple, list)) and declared and all(isinstance(d, int) for d in declared):
+        return tuple(declared)
+    config = getattr(model, "config", None)  # a Hugging Face model says what it reads
+    if isinstance(getattr(config, "image_size", None), int) and isinstance(getattr(config, "num_channels", None), int):
+        return (1, config.num_channels, config.image_size, config.image_size)
+    if _reads_token_ids(model):
+        return (1, TOKENS)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return (1, m.in_channels, 32, 32)
+        if isinstance(m, nn.Conv1d):
+            return (1, m.in_channels, 128)
+        if isinstance(m, nn.Linear):
+            return (1, m.in_features)
+    return None
+
+
+TOKENS = 16  # sequence length traced when a language model's input shape is not given
+
+
+def _reads_token_ids(model) -> bool:
+    return getattr(model, "main_input_name", None) == "input_ids"
+
+
+def input_spec(loaded, dtype: str | None):
+    """What the input is: ``--input-dtype``, else what the file says (.pt2), else token ids for a Hugging Face LM."""
+    from ndc.passes.inputs import FLOAT, integer_inputs
+
+    if dtype is None:
+        if loaded.inputs is not None:
+            return loaded.inputs
+        dtype = "int64" if _reads_token_ids(loaded.model) else "float32"
+    if dtype == "float32":
+        return FLOAT
+    if loaded.inputs is not None and loaded.inputs.is_integer:
+        return loaded.inputs
+    return integer_inputs(loaded.model)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ndc.errors import NdcError, fmt_shape
+from ndc.metrics import per_position
 from ndc.heads import Head
 
 LOSSES = ("kd", "ce", "mse", "bce")
@@ -41,7 +42,12 @@ _EPS = 1e-6  # probabilities are clamped this far from 0 and 1 before a logarith
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None, tau: float = 2.5,
             lam: float = 1.0, tau_squared: bool = True) -> torch.Tensor:
-    """Hinton's loss: soft cross entropy with the teacher at temperature τ (× τ²) plus λ × label cross entropy."""
+    """Hinton's loss: soft cross entropy with the teacher at temperature τ (× τ²) plus λ × label cross entropy.
+
+    Token logits ``(B, L, V)`` count every position (labels ``(B, L)``; -100 is ignored).
+    """
+    student_logits, teacher_logits, *rest = per_position(student_logits, teacher_logits, *([labels] if labels is not None else []))
+    labels = rest[0] if rest else None
     soft_targets = F.softmax(teacher_logits / tau, dim=1)
     soft = -(soft_targets * F.log_softmax(student_logits / tau, dim=1)).sum(dim=1).mean()
     if tau_squared:
@@ -111,7 +117,7 @@ class Loss:
         if self.name == "ce":
             if y is None:
                 raise NdcError("--loss ce needs class labels")
-            return F.cross_entropy(student, y)
+            return F.cross_entropy(*per_position(student, y))
         if teacher is None:
             raise NdcError(f"--loss {self.name} needs the teacher's outputs")
         if self.name == "kd":

@@ -22,14 +22,29 @@ def count_nonzero_params(module: nn.Module) -> int:
 
 
 @torch.no_grad()
-def count_flops(module: nn.Module, input_shape: tuple[int, ...] | list[int]) -> int:
-    """FLOPs for one example through ``module`` (eval mode, no autograd)."""
+def count_flops(module: nn.Module, input_shape: tuple[int, ...] | list[int], inputs=None) -> int:
+    """FLOPs for one example through ``module`` (eval mode, no autograd).
+
+    ``inputs`` (an :class:`~ndc.passes.inputs.InputSpec`) says when the input
+    is not a float tensor (token ids are fed as zeros of their dtype).
+    """
     shape = tuple(input_shape)
     was_training = module.training
     module.eval()
     try:
         with FlopCounterMode(display=False) as counter:
-            module(torch.zeros(shape))
+            module(inputs.zeros(shape) if inputs is not None else torch.zeros(shape))
     finally:
         module.train(was_training)
     return int(counter.get_total_flops() // max(shape[0], 1))
+
+
+def per_position(logits: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Token logits ``(B, L, V)`` as ``(B*L, V)`` rows, one classification per position (labels ``(B, L)`` alike).
+
+    Classifier logits ``(B, C)`` come back unchanged, so losses and accuracy
+    written for classifiers also serve a language model's next-token head.
+    """
+    if logits.dim() != 3:
+        return (logits, *others)
+    return (logits.flatten(0, 1), *(t.flatten(0, 1) if t.dim() >= 2 else t for t in others))

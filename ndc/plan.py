@@ -28,15 +28,22 @@ from ndc.load import LoadedModel, check_and_load_state_dict, reload_model
 from ndc.metrics import count_flops, count_params
 from ndc.passes.extract import extract
 from ndc.passes.partition import Partition, partition
-from ndc.passes.trace import Traced, tensor_shape, trace
+from ndc.passes.inputs import InputSpec
+from ndc.passes.trace import Traced, frontend_of, tensor_shape, trace
+from ndc.passes.verify import verify_recomposition
 from ndc.workspace import PLAN, TEACHER_WEIGHTS, Workspace, sha256_file
 
 
 def build_plan(loaded: LoadedModel, traced: Traced, part: Partition, options: dict) -> Plan:
-    """Extract and measure every neighbourhood of ``part``; the result is deterministic."""
-    neighbourhoods = []
+    """Extract, verify and measure every neighbourhood of ``part``; the result is deterministic.
+
+    The extracted neighbourhoods must recompose the teacher exactly
+    (:func:`~ndc.passes.verify.verify_recomposition`), or no plan is made.
+    """
+    neighbourhoods, modules = [], []
     for seg in part.segments:
         module, input_node, output_name = neighbourhood_module(traced, seg)
+        modules.append(module)
         in_shape = tensor_shape(input_node) or []
         out_node = traced.node(output_name) if output_name != "output" else None
         out_shape = tensor_shape(out_node) if out_node is not None else _output_shape(traced)
@@ -48,17 +55,18 @@ def build_plan(loaded: LoadedModel, traced: Traced, part: Partition, options: di
             input_shape=in_shape,
             output_shape=out_shape or [],
             params=count_params(module),
-            flops=count_flops(module, in_shape),
+            flops=count_flops(module, in_shape, traced.inputs if input_node.op == "placeholder" else None),
             kept=seg.kept,
             modules=sorted({str(n.target) for n in seg.nodes if n.op == "call_module"}),
         ))
+    verify_recomposition(traced, modules, part.strategy or options.get("by", ""), [seg.name for seg in part.segments])
     return Plan(
         source=loaded.source,
         input_shape=list(traced.input_shape),
         tracer=traced.settings(),
         partition={**options, "boundaries": part.boundaries},
         neighbourhoods=neighbourhoods,
-        teacher={"params": count_params(traced.gm), "flops": count_flops(traced.gm, traced.input_shape)},
+        teacher={"params": count_params(traced.gm), "flops": count_flops(traced.gm, traced.input_shape, traced.inputs)},
         notes=traced.notes + part.notes,
     )
 
@@ -88,11 +96,25 @@ def _class_name(name: str) -> str:
 def write_plan(ws: Workspace, plan: Plan, teacher: nn.Module) -> None:
     """Write the teacher's weights and ``plan.json`` (atomically, weights first)."""
     ws.ensure()
-    ws.save_tensors(TEACHER_WEIGHTS, teacher.state_dict())
+    ws.save_tensors(TEACHER_WEIGHTS, _untied(teacher.state_dict()))
     plan.teacher["sha256"] = sha256_file(ws.path(TEACHER_WEIGHTS))
     ws.record(TEACHER_WEIGHTS, made_from={"source": plan.source.get("sha256")})
     ws.write_text(PLAN, plan.dumps())
     ws.record(PLAN, made_from={"teacher": plan.teacher["sha256"]})
+
+
+def _untied(state: dict) -> dict:
+    """A copy of each tensor that shares memory with an earlier one (GPT-2's tied embedding and head).
+
+    safetensors stores each tensor once; loading the copies back into tied
+    parameters writes the same values twice, so the tie survives.
+    """
+    seen, out = set(), {}
+    for key, value in state.items():
+        ptr = (value.untyped_storage().data_ptr(), value.storage_offset())
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    return out
 
 
 @dataclass
@@ -130,7 +152,8 @@ def load_teacher(ws: Workspace) -> Teacher:
     model = reload_model(plan.source)
     state = ws.load_tensors(TEACHER_WEIGHTS)
     check_and_load_state_dict(model, state, str(weights))
-    traced = trace(model, plan.input_shape, plan.tracer.get("leaves", []))
+    traced = trace(model, plan.input_shape, plan.tracer.get("leaves", []), frontend=frontend_of(plan.tracer),
+                   inputs=InputSpec.from_json(plan.tracer.get("input")), output=plan.tracer.get("output"))
     names = {n.name for n in traced.gm.graph.nodes}
     missing = [nb.name for nb in plan.neighbourhoods if nb.input not in names or (nb.output != "output" and nb.output not in names)]
     if missing:
@@ -138,16 +161,25 @@ def load_teacher(ws: Workspace) -> Teacher:
     return Teacher(plan, traced)
 
 
-def partition_model(loaded: LoadedModel, input_shape, by: str = "residual", depth: int = 1, every: int = 1,
-                    cuts: tuple[str, ...] = (), leaves: tuple[str, ...] = ()) -> tuple[Plan, Traced]:
-    """Trace and cut ``loaded``: the library form of ``ndc partition``."""
-    traced = trace(loaded.model, input_shape, leaves)
+def partition_model(loaded: LoadedModel, input_shape, by: str = "auto", depth: int = 1, every: int = 1,
+                    cuts: tuple[str, ...] = (), leaves: tuple[str, ...] = (), *, frontend: str = "auto",
+                    inputs: InputSpec | None = None, output: str | None = None) -> tuple[Plan, Traced]:
+    """Trace and cut ``loaded``: the library form of ``ndc partition``.
+
+    A model loaded from a ``.pt2`` archive is traced with the export frontend
+    whatever ``frontend`` says (it is already an exported program).
+    """
+    if loaded.source.get("kind") == "export":
+        frontend = "export"
+    traced = trace(loaded.model, input_shape, leaves, frontend=frontend, inputs=inputs or InputSpec(), output=output)
     part = partition(traced, by=by, depth=depth, every=every, cuts=cuts)
     options = {"by": by}
-    if by == "module":
+    if by == "auto":
+        options["chose"] = part.strategy
+    if part.strategy == "module":
         options["depth"] = depth
-    elif by == "layers":
+    elif part.strategy == "layers":
         options["every"] = every
-    elif by == "cuts":
+    elif part.strategy == "cuts":
         options["cuts"] = list(cuts)
     return build_plan(loaded, traced, part, options), traced

@@ -55,15 +55,19 @@ def time_runs(fn: Callable[[], Any], runs: int = 20, warmup: int = 3) -> list[fl
 
 
 def measure_latency(model: Any, input_shape: Sequence[int], batch_sizes: Sequence[int] = LATENCY_BATCH_SIZES, *,
-                    runs: int = 20, warmup: int = 3, threads: int = 1, seed: int = 0) -> dict[str, float]:
+                    runs: int = 20, warmup: int = 3, threads: int = 1, seed: int = 0, inputs=None) -> dict[str, float]:
     """Median latency in milliseconds per batch size: ``{"1": ms, "32": ms}``.
 
     ``model`` is a path to an ``.onnx`` file or an onnxruntime session
     (measured with onnxruntime), or a torch callable (an ``nn.Module``, a
     ``torch.export`` program's ``.module()``), measured under ``torch.no_grad``.
     ``input_shape`` is the example input shape; its batch size is replaced by
-    each of ``batch_sizes``.
+    each of ``batch_sizes``; ``inputs`` (an :class:`~ndc.passes.inputs.InputSpec`)
+    says when inputs are token ids rather than floats.
     """
+    from ndc.passes.inputs import FLOAT
+
+    sample = (inputs or FLOAT).sample
     per_example = tuple(int(d) for d in input_shape[1:])
     gen = torch.Generator().manual_seed(seed)
     if isinstance(model, (str, os.PathLike)) or _is_ort_session(model):
@@ -71,14 +75,14 @@ def measure_latency(model: Any, input_shape: Sequence[int], batch_sizes: Sequenc
         name = session.get_inputs()[0].name
         result = {}
         for b in batch_sizes:
-            feed = {name: torch.randn((b, *per_example), generator=gen).numpy()}
+            feed = {name: sample((b, *per_example), gen).numpy()}
             result[str(b)] = statistics.median(time_runs(lambda: session.run(None, feed), runs, warmup))
         return result
-    return _torch_latency(model, per_example, batch_sizes, runs, warmup, threads, gen)
+    return _torch_latency(model, per_example, batch_sizes, runs, warmup, threads, gen, sample)
 
 
 def _torch_latency(fn: Callable, per_example: tuple[int, ...], batch_sizes: Sequence[int], runs: int, warmup: int,
-                   threads: int, gen: torch.Generator) -> dict[str, float]:
+                   threads: int, gen: torch.Generator, sample: Callable) -> dict[str, float]:
     if isinstance(fn, torch.nn.Module):
         # A torch.export program's .module() has its mode baked in and refuses eval().
         with contextlib.suppress(NotImplementedError):
@@ -89,7 +93,7 @@ def _torch_latency(fn: Callable, per_example: tuple[int, ...], batch_sizes: Sequ
         result = {}
         with torch.no_grad():
             for b in batch_sizes:
-                x = torch.randn((b, *per_example), generator=gen)
+                x = sample((b, *per_example), gen)
                 result[str(b)] = statistics.median(time_runs(lambda: fn(x), runs, warmup))
         return result
     finally:

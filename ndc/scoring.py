@@ -42,6 +42,7 @@ from torch.utils._pytree import tree_leaves
 
 from ndc.errors import NdcError, first_line, fmt_shape
 from ndc.heads import Head
+from ndc.metrics import per_position
 from ndc.usercode import find_function, is_function_spec
 
 METRIC_HELP = "auto, accuracy, top-K (e.g. top-5), agreement, output-error, or module:function / file.py:function"
@@ -273,6 +274,13 @@ class _ClassTally(Tally):
         self.k, self.against_teacher, self.hits, self.n = k, against_teacher, 0, 0
 
     def add(self, out, teacher_out, y):
+        if out.dim() == 3:  # token logits (B, L, V): one classification per position, label -100 unknown
+            out, *rest = per_position(out, *(t for t in (teacher_out, y) if t is not None))
+            teacher_out = rest.pop(0) if teacher_out is not None else None
+            y = rest.pop(0) if y is not None else None
+            if y is not None and not self.against_teacher:
+                known = y >= 0
+                out, y = out[known], y[known]
         if out.dim() != 2:
             raise NdcError(f"class metrics need scores of shape (batch, classes), not {fmt_shape(out.shape)}")
         if self.against_teacher:

@@ -42,6 +42,36 @@ def one_device(device: str) -> str:
     return resolve_devices(device)[0]
 
 
+# ------------------------------------------------------------------- partition
+
+
+def partition(ws: Workspace, model: str, *, input_shape: tuple[int, ...] | None = None, by: str = "auto", depth: int = 1,
+              every: int = 1, cuts: tuple[str, ...] = (), leaves: tuple[str, ...] = (), weights: str | None = None,
+              trust_pickle: bool = False, frontend: str = "auto", input_dtype: str | None = None, output: str | None = None,
+              warn: Log = _quiet):
+    """Load MODEL, trace it, cut it into neighbourhoods and write the plan and the teacher's weights; returns
+    ``(plan, traced)``. Every plan is verified before it is written (:mod:`ndc.passes.verify`)."""
+    from ndc.load import guess_input_shape, input_spec, load_model
+    from ndc.passes.partition import STRATEGIES
+    from ndc.plan import partition_model, write_plan
+
+    if by not in STRATEGIES:
+        raise NdcError(f"unknown partition strategy {by!r}; valid strategies: {', '.join(STRATEGIES)}")
+    loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
+    inputs = input_spec(loaded, input_dtype)
+    shape = input_shape or loaded.input_shape
+    if shape is None:
+        shape = guess_input_shape(loaded.model)
+        if shape is None:
+            raise NdcError("cannot tell the model's input shape; pass --input-shape, e.g. 1,3,32,32")
+        warn(f"no --input-shape given; using {','.join(map(str, shape))} from the model")
+    plan, traced = partition_model(loaded, shape, by=by, depth=depth, every=every, cuts=tuple(cuts), leaves=tuple(leaves),
+                                   frontend=frontend, inputs=inputs, output=output)
+    with ws.writing("ndc partition", create=True):
+        write_plan(ws, plan, loaded.model)
+    return plan, traced
+
+
 # --------------------------------------------------------------------- distill
 
 
@@ -154,11 +184,11 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
         save_student(ws, model, selection, made_from, {"calibrated_batches": calibrate if calibrated else 0, "data": data,
                                                         "teacher": teacher.sha256})
         report = {} if output is None else export_model(model, output, plan.input_shape, fold_bn=fold_bn,
-                                                         report_dir=ws.path("student/export-failure"))
+                                                         report_dir=ws.path("student/export-failure"), inputs=plan.inputs)
         summary = {
             "output": report.get("output"), "format": report.get("format"),
             "params": count_params(model), "teacher_params": plan.teacher["params"],
-            "flops": count_flops(model, plan.input_shape), "teacher_flops": plan.teacher["flops"],
+            "flops": count_flops(model, plan.input_shape, plan.inputs), "teacher_flops": plan.teacher["flops"],
             "bytes": report.get("bytes"), "max_abs_diff": report.get("max_abs_diff"), "latency_ms": report.get("latency_ms"),
             "selection": {k: str(v) for k, v in selection.items()}, "calibrated_norms": calibrated,
         }
@@ -232,7 +262,7 @@ def training_data(ws: Workspace, plan, data: str | None, limit: int | None, data
     if not data:
         raise NdcError("give --data SPEC: training and accuracy need data (with --data-free it only measures accuracy)")
     source = open_data(data, plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
-    return NoiseImages(plan.input_shape[1:], limit or 10_000, source) if data_free else source
+    return NoiseImages(plan.input_shape[1:], limit or 10_000, source, plan.inputs) if data_free else source
 
 
 def epoch_logger(log: Log | None, on_epoch: Callable[[dict], None] | None = None, metric=None) -> Callable[[dict], None]:
@@ -468,5 +498,6 @@ def _check_output(output: str | None) -> None:
 def _export(ws: Workspace, model, output: str, plan, folder: str, payload: dict) -> None:
     from ndc.passes.export import export_model
 
-    payload["export"] = export_model(model, output, plan.input_shape, report_dir=ws.path(f"{folder}/export-failure"))
+    payload["export"] = export_model(model, output, plan.input_shape, report_dir=ws.path(f"{folder}/export-failure"),
+                                     inputs=plan.inputs)
     payload["output"] = payload["export"]["output"]

@@ -130,7 +130,7 @@ def stitch(teacher, replacements: dict[str, nn.Module]) -> fx.GraphModule:
             if node.op in ("call_module", "get_attr"):
                 target = str(node.target)
                 obj = part.get_submodule(target) if node.op == "call_module" else _get_attr(part, target)
-                if target in owners and owners[target] is not obj:
+                if target in owners and owners[target] is not obj and not _same_constant(owners[target], obj):
                     raise NdcError(f"neighbourhoods {nb.name} and another both own {target}; stitching shared modules is not supported")
                 owners[target] = obj
         placeholder = next(n for n in part.graph.nodes if n.op == "placeholder")
@@ -140,6 +140,14 @@ def stitch(teacher, replacements: dict[str, nn.Module]) -> fx.GraphModule:
     graph.lint()
     student = fx.GraphModule(owners, graph, class_name="Student")
     return student.eval()
+
+
+def _same_constant(a, b) -> bool:
+    """Equal copies of one tensor that several neighbourhoods read: a buffer they recompute from (rotary
+    frequencies, position ids), or a tied weight (GPT-2's embedding and head, both kept with the teacher).
+    The stitched model keeps one copy, so the tie survives."""
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and a.dtype == b.dtype and torch.equal(a, b))
 
 
 def _get_attr(module: nn.Module, target: str):
@@ -171,12 +179,15 @@ def fresh_student(teacher, selection: dict[str, Spec], seed: int = 0) -> fx.Grap
 
 
 def reset_parameters(module: nn.Module, seed: int = 0) -> None:
+    from ndc.passes.rewrite.width import reset_plain_parameters
+
     torch.manual_seed(seed)
     for m in module.modules():
         if hasattr(m, "reset_parameters") and m is not module:
             m.reset_parameters()
         if hasattr(m, "reset_running_stats"):
             m.reset_running_stats()
+    reset_plain_parameters(module)  # an exported graph's parameters sit in plain containers
 
 
 # ------------------------------------------------------------- calibration

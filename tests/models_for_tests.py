@@ -169,3 +169,124 @@ def sigmoid_mlp():
 def regression_mlp():
     """Three real-valued outputs, no activation: a regression head."""
     return HeadMLP(3, sigmoid=False)
+
+
+class PreNormLayer(nn.Module):
+    """A pre-norm transformer layer on ``nn.MultiheadAttention``: the attention stays a leaf returning ``(out, None)``."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        y = self.norm1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class MHAEncoder(nn.Module):
+    """Tokens (B, 6, 8) -> 5 logits through two pre-norm layers: the model of the issue's first report."""
+
+    input_shape = (1, 6, 8)
+
+    def __init__(self, dim: int = 32, depth: int = 2):
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.layers = nn.Sequential(*[PreNormLayer(dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        return self.head(self.norm(self.layers(self.embed(x))).mean(1))
+
+
+def mha_encoder():
+    return MHAEncoder()
+
+
+class Chain(nn.Module):
+    """A VGG-style chain: no residual block anywhere."""
+
+    input_shape = (1, 3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                                      nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+        self.classifier = nn.Linear(16 * 4 * 4, 4)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+def chain():
+    return Chain()
+
+
+class TupleOut(nn.Module):
+    """Returns ``(logits, features)``."""
+
+    input_shape = (1, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.head(h), h
+
+
+class DictOut(TupleOut):
+    """Returns ``{"features": ..., "logits": ...}``."""
+
+    def forward(self, x):
+        h = self.body(x)
+        return {"features": h, "logits": self.head(h)}
+
+
+def tuple_out():
+    return TupleOut()
+
+
+def dict_out():
+    return DictOut()
+
+
+class ModelOutputOut(TupleOut):
+    """Returns a Hugging Face ``SequenceClassifierOutput`` (``logits`` and ``hidden_states``)."""
+
+    def forward(self, x):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        h = self.body(x)
+        return SequenceClassifierOutput(logits=self.head(h), hidden_states=(h,))
+
+
+def model_output():
+    return ModelOutputOut()
+
+
+class TokenClassifier(nn.Module):
+    """Token ids (B, N) below 20 -> 3 logits: an embedding, one residual block, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 16)
+        self.block = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.block(h)
+        return self.head(h.mean(1))
+
+
+def token_classifier():
+    return TokenClassifier()

@@ -58,7 +58,7 @@ def test_pickled_model_needs_trust(run_cli, tmp_path):
 def test_user_errors_are_one_line(run_cli):
     cases = [
         (["partition", "missing.pt"], "no such file"),
-        (["partition", "ndc.zoo:resnet20", "--by", "blocks"], "valid strategies: residual, module, layers, cuts"),
+        (["partition", "ndc.zoo:resnet20", "--by", "blocks"], "valid strategies: auto, residual, module, layers, cuts"),
         (["partition", "ndc.zoo:resnet20", "--input-shape", "1,3,x"], "bad --input-shape"),
         (["partition", "ndc.zoo:resnet20", "--input-shape", "1,5,32,32"], "check --input-shape"),
         (["partition", "ndc.zoo:resnet20", "--input-shape", "1,3,32,32", "--by", "cuts", "--cut", "layer1.0.conv1"], "cannot cut at layer1.0.conv1"),

@@ -36,7 +36,7 @@ def _parts(plan, traced):
 def test_residual_counts_and_exact_recomposition(family):
     factory, shape = FAMILIES[family]
     model = factory().eval()
-    plan, traced = _plan(model, shape)
+    plan, traced = _plan(model, shape, by="residual")
     trainable, kept = RESIDUAL_COUNTS[family]
     assert (len(plan.trainable), len(plan.neighbourhoods) - len(plan.trainable)) == (trainable, kept)
     x = torch.randn(3, *shape[1:])
@@ -156,7 +156,7 @@ def test_cuts_strategy_refuses_a_cut_inside_a_block():
 
 
 def test_unknown_strategy_lists_the_valid_ones():
-    with pytest.raises(NdcError, match="valid strategies: residual, module, layers, cuts"):
+    with pytest.raises(NdcError, match="valid strategies: auto, residual, module, layers, cuts"):
         _plan(FAMILIES["mlp"][0](), FAMILIES["mlp"][1], by="blocks")
 
 

@@ -143,3 +143,16 @@ def test_schedule_errors(kwargs, message):
     with pytest.raises(NdcError) as e:
         sparsity_schedule(args.pop("step"), args.pop("total_steps"), args.pop("target"), **args)
     assert message in str(e.value)
+
+
+def test_exported_graphs_prune_the_weights_their_aten_layers_read():
+    """An exported graph holds weights in plain containers: the pruner finds them through aten.linear."""
+    from ndc.plan import Teacher
+    from tests.models_for_tests import mha_encoder
+
+    plan, traced = partition_model(LoadedModel(mha_encoder().eval(), {"kind": "test"}), (1, 6, 8), frontend="export")
+    part = Teacher(plan, traced).part("layers.0.fc1")
+    pruner = make_student(part, Spec(sparsity=0.5)).pruner
+    assert pruner.names == ["layers.0.fc1.weight", "layers.0.fc2.weight"]
+    pruner.update(0.5)
+    assert all(v == 0.5 for v in pruner.sparsity().values())

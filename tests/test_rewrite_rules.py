@@ -59,10 +59,18 @@ def test_unify_refines_atoms_where_layouts_are_cut_differently():
     assert d.leaves((Seg(c),)) == [a, b]
 
 
-def test_unify_pins_layouts_whose_channels_own_different_blocks():
+def test_unify_keeps_the_finer_side_in_blocks_of_the_coarser():
+    """Four channels owning two elements each tie eight single ones in pairs (a key/value head shared by two query heads)."""
     d = Dims()
     a, b = d.atom(4), d.atom(8)
-    assert not d.unify((Seg(a, inner=2),), (Seg(b),), "add")
+    assert d.unify((Seg(a, inner=2),), (Seg(b),), "add")
+    assert d.resolve((Seg(b),)) == d.resolve((Seg(a, inner=2),)) and not d.pins
+
+
+def test_unify_pins_layouts_whose_channels_own_different_blocks():
+    d = Dims()
+    a, b = d.atom(3), d.atom(2)
+    assert not d.unify((Seg(a, inner=2),), (Seg(b, inner=3),), "add")
     assert a in d.pins and b in d.pins
 
 
@@ -364,15 +372,16 @@ class Sdpa(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, N, C))
 
 
-def test_fused_attention_shrinks_heads_and_keeps_the_teacher_scale():
+def test_fused_attention_keeps_fewer_heads_of_the_teacher_size():
     gm, student, _ = student_of(Sdpa(), (2, 5, 16))
     m = student.module
     assert m.qkv.weight.shape == (24, 16) and m.proj.weight.shape == (16, 8)
-    assert "scale" in m.code
-    keep = next(iter(student.record["dims"].values()))["kept"]
-    dropped = torch.ones(8, dtype=torch.bool)
-    dropped[keep] = False
-    rows = dropped.repeat(6)
+    assert "scale=" not in m.code  # the head dimension is the teacher's, and so is the default scale
+    (entry,) = student.record["dims"].values()
+    assert entry["teacher"] == 2 and len(entry["kept"]) == 1  # heads
+    dropped = torch.ones(2, dtype=torch.bool)
+    dropped[entry["kept"]] = False
+    rows = dropped.repeat_interleave(8).repeat(3)  # q, k and v of the dropped head
     with torch.no_grad():
         gm.qkv.weight[rows] = 0
         gm.qkv.bias[rows] = 0
@@ -395,7 +404,7 @@ class Mha(nn.Module):
 def test_an_opaque_attention_module_is_kept_and_reported():
     _, student, rows = student_of(Mha(), (2, 5, 16))
     why = rows["fc.out_features"]["why"]
-    assert why == "touched by attn (call_module MultiheadAttention), which has no rewrite rule"
+    assert why == "attn (nn.MultiheadAttention) keeps its width: PyTorch derives its head size from the input width"
 
 
 # ----------------------------------------------------------- a new rule

@@ -62,7 +62,7 @@ def data_options(f: Callable) -> Callable:
         "data_spec",
         default=None,
         metavar="SPEC",
-        help="Data set: fashion-mnist[:DIR], mnist:DIR, digits, file.npz, imagefolder:DIR, module:function.",
+        help="Data set: fashion-mnist[:DIR], mnist:DIR, digits, file.npz, imagefolder:DIR, text:FILE[,TOKENIZER], module:function.",
     )(f)
 
 
@@ -244,8 +244,9 @@ def model_options(prefix: str = ""):
             click.option("--input-shape", "input_shape", default=None, metavar="N,C,H,W",
                          help=f"{prefix}Example input shape, e.g. 1,3,32,32 (default: the model's input_shape attribute, "
                               "else guessed from its first layer)."),
-            click.option("--by", "by", default="residual", show_default=True, metavar="STRATEGY",
-                         help=f"{prefix}Partition strategy: residual, module, layers or cuts."),
+            click.option("--by", "by", default="auto", show_default=True, metavar="STRATEGY",
+                         help=f"{prefix}Partition strategy: auto (residual blocks where the model has them, else layers), "
+                              "residual, module, layers or cuts."),
             click.option("--depth", type=int, default=1, show_default=True, help=f"{prefix}--by module: cut after every submodule at this depth."),
             click.option("--every", type=int, default=1, show_default=True, help=f"{prefix}--by layers: cut after every N weight layers."),
             click.option("--cut", "cuts", multiple=True, metavar="NAME", help=f"{prefix}--by cuts: cut at this node or module (repeatable)."),
@@ -258,3 +259,20 @@ def model_options(prefix: str = ""):
         return f
 
     return wrap
+
+
+def trace_options(f: Callable) -> Callable:
+    """How ``ndc partition`` traces MODEL: frontend, input dtype, which output."""
+    for option in reversed([
+        click.option("--frontend", type=click.Choice(["auto", "fx", "export"]), default="auto", show_default=True,
+                     help="Tracer: torch.fx, torch.export (ATen graphs; Hugging Face models), or auto: fx, then export "
+                          "when fx fails or has to keep modules opaque."),
+        click.option("--input-dtype", type=click.Choice(["float32", "int64"]), default=None,
+                     help="The input's dtype: int64 for token ids (drawn below the model's vocabulary size) "
+                          "[default: int64 for a Hugging Face model reading input_ids, else float32]."),
+        click.option("--output", "output", default=None, metavar="NAME|INDEX",
+                     help="Which output to compile when the model returns a tuple, dict or ModelOutput "
+                          "[default: logits, else the first tensor]; dotted paths reach nested values."),
+    ]):
+        f = option(f)
+    return f

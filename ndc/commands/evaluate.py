@@ -130,7 +130,7 @@ def _input_shape(predictor, teacher, model: str) -> tuple[int, ...]:
                        "pass -w with the workspace this model was made from")
     shape = own or teacher_shape
     if shape is None:
-        from ndc.commands.partition import guess_input_shape
+        from ndc.load import guess_input_shape
 
         guessed = guess_input_shape(predictor.module) if predictor.module is not None else None
         if guessed is None:

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ndc.commands.common import common_options, emit, human, model_options, table, user_errors, warn
+from ndc.commands.common import common_options, emit, human, model_options, table, trace_options, user_errors, warn
 from ndc.errors import NdcError
 
 
@@ -22,57 +22,37 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def guess_input_shape(model) -> tuple[int, ...] | None:
-    """An input shape from the model itself: an ``input_shape`` attribute, or its first layer."""
-    import torch.nn as nn
-
-    declared = getattr(model, "input_shape", None)
-    if isinstance(declared, (tuple, list)) and declared and all(isinstance(d, int) for d in declared):
-        return tuple(declared)
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return (1, m.in_channels, 32, 32)
-        if isinstance(m, nn.Conv1d):
-            return (1, m.in_channels, 128)
-        if isinstance(m, nn.Linear):
-            return (1, m.in_features)
-    return None
-
-
 @click.command("partition")
 @click.argument("model", metavar="MODEL")
 @model_options()
+@trace_options
 @click.option("--explain", is_flag=True, help="Say why each neighbourhood could not be cut further.")
 @common_options
 @user_errors
-def command(model, input_shape, by, depth, every, cuts, leaves, weights, trust_pickle, explain, workspace, fmt):
+def command(model, input_shape, by, depth, every, cuts, leaves, weights, trust_pickle, frontend, input_dtype, output, explain,
+            workspace, fmt):
     """Trace MODEL and cut it into neighbourhoods at single-tensor boundaries.
 
-    MODEL is a pickled nn.Module (file.pt, needs --trust-pickle), or a factory
-    package.module:function or path/to/file.py:function (with optional --weights).
+    MODEL is a pickled nn.Module (file.pt, needs --trust-pickle), a factory
+    package.module:function or path/to/file.py:function (with optional --weights),
+    or a torch.export archive (file.pt2: loads without unpickling anything).
     Writes WORKSPACE/plan.json and the teacher's weights.
 
     \b
       ndc partition examples/models.py:resnet20 --input-shape 1,3,32,32
       ndc partition model.pt --by residual --trust-pickle
+      ndc partition examples/transformers_models.py:bert --input-shape 1,16
+      ndc partition model.pt2
     """
-    from ndc.load import load_model
-    from ndc.passes.partition import STRATEGIES, explain as explain_plan
-    from ndc.plan import partition_model, write_plan
+    from ndc import stages
+    from ndc.passes.partition import explain as explain_plan
     from ndc.workspace import Workspace
 
-    if by not in STRATEGIES:
-        raise NdcError(f"unknown partition strategy {by!r}; valid strategies: {', '.join(STRATEGIES)}")
-    shape = parse_shape(input_shape) if input_shape else None
-    loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
-    if shape is None:
-        shape = guess_input_shape(loaded.model)
-        if shape is None:
-            raise NdcError("cannot tell the model's input shape; pass --input-shape, e.g. 1,3,32,32")
-        warn(f"no --input-shape given; using {','.join(map(str, shape))} from the model's first layer")
-    plan, traced = partition_model(loaded, shape, by=by, depth=depth, every=every, cuts=tuple(cuts), leaves=tuple(leaves))
     ws = Workspace(workspace)
-    write_plan(ws, plan, loaded.model)
+    plan, traced = stages.partition(ws, model, input_shape=parse_shape(input_shape) if input_shape else None, by=by,
+                                    depth=depth, every=every, cuts=tuple(cuts), leaves=tuple(leaves), weights=weights,
+                                    trust_pickle=trust_pickle, frontend=frontend, input_dtype=input_dtype, output=output,
+                                    warn=warn)
 
     explanations = {}
     if explain:
@@ -85,7 +65,11 @@ def command(model, input_shape, by, depth, every, cuts, leaves, weights, trust_p
 
     payload = {
         "plan": str(ws.path("plan.json")),
+        "frontend": plan.tracer["frontend"],
+        "strategy": plan.partition.get("chose", plan.partition["by"]),
         "input_shape": plan.input_shape,
+        "input_dtype": plan.tracer["input"]["dtype"],
+        "output": plan.tracer.get("output"),
         "teacher": {"params": plan.teacher["params"], "flops": plan.teacher["flops"]},
         "neighbourhoods": [
             {
@@ -112,7 +96,8 @@ def command(model, input_shape, by, depth, every, cuts, leaves, weights, trust_p
                  "kept" if nb.kept else "distil"] for nb in plan.neighbourhoods]
         out = [table(["neighbourhood", "nodes", "params", "FLOPs", "input -> output", ""], rows, "lrrrll")]
         trainable = len(plan.trainable)
-        out.append(f"\n{trainable} neighbourhoods to distil, {len(plan.neighbourhoods) - trainable} kept; "
+        out.append(f"\n{trainable} neighbourhoods to distil, {len(plan.neighbourhoods) - trainable} kept "
+                   f"({plan.tracer['frontend']}, --by {payload['strategy']}); "
                    f"teacher {human(plan.teacher['params'])} params, {human(plan.teacher['flops'])} FLOPs; wrote {ws.path('plan.json')}")
         if explain:
             out.append("")

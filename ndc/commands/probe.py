@@ -105,7 +105,8 @@ def _teacher(model, workspace, input_shape, by, depth, every, cuts, leaves, weig
                            "or give a MODEL to partition in memory")
         return load_teacher(ws), ws, f"the teacher of {ws.root.name}"
 
-    from ndc.commands.partition import guess_input_shape, parse_shape
+    from ndc.commands.partition import parse_shape
+    from ndc.load import guess_input_shape
     from ndc.load import load_model
     from ndc.passes.partition import STRATEGIES
     from ndc.plan import partition_model

@@ -101,6 +101,11 @@ def open_data(spec: str, input_shape: Sequence[int] | None = None, *, limit: int
     """
     if limit is not None and limit < 1:
         raise NdcError(f"--limit must be a positive number of examples, not {limit}")
+    from ndc.tokens import token_source  # token ids (an integer .npz, text:FILE): see ndc.tokens
+
+    tokens = token_source(spec, input_shape, limit=limit)
+    if tokens is not None:
+        return tokens
     raw = resolve(spec)
     train, test = raw.train, raw.test
     if test is None:

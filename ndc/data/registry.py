@@ -43,7 +43,8 @@ SOURCES: tuple[SourceEntry, ...] = (
     SourceEntry("prefix", "imagefolder", folders.open_imagefolder, "imagefolder:DIR"),
 )
 USER_CODE = "module:function or file.py:function"
-DATA_SPEC_HELP = ", ".join(e.usage for e in SOURCES) + ", " + USER_CODE
+TOKENS = "text:FILE[,TOKENIZER]"  # token ids (and integer .npz files) are opened by ndc.tokens before this registry
+DATA_SPEC_HELP = ", ".join(e.usage for e in SOURCES) + ", " + TOKENS + ", " + USER_CODE
 
 
 def resolve(spec: str) -> Raw:

@@ -24,8 +24,12 @@ import torch.fx as fx
 
 
 def is_tensor_valued(node: fx.Node) -> bool:
-    """True when shape propagation saw a tensor (or a tuple of tensors) come out of ``node``."""
-    return node.meta.get("tensor_meta") is not None
+    """True when shape propagation saw a tensor come out of ``node``, alone or inside a tuple or dict.
+
+    A leaf module returning ``(out, None)`` (``nn.MultiheadAttention`` with
+    ``need_weights=False``) holds a tensor: what reads it reads an activation.
+    """
+    return node.meta.get("tensor_meta") is not None or bool(node.meta.get("ndc_has_tensor"))
 
 
 def activations(graph: fx.Graph) -> set[fx.Node]:

@@ -59,6 +59,7 @@ from torch.utils._pytree import tree_leaves
 from ndc.errors import NdcError, first_line, fmt_shape
 from ndc.formats import format_of, load_exported
 from ndc.metrics import count_flops, count_params
+from ndc.passes.inputs import FLOAT, InputSpec
 from ndc.report import library_versions, measure_latency
 from ndc.workspace import atomic_write, pid_alive, write_json_atomic
 
@@ -72,7 +73,7 @@ REPRO_MODEL_LIMIT = 64 << 20
 
 def export_model(module: nn.Module, path: str | os.PathLike, input_shape: Sequence[int], *, fold_bn: bool = False,
                  atol: float = 1e-4, rtol: float = 1e-3, check: bool = True, report_dir: Path | None = None,
-                 latency_runs: int = 20, seed: int = 0) -> dict:
+                 latency_runs: int = 20, seed: int = 0, inputs: InputSpec | None = None) -> dict:
     """Export ``module`` to ``path`` (format by suffix), verify it, and return a report.
 
     ``input_shape`` is an example input shape including the batch dimension
@@ -83,7 +84,9 @@ def export_model(module: nn.Module, path: str | os.PathLike, input_shape: Sequen
     comparison (not ``onnx.checker``). A mismatch writes a repro report to
     ``report_dir`` (default: ``<path>.repro/`` beside the target) and raises.
     ``latency_runs=0`` skips the latency measurement. Inputs of the check are
-    drawn from ``torch.Generator().manual_seed(seed)``, batch sizes in order.
+    drawn from ``torch.Generator().manual_seed(seed)``, batch sizes in order;
+    ``inputs`` says what they are (token ids for a language model; floats by
+    default).
 
     The report: ``output``, ``format``, ``bytes``, ``max_abs_diff`` (over every
     checked batch size), ``checked_batch_sizes``, ``params``, ``flops`` (per
@@ -93,15 +96,16 @@ def export_model(module: nn.Module, path: str | os.PathLike, input_shape: Sequen
     path = Path(path)
     fmt = check_output_path(path)
     shape = _input_shape(input_shape)
+    inputs = inputs or FLOAT
 
     model = copy.deepcopy(module).eval()  # the caller's module stays as it was (mode included)
     folded = 0
     if fold_bn:
-        model, folded = _fold(model, shape, atol, rtol, seed)
+        model, folded = _fold(model, shape, atol, rtol, seed, inputs)
 
     with torch.no_grad():
         try:
-            model(_example(shape, seed + 1))
+            model(_example(shape, seed + 1, inputs))
         except Exception as e:
             raise NdcError(f"the model does not run on an input of shape {fmt_shape((EXAMPLE_BATCH, *shape[1:]))}: "
                            f"{type(e).__name__}: {first_line(e)}") from None
@@ -109,15 +113,15 @@ def export_model(module: nn.Module, path: str | os.PathLike, input_shape: Sequen
     report_dir = Path(report_dir) if report_dir is not None else path.parent / f"{path.name}.repro"
     with _temporary_beside(path) as tmp:
         try:
-            _WRITERS[fmt](model, tmp, shape, seed)
+            _WRITERS[fmt](model, tmp, shape, seed, inputs)
         except OSError as e:  # name the file the user asked for, not the temporary one
             raise OSError(e.errno, e.strerror, str(path)) from None
         run = load_exported(tmp, trust_pickle=True)  # we wrote it a moment ago: unpickling our own file is safe
         diffs: dict[str, float] = {}
         if check:
             diffs = verify(model, run.outputs, shape, fmt=fmt, atol=atol, rtol=rtol, seed=seed,
-                           report_dir=report_dir, rejected=tmp)
-        latency = measure_latency(run.latency_target, shape, runs=latency_runs) if latency_runs > 0 else None
+                           report_dir=report_dir, rejected=tmp, inputs=inputs)
+        latency = measure_latency(run.latency_target, shape, runs=latency_runs, inputs=inputs) if latency_runs > 0 else None
         _fsync(tmp)
         os.replace(tmp, path)
 
@@ -128,7 +132,7 @@ def export_model(module: nn.Module, path: str | os.PathLike, input_shape: Sequen
         "max_abs_diff": max(diffs.values()) if diffs else None,
         "checked_batch_sizes": [int(b) for b in diffs],
         "params": count_params(model),
-        "flops": count_flops(model, (1, *shape[1:])),
+        "flops": count_flops(model, (1, *shape[1:]), inputs),
         "latency_ms": latency,
         "folded_bn": folded,
         "trusted_only": fmt == "pt",
@@ -198,7 +202,7 @@ def _input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
 
 def verify(model: nn.Module, run: Callable[[torch.Tensor], list[np.ndarray]], input_shape: Sequence[int], *,
            fmt: str, atol: float, rtol: float, seed: int = 0, report_dir: Path, rejected: Path | None = None,
-           batch_sizes: Sequence[int] = CHECK_BATCH_SIZES) -> dict[str, float]:
+           batch_sizes: Sequence[int] = CHECK_BATCH_SIZES, inputs: InputSpec | None = None) -> dict[str, float]:
     """Compare ``run`` (the exported file) with ``model`` at each batch size; max abs diff per batch size.
 
     A value passes when ``|got - expected| <= atol + rtol * |expected|`` (numpy's
@@ -209,7 +213,7 @@ def verify(model: nn.Module, run: Callable[[torch.Tensor], list[np.ndarray]], in
     diffs: dict[str, float] = {}
     failures: list[tuple[int, np.ndarray, list[np.ndarray], list[np.ndarray]]] = []
     for b in batch_sizes:
-        x = torch.randn((b, *input_shape[1:]), generator=gen)
+        x = (inputs or FLOAT).sample((b, *input_shape[1:]), gen)
         try:
             with torch.no_grad():
                 expected = [t.detach().cpu().numpy() for t in tree_leaves(model(x)) if isinstance(t, torch.Tensor)]
@@ -290,13 +294,14 @@ def write_repro(report_dir: Path, *, fmt: str, input_shape: Sequence[int], seed:
 # ------------------------------------------------------------- folding
 
 
-def _fold(model: nn.Module, shape: tuple[int, ...], atol: float, rtol: float, seed: int) -> tuple[fx.GraphModule, int]:
+def _fold(model: nn.Module, shape: tuple[int, ...], atol: float, rtol: float, seed: int,
+          inputs: InputSpec) -> tuple[fx.GraphModule, int]:
     from ndc.passes.fold import fold_conv_bn
     from ndc.passes.trace import trace
 
-    gm = model if isinstance(model, fx.GraphModule) else trace(model, shape).gm
+    gm = model if isinstance(model, fx.GraphModule) else trace(model, shape, inputs=inputs).gm
     folded = fold_conv_bn(gm)
-    x = torch.randn((7, *shape[1:]), generator=torch.Generator().manual_seed(seed + 2))
+    x = inputs.sample((7, *shape[1:]), torch.Generator().manual_seed(seed + 2))
     with torch.no_grad():
         expected = [t.numpy() for t in tree_leaves(gm(x)) if isinstance(t, torch.Tensor)]
         got = [t.numpy() for t in tree_leaves(folded.gm(x)) if isinstance(t, torch.Tensor)]
@@ -310,15 +315,15 @@ def _fold(model: nn.Module, shape: tuple[int, ...], atol: float, rtol: float, se
 # ------------------------------------------------------------- writers
 
 
-def _example(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    return torch.randn((EXAMPLE_BATCH, *shape[1:]), generator=torch.Generator().manual_seed(seed))
+def _example(shape: tuple[int, ...], seed: int, inputs: InputSpec) -> torch.Tensor:
+    return inputs.sample((EXAMPLE_BATCH, *shape[1:]), torch.Generator().manual_seed(seed))
 
 
 def _dynamic_batch() -> tuple[dict[int, Any]]:
     return ({0: torch.export.Dim("batch", min=1)},)
 
 
-def _capture(model: nn.Module, shape: tuple[int, ...], seed: int) -> torch.export.ExportedProgram:
+def _capture(model: nn.Module, shape: tuple[int, ...], seed: int, inputs: InputSpec) -> torch.export.ExportedProgram:
     """The model as a ``torch.export`` program with a dynamic batch dimension: what both .pt2 and .onnx are made from.
 
     Capturing it here (rather than letting the ONNX exporter do it) means a
@@ -328,13 +333,13 @@ def _capture(model: nn.Module, shape: tuple[int, ...], seed: int) -> torch.expor
     """
     with _quiet_exporter():
         try:
-            return torch.export.export(model, (_example(shape, seed + 1),), dynamic_shapes=_dynamic_batch())
+            return torch.export.export(model, (_example(shape, seed + 1, inputs),), dynamic_shapes=_dynamic_batch())
         except Exception as e:
             raise NdcError(_export_failure("torch.export", e)) from None
 
 
-def _write_pt2(model: nn.Module, tmp: Path, shape: tuple[int, ...], seed: int) -> None:
-    program = _capture(model, shape, seed)
+def _write_pt2(model: nn.Module, tmp: Path, shape: tuple[int, ...], seed: int, inputs: InputSpec) -> None:
+    program = _capture(model, shape, seed, inputs)
     buffer = io.BytesIO()
     with _quiet_exporter():
         torch.export.save(program, buffer)
@@ -342,8 +347,8 @@ def _write_pt2(model: nn.Module, tmp: Path, shape: tuple[int, ...], seed: int) -
     tmp.write_bytes(buffer.getbuffer())
 
 
-def _write_onnx(model: nn.Module, tmp: Path, shape: tuple[int, ...], seed: int) -> None:
-    program = _capture(model, shape, seed)
+def _write_onnx(model: nn.Module, tmp: Path, shape: tuple[int, ...], seed: int, inputs: InputSpec) -> None:
+    program = _capture(model, shape, seed, inputs)
     n_outputs = len(program.graph_signature.user_outputs)
     output_names = ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)]
     with _quiet_exporter():
@@ -378,7 +383,7 @@ def _name_batch_dimension(graph: Any) -> None:
                                     for d in value.shape.dims])
 
 
-def _write_pt(model: nn.Module, tmp: Path, shape: tuple[int, ...], seed: int) -> None:
+def _write_pt(model: nn.Module, tmp: Path, shape: tuple[int, ...], seed: int, inputs: InputSpec) -> None:
     for sub in model.modules():  # a stitched student may hold one GraphModule per neighbourhood
         if isinstance(sub, fx.GraphModule):
             _make_picklable(sub)

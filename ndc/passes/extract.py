@@ -51,7 +51,9 @@ def extract(gm: fx.GraphModule, input_name: str, output_name: str, node_names: l
             if n in act:
                 raise NdcError(f"neighbourhood {input_name} -> {output_name} reads activation {n.name} from outside; "
                                "its input is not a boundary")
-            value_node = _recompute_shape_value(graph, n, placeholder, batch, act)
+            # An integer read off an outside activation's shape is recomputed from the input; a tensor
+            # built from such integers (a causal mask sized by the batch) is copied with them.
+            value_node = None if n.meta.get("tensor_meta") is not None else _recompute_shape_value(graph, n, placeholder, batch, act)
             if value_node is not None:
                 env[n] = value_node
                 return value_node

@@ -6,9 +6,13 @@ boundary tensor, and composing their extracted modules gives the teacher.
 
 Strategies (``--by``):
 
+* ``auto`` (the default): ``residual`` where the model has residual blocks,
+  else ``layers`` (a plain chain such as VGG, cut every ``every`` weight
+  layers); :attr:`Partition.strategy` says which it chose.
 * ``residual``: one neighbourhood per region that merges a skip path (a
-  residual block, a dense layer); a parameter-free node that keeps the shape
-  (the ReLU after the add) joins the region before it; the chains in between
+  residual block, a dense layer); a node that keeps the shape and holds no
+  weight layer (the ReLU after the add, a post-norm transformer's LayerNorm)
+  joins the region before it; the chains in between
   (stem, transitions, head) stay with the teacher (``kept``).
 * ``module``: cut after every submodule at ``depth`` (1 = children of the root).
 * ``layers``: cut after every ``every`` weight layers (conv, linear).
@@ -16,7 +20,9 @@ Strategies (``--by``):
 
 A cut that cannot be made (values other than the boundary stay alive across
 it) is never silently dropped: ``module`` and ``layers`` report it in
-``Partition.notes``; ``cuts`` refuses with an error.
+``Partition.notes``; ``cuts`` refuses with an error. Whatever the strategy,
+:func:`ndc.passes.verify.verify_segments` proves every cut a boundary before
+the partition is returned.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from ndc.errors import NdcError
 from ndc.passes.boundaries import Liveness, alive_across, boundaries, liveness
 from ndc.passes.trace import Traced
 
-STRATEGIES = ("residual", "module", "layers", "cuts")
+STRATEGIES = ("auto", "residual", "module", "layers", "cuts")
+_WEIGHT_FUNCTIONS = {"linear": 1, "conv1d": 1, "conv2d": 1, "conv3d": 1, "convolution": 1, "addmm": 2}
 
 
 @dataclass
@@ -43,6 +50,7 @@ class Segment:
     nodes: list[fx.Node]
     kept: bool = False
     name: str = ""
+    absorbed: list[fx.Node] = field(default_factory=list)  # shape-keeping nodes joined after the block ended
 
 
 @dataclass
@@ -50,6 +58,7 @@ class Partition:
     segments: list[Segment]
     boundaries: list[str]
     notes: list[str] = field(default_factory=list)
+    strategy: str = ""  # the strategy that made the cuts (what ``auto`` chose)
 
 
 class GraphFacts:
@@ -64,6 +73,9 @@ class GraphFacts:
         self.boundaries = boundaries(self.gm.graph, self.live)
         self.boundary_positions = [self.index[b] for b in self.boundaries]
         self.output = next(n for n in reversed(self.order) if n.op == "output")
+        if not self.boundaries or self.order[self.boundary_positions[0]].op != "placeholder":
+            raise NdcError("cannot partition the model: its input is not a single-tensor boundary of the traced graph "
+                           "(several inputs, or an input read by untraced code); nothing can be cut")
         self._module_cache: dict[str, nn.Module] = dict(self.gm.named_modules())
 
     # ----------------------------------------------------------- node facts
@@ -91,12 +103,16 @@ class GraphFacts:
         return str(next(reversed(stack))) if stack else ""
 
     def is_weight_layer(self, n: fx.Node) -> bool:
-        if n.op == "call_module":
-            w = getattr(self._module_cache[str(n.target)], "weight", None)
-            return isinstance(w, nn.Parameter) and w.dim() >= 2
-        if n.op == "call_function" and getattr(n.target, "__name__", "") in ("linear", "conv1d", "conv2d", "conv3d"):
-            return len(n.args) > 1 and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"
+        if n.op == "call_module":  # any matrix of weights: conv, linear, an opaque attention module
+            return any(p.dim() >= 2 for p in self._module_cache[str(n.target)].parameters())
+        if n.op == "call_function":
+            # F.linear / F.conv2d, and their ATen forms in exported graphs (``aten.linear.default``, GPT-2's ``addmm``).
+            k = _WEIGHT_FUNCTIONS.get(getattr(n.target, "__name__", "").split(".")[0])
+            return k is not None and len(n.args) > k and isinstance(n.args[k], fx.Node) and n.args[k].op == "get_attr"
         return False
+
+    def has_weight_layer(self, seg: Segment) -> bool:
+        return any(self.is_weight_layer(n) for n in seg.nodes)
 
     def shape(self, n: fx.Node):
         meta = n.meta.get("tensor_meta")
@@ -137,14 +153,37 @@ class GraphFacts:
 # ------------------------------------------------------------------ strategies
 
 
-def partition(traced: Traced, by: str = "residual", depth: int = 1, every: int = 1, cuts: tuple[str, ...] = ()) -> Partition:
-    """Cut ``traced`` with strategy ``by``; see the module docstring."""
+def partition(traced: Traced, by: str = "auto", depth: int = 1, every: int = 1, cuts: tuple[str, ...] = ()) -> Partition:
+    """Cut ``traced`` with strategy ``by``; see the module docstring.
+
+    The segments returned are verified (:func:`~ndc.passes.verify.verify_segments`):
+    every cut is a boundary and the segments tile the graph.
+    """
+    from ndc.passes.verify import verify_segments
+
     if by not in STRATEGIES:
         raise NdcError(f"unknown partition strategy {by!r}; valid strategies: {', '.join(STRATEGIES)}")
     facts = GraphFacts(traced)
     notes: list[str] = []
-    if by == "residual":
+    chosen = by
+    if by == "auto":
         segs = _residual(facts)
+        blocks = sum(not seg.kept for seg in segs)
+        if blocks:
+            chosen = "residual"
+            notes.append(f"--by auto: {blocks} residual block{'s' if blocks > 1 else ''}, cut as --by residual")
+        elif not any(facts.is_weight_layer(n) for n in facts.order):
+            chosen = "layers"
+            segs = _by_positions(facts, [])  # no weight layer anywhere: one neighbourhood
+        else:
+            chosen = "layers"
+            segs = _by_positions(facts, _layer_cuts(facts, every, notes))
+            notes.append(f"--by auto: no residual blocks; cut every {every} weight layer{'s' if every > 1 else ''} as --by layers")
+    elif by == "residual":
+        segs = _residual(facts)
+        if not any(not seg.kept for seg in segs):
+            notes.append("--by residual found no residual block, so every neighbourhood is kept; "
+                         "use --by auto or --by layers to distil a plain chain")
     elif by == "module":
         segs = _by_positions(facts, _module_cuts(facts, depth, notes))
     elif by == "layers":
@@ -153,8 +192,10 @@ def partition(traced: Traced, by: str = "residual", depth: int = 1, every: int =
         if not cuts:
             raise NdcError("--by cuts needs at least one --cut NAME (a node or module name)")
         segs = _by_positions(facts, _explicit_cuts(facts, cuts))
+    _keep_integer_inputs(facts, segs, notes)
     _name(facts, segs)
-    return Partition(segs, [b.name for b in facts.boundaries], notes)
+    verify_segments(facts, segs, chosen)
+    return Partition(segs, [b.name for b in facts.boundaries], notes, chosen)
 
 
 def _residual(facts: GraphFacts) -> list[Segment]:
@@ -162,12 +203,13 @@ def _residual(facts: GraphFacts) -> list[Segment]:
     groups: list[Segment] = []
     for seg in atoms:
         residual = facts.merges(seg) and facts.has_params(seg)
-        absorbable = not facts.has_params(seg) and facts.keeps_shape(seg)
+        absorbable = facts.keeps_shape(seg) and not facts.merges(seg) and not facts.has_weight_layer(seg)
         prev = groups[-1] if groups else None
         if residual:
             groups.append(seg)
         elif prev is not None and not prev.kept and absorbable and not _is_tail(facts, seg):
             prev.nodes += seg.nodes
+            prev.absorbed += seg.nodes
             prev.end = seg.end
         elif prev is not None and prev.kept:
             prev.nodes += seg.nodes
@@ -176,6 +218,20 @@ def _residual(facts: GraphFacts) -> list[Segment]:
             seg.kept = True
             groups.append(seg)
     return groups
+
+
+def _keep_integer_inputs(facts: GraphFacts, segs: list[Segment], notes: list[str]) -> None:
+    """A neighbourhood whose input is not floating point (token ids) stays with the teacher.
+
+    Its student could not be trained on noise, and an embedding is a table
+    lookup, not a layer to narrow: like a CNN's stem, it stays whole.
+    """
+    for seg in segs:
+        meta = facts.order[seg.start].meta.get("tensor_meta")
+        if not seg.kept and meta is not None and hasattr(meta, "dtype") and not meta.dtype.is_floating_point:
+            seg.kept = True
+            notes.append(f"the neighbourhood after {facts.order[seg.start].name} reads integer inputs (token ids); "
+                         "it stays with the teacher")
 
 
 def _is_tail(facts: GraphFacts, seg: Segment) -> bool:
@@ -209,7 +265,7 @@ def _module_cuts(facts: GraphFacts, depth: int, notes: list[str]) -> list[int]:
             continue  # unused, or it computes the model's output: nothing to cut
         end = last[t]
         if end in boundary_set:
-            positions.append(_absorb(facts, end))
+            positions.append(_absorb(facts, end, t))
         else:
             notes.append(f"cannot cut after module {t}: {_stay(facts.alive_explanation(end))} across it; "
                          "it shares a neighbourhood with what follows")
@@ -226,8 +282,13 @@ def _enclosing(n: fx.Node) -> set[str]:
     return {str(key) for key in (n.meta.get("nn_module_stack") or {})}
 
 
-def _absorb(facts: GraphFacts, pos: int) -> int:
-    """Move a cut forward over parameter-free, shape-keeping single-input nodes (the ReLU after a block)."""
+def _absorb(facts: GraphFacts, pos: int, module: str = "") -> int:
+    """Move a cut forward over parameter-free, shape-keeping single-input nodes (the ReLU after a block).
+
+    Only nodes of ``module``'s parent (the parent applying the ReLU, a sibling
+    dropout) or of a module around it join: the first operation of a module
+    elsewhere (a pooler's slice after the encoder's last layer) does not.
+    """
     boundary_set = set(facts.boundary_positions)
     act = facts.live.act
     i = pos
@@ -239,6 +300,9 @@ def _absorb(facts: GraphFacts, pos: int) -> int:
         if facts.params_of(n) or facts.shape(n) != facts.shape(facts.order[i]) or facts.is_weight_layer(n):
             return i
         if len([a for a in n.all_input_nodes if a in act]) != 1 or n.op == "call_module" and _has_state(facts, n):
+            return i
+        scope, parent = facts.scope(n), module.rpartition(".")[0]
+        if module and scope and not (module.startswith(scope + ".") or not parent or scope.startswith(parent + ".")):
             return i
         i = nxt
 
@@ -253,7 +317,7 @@ def _layer_cuts(facts: GraphFacts, every: int, notes: list[str]) -> list[int]:
         raise NdcError("--every must be at least 1")
     layers = [facts.index[n] for n in facts.order if facts.is_weight_layer(n)]
     if not layers:
-        raise NdcError("the model has no weight layers (conv or linear) to cut after")
+        raise NdcError("the model has no weight layers (conv or linear) to cut after; nothing to partition by layers")
     positions = []
     for k in range(every, len(layers), every):
         after, before = layers[k - 1], layers[k]
@@ -298,7 +362,9 @@ def _name(facts: GraphFacts, segs: list[Segment]) -> None:
     """Deterministic, unique names from the modules each neighbourhood holds."""
     bases = []
     for k, seg in enumerate(segs):
-        base = _common_prefix([s for n in seg.nodes if n in facts.live.act and (s := facts.scope(n))])
+        # A node it absorbed (the ReLU after the add, a final norm) does not widen the name.
+        absorbed = set(seg.absorbed)
+        base = _common_prefix([s for n in seg.nodes if n in facts.live.act and n not in absorbed and (s := facts.scope(n))])
         if len(segs) == 1:
             base = "model"
         elif seg.kept and k == 0:

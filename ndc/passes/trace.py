@@ -1,7 +1,16 @@
 """trace: a teacher ``nn.Module`` -> a ``torch.fx.GraphModule`` with shapes.
 
 Invariant: ``traced.gm(x)`` equals ``model(x)`` for every input ``x`` of the
-traced shape (modulo batch size), with the teacher in eval mode.
+traced shape (modulo batch size), with the teacher in eval mode -- or, when
+the model returns a tuple, a dict or a ``ModelOutput``, equals the chosen
+tensor of it (:mod:`ndc.passes.outputs`).
+
+Two frontends (``frontend=``): ``fx`` (symbolic tracing, below) and
+``export`` (``torch.export``, ATen-level graphs, :mod:`ndc.passes.trace_export`);
+``auto`` tries fx, then export when fx fails or has to keep modules opaque,
+and says which it used. Whatever the frontend, the result is an
+``fx.GraphModule`` whose nodes carry the same metadata, so every later pass
+reads both alike.
 
 * Submodules that cannot be traced become leaves automatically: the tracer
   records the innermost module being traced when an error is raised, marks it
@@ -30,8 +39,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.utils._pytree import tree_leaves
 
 from ndc.errors import NdcError
+from ndc.passes import outputs
+from ndc.passes.inputs import FLOAT, InputSpec
+
+FRONTENDS = ("auto", "fx", "export")
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _NDC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,6 +59,9 @@ class Traced:
     input_shape: tuple[int, ...]
     leaves: list[str] = field(default_factory=list)  # modules kept opaque (requested or automatic)
     notes: list[str] = field(default_factory=list)  # why each automatic leaf was needed
+    frontend: str = "fx"  # the frontend that made ``gm``: fx or export
+    inputs: InputSpec = FLOAT
+    output: str | None = None  # the output chosen from a tuple/dict/ModelOutput ('' or None: the output itself)
 
     @property
     def input_node(self) -> fx.Node:
@@ -58,7 +75,22 @@ class Traced:
 
     def settings(self) -> dict:
         """What the plan must record to trace the same way again."""
-        return {"frontend": "torch.fx", "leaves": sorted(self.leaves), "torch": torch.__version__.split("+")[0]}
+        return {"frontend": _FRONTEND_NAMES[self.frontend], "leaves": sorted(self.leaves), "input": self.inputs.to_json(),
+                "output": self.output or None, "torch": torch.__version__.split("+")[0]}
+
+    def example(self, batch: int | None = None, seed: int = 0) -> torch.Tensor:
+        """A random input of the traced shape (``batch`` examples): what shape propagation and checks feed."""
+        shape = (batch or self.input_shape[0], *self.input_shape[1:])
+        return self.inputs.sample(shape, torch.Generator().manual_seed(seed))
+
+
+_FRONTEND_NAMES = {"fx": "torch.fx", "export": "torch.export"}
+
+
+def frontend_of(settings: dict) -> str:
+    """The frontend recorded by :meth:`Traced.settings` (fx or export)."""
+    recorded = settings.get("frontend", "torch.fx")
+    return next((k for k, v in _FRONTEND_NAMES.items() if v == recorded), "fx")
 
 
 class _Tracer(fx.Tracer):
@@ -79,12 +111,48 @@ class _Tracer(fx.Tracer):
             raise
 
 
-def trace(model: nn.Module, input_shape: tuple[int, ...] | list[int], leaves: list[str] | tuple[str, ...] = ()) -> Traced:
-    """Trace ``model`` in eval mode and propagate shapes from ``input_shape``."""
+def trace(model: nn.Module, input_shape: tuple[int, ...] | list[int], leaves: list[str] | tuple[str, ...] = (), *,
+          frontend: str = "fx", inputs: InputSpec = FLOAT, output: str | None = None) -> Traced:
+    """Trace ``model`` in eval mode with ``frontend`` and propagate shapes from ``input_shape``.
+
+    ``inputs`` says what the input is (floats, or token ids); ``output`` which
+    tensor of a tuple/dict/ModelOutput output to keep (see
+    :mod:`ndc.passes.outputs`).
+    """
     input_shape = tuple(int(d) for d in input_shape)
     if not input_shape or any(d <= 0 for d in input_shape):
         raise NdcError(f"bad input shape {list(input_shape)}: expected positive sizes such as 1,3,32,32")
+    if frontend not in FRONTENDS:
+        raise NdcError(f"unknown frontend {frontend!r}; choose from: {', '.join(FRONTENDS)}")
     model.eval()
+    _no_cache(model)
+    if frontend == "export" or is_exported(model):
+        return _finish(_export_frontend(model, input_shape, leaves, inputs), input_shape, inputs, output)
+    try:
+        made = _fx_frontend(model, input_shape, leaves)
+    except NdcError as fx_error:
+        if frontend == "fx":
+            raise
+        try:
+            made = _export_frontend(model, input_shape, leaves, inputs)
+        except NdcError as export_error:
+            raise NdcError(f"{fx_error} (torch.export failed too: {export_error})") from None
+        traced = _finish(made, input_shape, inputs, output)
+        traced.notes.insert(0, f"frontend: torch.export (torch.fx failed: {str(fx_error).split('. torch.fx')[0]})")
+        return traced
+    traced = _finish(made, input_shape, inputs, output)
+    automatic = sorted(set(traced.leaves) - set(leaves))
+    if frontend == "auto" and automatic:
+        try:
+            exported = _finish(_export_frontend(model, input_shape, leaves, inputs), input_shape, inputs, output)
+        except NdcError:
+            return traced  # export cannot do better: keep fx with its opaque leaves
+        exported.notes.insert(0, f"frontend: torch.export (torch.fx had to keep {', '.join(automatic)} opaque)")
+        return exported
+    return traced
+
+
+def _fx_frontend(model: nn.Module, input_shape: tuple[int, ...], leaves) -> tuple[fx.GraphModule, str, list[str], list[str]]:
     concrete = _bound_arguments(model)
     module_names = {name for name, _ in model.named_modules() if name}
     for leaf in leaves:
@@ -107,10 +175,67 @@ def trace(model: nn.Module, input_shape: tuple[int, ...] | list[int], leaves: li
         raise NdcError("tracing did not converge")
     _drop_bound_placeholders(graph)
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    return gm, "fx", sorted(leaf_set), notes
+
+
+def _export_frontend(model: nn.Module, input_shape: tuple[int, ...], leaves, inputs: InputSpec):
+    from ndc.passes.trace_export import export_graph
+
+    if leaves:
+        raise NdcError("--leaf goes with --frontend fx; torch.export traces every module")
+    gm, notes = export_graph(model, input_shape, inputs)
+    return gm, "export", [], notes
+
+
+def _finish(made, input_shape, inputs: InputSpec, output: str | None) -> Traced:
+    """Choose the output, then propagate shapes: the part both frontends share."""
+    gm, frontend, leaves, notes = made
     gm.eval()
-    traced = Traced(gm, input_shape, sorted(leaf_set), notes)
+    traced = Traced(gm, input_shape, leaves, notes, frontend, inputs)
+    value = _run(traced)
+    path, label = outputs.choose(value, output)
+    if frontend == "export":  # the graph returns the flat list of output leaves: keep the chosen one, as a plain value
+        from ndc.passes.trace_export import plain_codegen
+
+        plain_codegen(gm)
+        outputs.select(gm, path, outputs.leaf_index(value, path))
+    elif not isinstance(value, torch.Tensor):
+        outputs.select(gm, path)
+    if not isinstance(value, torch.Tensor):
+        traced.output = label
+        traced.notes.append(f"the model returns a {type(value).__name__}; ndc compiles its output {label}"
+                            + ("" if output else " (choose another with --output)"))
     propagate_shapes(traced)
     return traced
+
+
+def _run(traced: Traced):
+    """The graph's output on an example input, in one clear line when the model does not run on it."""
+    x = traced.example()
+    try:
+        with torch.no_grad():
+            return traced.gm(x)
+    except Exception as e:
+        interpreter = _ShapeInterpreter(traced.gm, "ndc_value")  # again, node by node, to name where it failed
+        try:
+            with torch.no_grad():
+                interpreter.run(x)
+        except Exception:
+            pass
+        raise NdcError(interpreter.failure or f"the model does not run on the example input {list(traced.input_shape)} "
+                       f"({traced.inputs.dtype}): {type(e).__name__}: {_one_line(e)}; check --input-shape") from None
+
+
+def is_exported(model: nn.Module) -> bool:
+    """True for a graph loaded from a torch.export archive (:func:`ndc.load.load_model`): it is traced as it is."""
+    return bool(getattr(model, "_ndc_exported", False))
+
+
+def _no_cache(model: nn.Module) -> None:
+    """Switch off a Hugging Face model's key/value cache: it is an extra output no stage uses."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False):
+        config.use_cache = False
 
 
 def propagate_shapes(traced: Traced) -> None:
@@ -122,7 +247,7 @@ def propagate_shapes(traced: Traced) -> None:
         interpreter = _ShapeInterpreter(gm, key, record_tensors=record)
         try:
             with torch.no_grad():
-                interpreter.run(torch.randn(batch_shape, generator=gen))
+                interpreter.run(traced.inputs.sample(batch_shape, gen))
         except Exception as e:
             # fx.Interpreter appends the node and graph to the message; keep our one line.
             raise NdcError(interpreter.failure or f"the model does not run on the example input: {_one_line(e)}") from None
@@ -141,13 +266,16 @@ class _ShapeInterpreter(fx.Interpreter):
             if self.failure is None:
                 where = f" ({n.target})" if n.op == "call_module" else ""
                 self.failure = (f"the model does not run on the example input: {type(e).__name__}: {_one_line(e)} "
-                                f"at node {n.name}{where}; check --input-shape")
+                                f"at node {n.name}{where}; check --input-shape" + _dtype_hint(e))
             raise
         if self.record_tensors:
             meta = _tensor_meta(result)
             if meta is not None:
                 n.meta["tensor_meta"] = meta
             n.meta["type"] = type(result)
+            # Whether the value holds a tensor at all (a leaf module's ``(out, None)`` does):
+            # boundary analysis counts such values as activations.
+            n.meta["ndc_has_tensor"] = any(isinstance(v, torch.Tensor) for v in tree_leaves(result))
         elif isinstance(result, torch.Tensor) and result.dim():
             n.meta["ndc_batch_b2"] = result.shape[0]
         value = _plain_value(result)
@@ -156,11 +284,18 @@ class _ShapeInterpreter(fx.Interpreter):
         return result
 
 
+def _dtype_hint(e: BaseException) -> str:
+    """An embedding fed floats fails with a message about integer indices: say how to feed token ids."""
+    text = str(e)
+    return " (token ids? pass --input-dtype int64)" if "indices" in text and "Float" in text else ""
+
+
 def _tensor_meta(result):
+    """Metadata of a tensor, or a tuple of it per element of a tuple holding tensors (None for the others)."""
     if isinstance(result, torch.Tensor):
         return _extract_tensor_metadata(result)
-    if isinstance(result, (list, tuple)) and result and all(isinstance(r, torch.Tensor) for r in result):
-        return tuple(_extract_tensor_metadata(r) for r in result)
+    if isinstance(result, (list, tuple)) and any(isinstance(r, torch.Tensor) for r in result):
+        return tuple(_extract_tensor_metadata(r) if isinstance(r, torch.Tensor) else None for r in result)
     return None
 
 

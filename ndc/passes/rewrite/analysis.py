@@ -108,7 +108,9 @@ class Analysis:
 
     def set(self, node: fx.Node, layouts: list[Layout] | tuple[list[Layout], ...]) -> None:
         """Set the layouts of ``node``'s output (checked against its teacher shape)."""
-        self.layouts[node] = list(layouts) if isinstance(layouts, list) else tuple(list(x) for x in layouts)
+        # A tuple may hold non-tensors (``(out, None)``): their entries are None.
+        self.layouts[node] = list(layouts) if isinstance(layouts, list) else tuple(
+            None if x is None else list(x) for x in layouts)
 
     def same(self, node: fx.Node, src: fx.Node) -> None:
         """``node``'s output has ``src``'s layouts (element-wise operations)."""
@@ -128,7 +130,7 @@ class Analysis:
         """Pin every axis of tensor (or tuple of tensors) ``arg``."""
         value = self.layouts.get(arg) if isinstance(arg, fx.Node) else None
         for axes in ([value] if isinstance(value, list) else value or ()):
-            for layout in axes:
+            for layout in axes or ():
                 self.pin(layout, why)
 
     def param(self, name: str, axis: int, layout: Layout | None = None) -> Layout:
@@ -186,7 +188,7 @@ class Analysis:
         if hasattr(meta, "shape"):
             self.set(node, [self.fresh(d, why) for d in meta.shape])
         else:
-            self.set(node, tuple([self.fresh(d, why) for d in m.shape] for m in meta))
+            self.set(node, tuple(None if m is None else [self.fresh(d, why) for d in m.shape] for m in meta))
 
     # ------------------------------------------------------------- results
 
@@ -264,12 +266,13 @@ def _check(an: Analysis, node: fx.Node) -> None:
     metas = [meta] if hasattr(meta, "shape") else list(meta)
     values = [value] if isinstance(value, list) else list(value or ())
     ok = len(values) == len(metas) and all(
-        len(v) == len(m.shape) and all(an.dims.numel(l) == d for l, d in zip(v, m.shape))
+        (v is None and m is None) or (v is not None and m is not None and len(v) == len(m.shape)
+                                      and all(an.dims.numel(l) == d for l, d in zip(v, m.shape)))
         for v, m in zip(values, metas))
     if not ok:
-        got = [[an.dims.numel(l) for l in v] for v in values]
+        got = [None if v is None else [an.dims.numel(l) for l in v] for v in values]
         raise NdcError(f"rewrite: the rule for {an.where(node)} described shape {got or 'nothing'} "
-                       f"for a tensor of shape {[list(m.shape) for m in metas]} (a bug in that rule)")
+                       f"for a tensor of shape {[None if m is None else list(m.shape) for m in metas]} (a bug in that rule)")
 
 
 def _flat_nodes(node: fx.Node) -> Iterator[fx.Node]:

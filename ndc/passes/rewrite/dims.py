@@ -23,8 +23,9 @@ Invariants:
   or dropped together everywhere it appears;
 * a layout's element count never changes while the analysis runs (refining
   and unifying only change how it is cut into groups);
-* pins, labels and importance follow an atom through unions and refinements,
-  so the report can say why a dimension stayed.
+* pins, labels and importance follow an atom through unions, refinements and
+  coarsenings (a group kept in blocks: attention heads), so the report can
+  say why a dimension stayed.
 """
 
 from __future__ import annotations
@@ -173,6 +174,12 @@ class Dims:
             if sa is None or sb is None:
                 continue  # a refined atom was expanded in place; look again
             if sa.inner != sb.inner:
+                # A channel owning k times more elements on one side (a key/value head shared by k query
+                # heads): the finer atom is kept in blocks of k channels, then the two line up.
+                fine, coarse, segs, at = (sa, sb, left, i) if sa.inner < sb.inner else (sb, sa, right, j)
+                if coarse.inner % fine.inner == 0 and self.coarsen(fine.atom, coarse.inner // fine.inner):
+                    segs[at: at + 1] = self.resolve((fine,))
+                    continue
                 self.pin(a, f"{why}: channel layouts do not line up")
                 self.pin(b, f"{why}: channel layouts do not line up")
                 return False
@@ -234,6 +241,29 @@ class Dims:
             offset += n
         self.parts[r] = tuple(Seg(p) for p in pieces)
         return pieces
+
+    def coarsen(self, atom: int, block: int) -> bool:
+        """Keep leaf group ``atom`` in blocks of ``block`` consecutive channels (attention heads of ``block`` features).
+
+        The group becomes a new one of ``n / block`` channels, each owning
+        ``block`` elements of every axis the old one described; pins, labels
+        and importance (summed per block) carry over. Returns False when
+        ``block`` does not divide the group.
+        """
+        r = self.find(atom)
+        n = self.sizes[r]
+        if r in self.parts or block <= 1 or n % block:
+            return False
+        c = self.atom(n // block)
+        if r in self.pins:
+            self.pins[c] = list(self.pins[r])
+        for table in (self.labels, self.producers):  # the report counts blocks: say how big they are
+            if r in table:
+                table[c] = [f"{label} in blocks of {block}" for label in table[r]]
+        if r in self.importance:
+            self.importance[c] = self.importance[r].reshape(n // block, block).sum(1)
+        self.parts[r] = (Seg(c, block),)
+        return True
 
     def cut(self, layout: Layout, chunk: int) -> list[Layout] | None:
         """``layout`` cut into consecutive layouts of ``chunk`` elements each (see :meth:`split`)."""

@@ -26,6 +26,9 @@ import torch.nn as nn
 from ndc.errors import NdcError
 
 _PRUNED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+# The same layers as functions of an exported (ATen) graph: op name -> (position of the weight, its input axis).
+_PRUNED_FUNCTIONS = {"linear": (1, 1), "conv1d": (1, 1), "conv2d": (1, 1), "conv3d": (1, 1), "addmm": (2, 0),
+                     "conv_transpose1d": (1, 0), "conv_transpose2d": (1, 0), "conv_transpose3d": (1, 0)}
 
 
 def sparsity_schedule(step: int, total_steps: int, target: float, *, initial: float = 0.0, ramp: float = 0.5,
@@ -82,6 +85,7 @@ class Pruner:
             if isinstance(m, _PRUNED) and isinstance(m.weight, torch.Tensor):
                 transposed = isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
                 self._weights[f"{name}.weight" if name else "weight"] = (m, 0 if transposed else 1)
+        self._weights.update(_graph_weights(module))
         if not self._weights:
             raise NdcError("pruner: the neighbourhood has no conv or linear weights to sparsify")
 
@@ -121,6 +125,25 @@ class Pruner:
     def sparsity(self) -> dict[str, float]:
         """Fraction of exact zeros in each pruned weight, by parameter name."""
         return {name: float((m.weight == 0).sum()) / m.weight.numel() for name, (m, _) in self._weights.items()}
+
+
+def _graph_weights(module: nn.Module) -> dict[str, tuple[nn.Module, int]]:
+    """Weights an exported graph's ``aten.linear``/``conv``/``addmm`` nodes read from attributes named ``*.weight``."""
+    import torch.fx as fx
+
+    found: dict[str, tuple[nn.Module, int]] = {}
+    if not isinstance(module, fx.GraphModule):
+        return found
+    for n in module.graph.nodes:
+        spec = _PRUNED_FUNCTIONS.get(getattr(n.target, "__name__", "").split(".")[0]) if n.op == "call_function" else None
+        if spec is None or len(n.args) <= spec[0]:
+            continue
+        w = n.args[spec[0]]
+        if isinstance(w, fx.Node) and w.op == "get_attr" and str(w.target).endswith(".weight"):
+            owner = module.get_submodule(str(w.target).rpartition(".")[0])
+            if isinstance(getattr(owner, "weight", None), nn.Parameter):
+                found[str(w.target)] = (owner, spec[1])
+    return found
 
 
 def _nm_mask(mag: torch.Tensor, axis: int, n: int, m: int) -> torch.Tensor:

@@ -235,6 +235,11 @@ def linear(an: Analysis, node: fx.Node) -> None:
     an.on_apply(node, fix)
 
 
+def features(weight: str, side: str) -> str:
+    """``layer.weight`` -> ``layer.out_features``: how a report names the channels of a weight read from an attribute."""
+    return f"{weight[:-len('.weight')]}.{side}" if weight.endswith(".weight") else f"{weight}[{side}]"
+
+
 @RULES.function(F.linear)
 def linear_function(an: Analysis, node: fx.Node) -> None:
     """``F.linear(x, w, b)`` with ``w``/``b`` read from attributes: the same coupling as :func:`linear`."""
@@ -243,7 +248,8 @@ def linear_function(an: Analysis, node: fx.Node) -> None:
         return an.unknown(node, f"{an.where(node)} multiplies by a computed weight")
     axes, waxes = an.axes(x), an.axes(w)
     an.tie(axes[-1], waxes[1], node)
-    an.produce(waxes[0], f"{w.target}[out]", an.tensor(w.target), 0)
+    an.label(axes[-1], features(w.target, "in_features"))
+    an.produce(waxes[0], features(w.target, "out_features"), an.tensor(w.target), 0)
     if an.is_tensor(b):
         an.tie(waxes[0], an.axes(b)[0], node)
     an.set(node, axes[:-1] + [waxes[0]])
@@ -469,7 +475,8 @@ def split(an: Analysis, node: fx.Node) -> None:
     if meta is None or hasattr(meta, "shape"):
         return an.unknown(node)
     shape, axes = an.shape(x), an.axes(x)
-    name = node.target if node.op == "call_method" else node.target.__name__
+    name = node.target if node.op == "call_method" else node.target.__name__.split(".")[0]  # aten.split.Tensor -> split
+    name = "split" if name == "split_with_sizes" else name
     if name == "unbind":
         d = _axis(_arg(node, 1, "dim", 0), len(shape))
         an.pin(axes[d], f"unbound by {an.where(node)}")
@@ -486,14 +493,21 @@ def split(an: Analysis, node: fx.Node) -> None:
         if equal:
             for p in pieces[1:]:
                 an.tie(pieces[0], p, node)  # equal pieces in the teacher stay equal in the student
-        if name == "split" and not (equal and isinstance(sections, int)):
-            _rewrite_sizes(an, node, pieces)
+        if name == "split":
+            _rewrite_sizes(an, node, pieces, one=equal and isinstance(sections, int))
     an.set(node, tuple(axes[:d] + [p] + axes[d + 1:] for p in pieces))
 
 
-def _rewrite_sizes(an: Analysis, node: fx.Node, pieces: list[Layout]) -> None:
+def _rewrite_sizes(an: Analysis, node: fx.Node, pieces: list[Layout], one: bool = False) -> None:
+    """The student's piece sizes: one size for ``split(x, n)`` into equal pieces, else the list of them."""
     def fix(rw, n: fx.Node) -> None:
         sizes = [rw.size(p) for p in pieces]
+        if one:
+            n.args = (n.args[0], sizes[0]) + tuple(n.args[2:]) if len(n.args) > 1 else n.args
+            n.kwargs = {**n.kwargs, "split_size": sizes[0]} if len(n.args) <= 1 else n.kwargs
+            return
+        if n.op == "call_function" and n.target is torch.ops.aten.split.Tensor:
+            n.target = torch.ops.aten.split_with_sizes.default  # ATen takes a list of sizes under another name
         if len(n.args) > 1:
             n.args = (n.args[0], sizes) + tuple(n.args[2:])
         else:
@@ -536,7 +550,8 @@ def reshape_like(an: Analysis, node: fx.Node) -> None:
         elif len(go) == 1:
             out[go[0]] = _merge(an, [axes[i] for i in gi], [ins[i] for i in gi], why)
         elif len(gi) == 1:
-            for o, layout in zip(go, _split(an, axes[gi[0]], [outs[o] for o in go], why)):
+            heads = gi[0] == len(ins) - 1  # the feature axis of (B, N, C) tokens split into heads
+            for o, layout in zip(go, _split(an, axes[gi[0]], [outs[o] for o in go], why, heads)):
                 out[o] = layout
         else:
             for i in gi:
@@ -549,9 +564,20 @@ def reshape_like(an: Analysis, node: fx.Node) -> None:
 @RULES.function(torch.reshape)
 @RULES.method("reshape", "view")
 def reshape(an: Analysis, node: fx.Node) -> None:
-    """``reshape``/``view``: as :func:`reshape_like`; sizes that change are rewritten as integers."""
+    """``reshape``/``view``: as :func:`reshape_like`; sizes that change are rewritten as integers.
+
+    A size computed from the batch (``view(x, [6, b * 4, 8])``: heads folded
+    into the batch, as ``nn.MultiheadAttention`` does) cannot become an
+    integer: that axis stays the teacher's.
+    """
     reshape_like(an, node)
     layouts = an.layouts[node]
+    sizes = _arg(node, 1, "shape")
+    given = list(sizes) if isinstance(sizes, (list, tuple)) else list(node.args[1:]) if node.op == "call_method" else []
+    if len(given) == len(layouts):
+        for layout, g in zip(layouts, given):
+            if isinstance(g, fx.Node) and not _batch_free(g):
+                an.pin(layout, f"its size {g.name} in {an.where(node)} depends on the batch size")
 
     def fix(rw, n: fx.Node) -> None:
         new = [rw.size(layout) for layout in layouts]
@@ -573,6 +599,12 @@ def reshape(an: Analysis, node: fx.Node) -> None:
     an.on_apply(node, fix)
 
 
+def _batch_free(n: fx.Node) -> bool:
+    """True when integer node ``n`` had the same value at both traced batch sizes (so a constant may replace it)."""
+    v1, v2 = n.meta.get("ndc_value"), n.meta.get("ndc_value_b2")
+    return isinstance(v1, int) and v1 == v2
+
+
 @RULES.method("expand")
 def expand_rule(an: Analysis, node: fx.Node) -> None:
     """``x.expand(...)``: axes that keep their size pass through (their size arguments become -1)."""
@@ -590,10 +622,11 @@ def expand_rule(an: Analysis, node: fx.Node) -> None:
     an.set(node, out)
 
     def fix(rw, n: fx.Node) -> None:
-        given = list(n.args[1]) if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else list(n.args[1:])
+        listed = len(n.args) == 2 and isinstance(n.args[1], (list, tuple))
+        given = list(n.args[1]) if listed else list(n.args[1:])
         new = [rw.size(layout) for layout in out]
         shape = [g if s == o else -1 for g, o, s in zip(given, outs, new)]
-        n.args = (n.args[0], *shape)
+        n.args = (n.args[0], shape) if n.op == "call_function" else (n.args[0], *shape)  # aten.expand takes a list
 
     an.on_apply(node, fix)
 
@@ -684,14 +717,22 @@ def _merge(an: Analysis, layouts: list[Layout], sizes: list[int], why: str) -> L
     return segs * before
 
 
-def _split(an: Analysis, layout: Layout, sizes: list[int], why: str) -> list[Layout]:
+def _split(an: Analysis, layout: Layout, sizes: list[int], why: str, heads: bool = False) -> list[Layout]:
     """One axis reshaped into several: find the axis that carries the channels.
 
-    First an un-flatten (the leading axes are size 1 in effect: each channel
-    owns whole blocks of the trailing axes); else, innermost first, an axis
-    whose blocks repeat along the outer axes (heads: all blocks are tied).
+    ``heads``: the last axis of tokens split as ``(..., heads, head_dim)``
+    (attention): the heads axis carries the channels, each head owning its
+    ``head_dim`` features, which stay whole (rotary embeddings and the
+    attention scale see the teacher's head size); a student keeps fewer heads.
+    Otherwise, first an un-flatten (the leading axes are size 1 in effect:
+    each channel owns whole blocks of the trailing axes); else, innermost
+    first, an axis whose blocks repeat along the outer axes (all blocks tied).
     """
     dims = an.dims
+    if heads and len(sizes) >= 2 and sizes[-1] > 1 and dims.is_free(layout):
+        found = _split_heads(an, layout, sizes, why)
+        if found is not None:
+            return found
     segs = dims.resolve(layout)
     order = [j for j in range(len(sizes)) if math.prod(sizes[:j]) == 1]
     order += [j for j in reversed(range(len(sizes))) if j not in order]
@@ -708,6 +749,27 @@ def _split(an: Analysis, layout: Layout, sizes: list[int], why: str) -> list[Lay
         return [chunks[0] if o == j else dims.fresh(n, why) for o, n in enumerate(sizes)]
     dims.pin(layout, f"{why}: split in a way the rewrite cannot follow")
     return [dims.fresh(n, why) for n in sizes]
+
+
+def _split_heads(an: Analysis, layout: Layout, sizes: list[int], why: str) -> list[Layout] | None:
+    """``(.., C)`` -> ``(.., [3,] heads, head_dim)``: channels in blocks of ``head_dim`` (see :func:`_split`)."""
+    dims = an.dims
+    head_dim = sizes[-1]
+    for s in dims.resolve(layout):
+        if s.inner % head_dim and (head_dim % s.inner or (dims.sizes[s.atom] * s.inner) % head_dim):
+            return None
+    for s in dims.resolve(layout):  # each producing atom kept in whole heads
+        if s.inner % head_dim:
+            dims.coarsen(s.atom, head_dim // s.inner)
+    reduced = tuple(Seg(s.atom, s.inner // head_dim) for s in dims.resolve(layout))
+    j = len(sizes) - 2
+    chunks = dims.cut(reduced, sizes[j]) if math.prod(sizes[:j]) > 1 else [reduced]
+    if chunks is None:
+        return None
+    for c in chunks[1:]:
+        dims.unify(chunks[0], c, f"{why}: q, k and v keep the same heads")
+    head = f"{why}: the head dimension stays whole (fewer heads instead)"
+    return [chunks[0] if o == j else dims.fresh(n, head if o == len(sizes) - 1 else why) for o, n in enumerate(sizes)]
 
 
 # ----------------------------------------------------------- indexing
@@ -731,7 +793,7 @@ def getitem(an: Analysis, node: fx.Node) -> None:
         return
     value = an.layouts.get(src)
     if isinstance(value, tuple):
-        if not isinstance(index, int):
+        if not isinstance(index, int) or value[index] is None:
             return an.unknown(node)
         return an.set(node, list(value[index]))
     if not isinstance(value, list):
@@ -858,6 +920,23 @@ def matmul(an: Analysis, node: fx.Node) -> None:
                   for o, lay in enumerate(batch)] + [la[-2], lb[-1]])
 
 
+@RULES.module(nn.MultiheadAttention)
+def multihead_attention(an: Analysis, node: fx.Node) -> None:
+    """``nn.MultiheadAttention`` (a leaf under fx) keeps its width, and says why.
+
+    PyTorch derives its head size from the width of its input (which is the
+    residual stream's, pinned), so fewer heads cannot be expressed with the
+    module; exported, it folds heads into the batch axis, which a student
+    cannot shrink either. Its MLP neighbours still shrink.
+    """
+    why = (f"{node.target} (nn.MultiheadAttention) keeps its width: PyTorch derives its head size "
+           "from the input width")
+    an.unknown(node, why)
+    out = an.layouts.get(node)
+    if isinstance(out, tuple) and out and out[0]:
+        an.label(out[0][-1], f"{node.target}.embed_dim")
+
+
 @RULES.function(F.scaled_dot_product_attention)
 def attention(an: Analysis, node: fx.Node) -> None:
     """``F.scaled_dot_product_attention(q, k, v)``: q and k share the head dimension, the output has v's.
@@ -866,7 +945,8 @@ def attention(an: Analysis, node: fx.Node) -> None:
     the student keeps the teacher's scale explicitly.
     """
     q, k, v = node.args[:3]
-    if not all(an.is_tensor(t) for t in (q, k, v)) or _arg(node, 3, "attn_mask") is not None:
+    mask = _arg(node, 3, "attn_mask")
+    if not all(an.is_tensor(t) for t in (q, k, v)) or (mask is not None and not an.is_tensor(mask)):
         return an.unknown(node)
     lq, lk, lv = an.axes(q), an.axes(k), an.axes(v)
     an.tie(lq[-1], lk[-1], node)
@@ -875,6 +955,12 @@ def attention(an: Analysis, node: fx.Node) -> None:
         an.tie(x, y, node)
     for x, y in zip(lq[:-2], lv[:-2]):
         an.tie(x, y, node)
+    if mask is not None:  # the mask broadcasts against the scores (..., heads, queries, keys)
+        scores = lq[:-1] + [lk[-2]]
+        sizes = an.shape(q)[:-1] + (an.shape(k)[-2],)
+        for layout, size, theirs in zip(reversed(an.axes(mask)), reversed(an.shape(mask)), reversed(range(len(scores)))):
+            if size == sizes[theirs]:
+                an.tie(layout, scores[theirs], node)
     an.set(node, lq[:-1] + [lv[-1]])
     head, teacher = lq[-1], an.shape(q)[-1]
 

@@ -213,8 +213,9 @@ class _Propagate(fx.Interpreter):
             raise
         if isinstance(result, torch.Tensor):
             n.meta["tensor_meta"] = _extract_tensor_metadata(result)
-        elif isinstance(result, (list, tuple)) and result and all(isinstance(r, torch.Tensor) for r in result):
-            n.meta["tensor_meta"] = tuple(_extract_tensor_metadata(r) for r in result)
+        elif isinstance(result, (list, tuple)) and any(isinstance(r, torch.Tensor) for r in result):
+            n.meta["tensor_meta"] = tuple(_extract_tensor_metadata(r) if isinstance(r, torch.Tensor) else None
+                                          for r in result)
         return result
 
 
@@ -229,7 +230,14 @@ def check_shapes(gm: fx.GraphModule, rw: Rewrite) -> None:
     prop = _Propagate(gm)
     try:
         with torch.no_grad():
+            # Another batch size first: a size the rewrite made constant that should follow the batch fails here.
+            if x.dim():
+                out = prop.run(torch.zeros((x.shape[0] + 1, *x.shape[1:]), dtype=x.dtype, device=device))
+                if isinstance(out, torch.Tensor) and out.dim() and out.shape[0] != x.shape[0] + 1:
+                    raise NdcError("rewrite produced a student whose output does not follow the batch size")
             prop.run(x)
+    except NdcError:
+        raise
     except Exception:
         raise NdcError(f"rewrite produced a student that does not run, at node {prop.failed}") from None
     finally:
@@ -242,8 +250,8 @@ def check_shapes(gm: fx.GraphModule, rw: Rewrite) -> None:
         want = predicted[n.name]
         wants = [want] if isinstance(want, list) else list(want)
         gots = [got] if hasattr(got, "shape") else list(got or ())
-        expected = [[rw.size(layout) for layout in axes] for axes in wants]
-        actual = [list(m.shape) for m in gots]
+        expected = [None if axes is None else [rw.size(layout) for layout in axes] for axes in wants]
+        actual = [None if m is None else list(m.shape) for m in gots]
         if expected != actual:
             raise NdcError(f"rewrite produced shape {actual} at node {n.name}, expected {expected} "
                            "(a bug in the rule for that operator)")
@@ -325,14 +333,45 @@ def rebuild_student(part: fx.GraphModule, spec: Spec, record: dict) -> fx.GraphM
 def reinitialise(module: nn.Module, seed: int) -> None:
     """Fresh parameters for every submodule with ``reset_parameters`` (seeded; the global RNG is left alone).
 
-    Tensors held directly by the neighbourhood (a ``get_attr`` constant such as
-    a position embedding) keep the teacher's values.
+    Parameters without a layer that resets them (an exported graph's, a
+    position embedding) get the defaults of :func:`reset_plain_parameters`;
+    buffers keep the teacher's values.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for _, m in module.named_modules():
             if m is not module and callable(getattr(m, "reset_parameters", None)):
                 m.reset_parameters()
+        reset_plain_parameters(module)
+
+
+def reset_plain_parameters(module: nn.Module) -> int:
+    """Fresh values for parameters held by plain containers (an exported graph's), which have no ``reset_parameters``.
+
+    The defaults of the layers they came from: matrices as ``nn.Linear``'s
+    (Kaiming uniform), a 1-D ``weight`` as a norm's (ones), a ``bias`` zero,
+    anything else (class tokens, position embeddings) N(0, 0.02). Returns how
+    many were reset; parameters of modules with ``reset_parameters`` are left
+    to them. Uses the global random generator (the caller seeds it).
+    """
+    owned = {id(p) for m in module.modules() if callable(getattr(m, "reset_parameters", None)) and m is not module
+             for p in m.parameters(recurse=False)}
+    count = 0
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if id(p) in owned:
+                continue
+            leaf = name.rpartition(".")[2]
+            if p.dim() >= 2 and leaf == "weight":
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+            elif leaf == "weight":
+                nn.init.ones_(p)
+            elif leaf == "bias":
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, std=0.02)
+            count += 1
+    return count
 
 
 def report(an: Analysis, kept: dict[int, torch.Tensor], spec: Spec) -> list[dict]:
