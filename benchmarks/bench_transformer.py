@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from bench_paper import nd, time_to
+from bench_paper import nd, time_to_kd
 from common import CACHE, DATA, ROOT, log, machine, open_data, write
 
 from ndc.finetune import TrainConfig, accuracy, train
@@ -117,12 +117,8 @@ def main() -> None:
     row["nd_ft"] = {"accuracy": r["history"][-1]["accuracy"], "best_accuracy": r["best_accuracy"],
                     "seconds": out["seconds"] + r["seconds"], "finetune_seconds": r["seconds"], "history": r["history"],
                     "lr": args.ft_lr, "epochs": args.ft_epochs, "wall_seconds": time.perf_counter() - t0 + out["seconds"]}
-    target = row["kd"]["accuracy"] - 0.005
-    kd_t = time_to(row["kd"]["history"], target)
-    nd_t = time_to(r["history"], target, offset=out["seconds"], start_accuracy=out["accuracy"])
-    row["time_to_accuracy"] = {"target": target, "kd_seconds": kd_t, "nd_ft_seconds": nd_t,
-                               "speedup": (kd_t / nd_t) if kd_t and nd_t else None}
-    log(f"time to {target:.2%}: KD {kd_t}, ND+FT {nd_t}")
+    row["time_to_accuracy"] = tta = time_to_kd(row["kd"], r["history"], out)
+    log(f"time to {tta['target']:.2%}: KD {tta['kd_seconds']}, ND+FT {tta['nd_ft_seconds']}")
     write("transformer.json", {"examples": args.examples, "workers": args.workers, "teacher": info, "model": MODEL,
                                "command": "python benchmarks/bench_transformer.py " + " ".join(
                                    f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()), "row": row})

@@ -104,3 +104,23 @@ def copy_of(workspace, tmp_path):
 
     shutil.copytree(workspace, tmp_path / "ndc-work")
     return tmp_path / "ndc-work"
+
+
+@pytest.fixture(scope="module")
+def partitioned(tmp_path_factory, tiny_teacher):
+    """The tiny ResNet teacher partitioned (3 residual blocks), once per test module; tests take a copy (``ws``)."""
+    return cli_workspace(tmp_path_factory.mktemp("tiny") / "ws", tiny_teacher)
+
+
+@pytest.fixture
+def ws(partitioned, tmp_path):
+    """A fresh copy of the module's prepared workspace (modules that prepare more define their own)."""
+    return copy_of(partitioned, tmp_path)
+
+
+def distill_json(run_cli, *args):
+    """``ndc distill ARGS --format json``: the click result and the parsed document (None when there is none)."""
+    import json
+
+    r = run_cli("distill", *args, "--format", "json")
+    return r, (json.loads(r.stdout) if r.stdout.strip().startswith("{") else None)

@@ -15,26 +15,10 @@ import pytest
 import torch
 
 from ndc.workspace import Workspace, sha256_file
-from tests.conftest import cli_workspace, copy_of
+from tests.conftest import distill_json as distill
 
 HERE = pathlib.Path(__file__).resolve().parent
 FAST = ["--data", "digits", "--limit", "200", "--steps", "12", "--batch-size", "32", "--val-size", "64", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def partitioned(tmp_path_factory, tiny_teacher):
-    """A workspace holding the tiny ResNet's plan (3 residual blocks), trained on digits."""
-    return cli_workspace(tmp_path_factory.mktemp("tiny") / "ws", tiny_teacher)
-
-
-@pytest.fixture
-def ws(partitioned, tmp_path):
-    return copy_of(partitioned, tmp_path)
-
-
-def distill(run_cli, *args):
-    r = run_cli("distill", *args, "--format", "json")
-    return r, (json.loads(r.stdout) if r.stdout.strip().startswith("{") else None)
 
 
 def test_width_half_improves_and_width_one_stays_at_zero(run_cli, ws):

@@ -14,25 +14,10 @@ import time
 import pytest
 
 from ndc.workspace import sha256_file
-from tests.conftest import cli_workspace, copy_of
+from tests.conftest import distill_json as distill
 
 HERE = pathlib.Path(__file__).resolve().parent
 FAST = ["--data", "digits", "--limit", "200", "--steps", "24", "--batch-size", "32", "--val-size", "64", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def partitioned(tmp_path_factory, tiny_teacher):
-    return cli_workspace(tmp_path_factory.mktemp("engine") / "ws", tiny_teacher)
-
-
-@pytest.fixture
-def ws(partitioned, tmp_path):
-    return copy_of(partitioned, tmp_path)
-
-
-def distill(run_cli, *args):
-    r = run_cli("distill", *args, "--format", "json")
-    return r, (json.loads(r.stdout) if r.stdout.strip().startswith("{") else None)
 
 
 def errors(doc) -> dict:
