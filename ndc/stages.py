@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ndc.distill import DistillConfig, cache_layout, choose_source, plan_candidates, run_distill
+from ndc.distill.store import JobStore
 from ndc.errors import NdcError
 from ndc.finetune import TrainConfig
 from ndc.ir import Spec
@@ -172,6 +173,7 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
     if calibrate < 0:
         raise NdcError("--calibrate must be 0 or more")
     with ws.writing("ndc stitch"):
+        JobStore(ws).recover()
         teacher = load_teacher(ws)
         plan = teacher.plan
         selection = resolve_selection(ws, plan, width, spec, selection_file)
@@ -400,6 +402,7 @@ def search(ws: Workspace, *, data: str | None, limit: int | None = None, normali
         raise NdcError("ndc search scores every candidate inside the teacher: give --data SPEC "
                        "(the data the teacher was trained on), e.g. --data fashion-mnist")
     with ws.writing("ndc search"):
+        JobStore(ws).recover()
         teacher = load_teacher(ws)
         plan = teacher.plan
         rule_budget = parse_budget(budget, plan.teacher) if budget is not None else None

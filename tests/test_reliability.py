@@ -338,3 +338,17 @@ def test_a_nearly_full_disk_says_how_much_is_free(monkeypatch, ws):
     monkeypatch.setattr(distill_package, "free_bytes", lambda ws: 1000)
     source, why = choose_source(cfg, None, data_for(w, cfg, plan.input_shape[1:]), cache_layout(plan, 0), w)
     assert source == "recompute" and "-0." not in why and "GiB free" in why
+
+
+def test_a_publish_killed_between_its_two_renames_is_put_back(run_cli, ws):
+    folder = next(ws.glob("jobs/*/width-0.5"))
+    before = sha256_file(folder / "weights.safetensors")
+    aside = folder.parent / f".{folder.name}.old-x1y2"  # what publish leaves when killed after its first rename
+    aside.mkdir()
+    folder.rename(aside / "x")
+    staging = folder.parent / f".{folder.name}.new-z3"  # and the new result it never moved in
+    staging.mkdir()
+    (staging / "weights.safetensors").write_bytes(b"half")
+    assert run_cli("stitch", "-o", "s.onnx", "--width", "0.5").exit_code == 0
+    assert sha256_file(folder / "weights.safetensors") == before
+    assert not aside.exists() and not staging.exists()
