@@ -169,3 +169,12 @@ def sigmoid_mlp():
 def regression_mlp():
     """Three real-valued outputs, no activation: a regression head."""
     return HeadMLP(3, sigmoid=False)
+
+
+def tiny_resnet_momentum_zero():
+    """tiny_resnet with every batch norm at momentum 0, as models converted by MMdnn (torchcrepe's CREPE) carry."""
+    model = tiny_resnet()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.0
+    return model
