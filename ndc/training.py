@@ -44,8 +44,8 @@ def track_running_stats(model: nn.Module) -> int:
     A model about to train on batch statistics is measured in eval mode on its running statistics, which follow the
     batches only through the momentum. Converted models can carry ``momentum=0`` (torchcrepe's CREPE, converted from
     Keras by MMdnn): their running statistics stay the teacher's while the weights move, so every held-out error,
-    best-weight choice and per-epoch score is measured on a student that does not exist (CREPE tiny, one half-width
-    block: held-out error 0.58 on stale statistics, 0.16 once they track; docs/benchmarks.md).
+    best-weight choice and per-epoch score is measured on a student that does not exist (CREPE tiny's first block at
+    half width, 300 steps: held-out relative error 0.58 on stale statistics, 0.37 once they track; docs/benchmarks.md).
     """
     changed = 0
     for m in model.modules():
