@@ -100,7 +100,7 @@ class Runner:
 
 def routes(args) -> None:
     run = Runner(args.teacher, CACHE / f"pretrained-{args.teacher}", args.threads)
-    plan = run.partition(fresh=True)
+    plan = run.partition(fresh=args.fresh)  # a rerun keeps the workspace: ndc distill skips finished jobs
     widths = ",".join(str(w) for w in WIDTHS)
     distilled, nd_seconds = run("distill", "--width", widths, "--steps", str(args.steps), "--workers", str(args.workers),
                                 "--quiet")
@@ -108,7 +108,7 @@ def routes(args) -> None:
             for r in distilled["candidates"]}
     teacher_score = None
     results = []
-    for k in BUDGET_WIDTHS:
+    for k in args.budgets:
         stitched, s_uniform = run("stitch", "--width", str(k))
         nd_score, teacher_score = run.score()
         tuned, s_ft = run("finetune", "--epochs", str(args.ft_epochs), "--no-augment", "--quiet", metric=True)
@@ -133,10 +133,10 @@ def routes(args) -> None:
         log(f"k={k}: params {row['params']} ({row['params'] / row['teacher_params']:.0%}), teacher {teacher_score:.4f}, "
             f"ND {nd_score:.4f}, ND+FT {row['nd_ft']:.4f}, search {search_score:.4f} ({row['search_params']} params), "
             f"search+FT {row['search_ft']:.4f}, KD {row['kd']:.4f}")
-    write(f"pretrained-{args.teacher}.json", {
-        "teacher": args.teacher, "plan": plan, "steps": args.steps, "ft_epochs": args.ft_epochs, "kd_epochs": args.kd_epochs,
-        "kd_lr": args.kd_lr, "workers": args.workers, "jobs": jobs, "results": results,
-        "commands": run.commands})
+        write(f"pretrained-{args.teacher}.json", {
+            "teacher": args.teacher, "plan": plan, "steps": args.steps, "ft_epochs": args.ft_epochs, "kd_epochs": args.kd_epochs,
+            "kd_lr": args.kd_lr, "workers": args.workers, "jobs": jobs, "results": results,
+            "commands": run.commands})
 
 
 ABLATIONS = {
@@ -188,6 +188,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the end-to-end commands")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGET_WIDTHS),
+                        help="routes: the uniform widths whose parameter counts are the budgets")
+    parser.add_argument("--fresh", action="store_true", help="routes: partition anew (discards trained candidates)")
     parser.add_argument("--only", action="append", choices=sorted(ABLATIONS), help="ablation: only these settings")
     parser.add_argument("--tag", default="", help="suffix of the result file's name")
     parser.add_argument("--ndc", default=None, help="ablation: run the ndc of this directory (default: this checkout)")
