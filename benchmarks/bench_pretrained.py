@@ -11,9 +11,10 @@ cents) on the held-out tones. Every stage runs through the ``ndc`` command
 line with ``--format json``, so the commands in docs/benchmarks.md are the
 ones measured; each route's seconds are the wall time of its commands.
 
-``routes``: one ``ndc distill`` trains every candidate width (0.25, 0.5,
-0.75); then, at each budget (the parameters of the uniform width-0.5 and
-width-0.75 students): the uniform student (ND), fine-tuned (ND + FT), the
+``routes``: one ``ndc distill`` trains every candidate width (CREPE: 0.25,
+0.5, 0.75; PESTO, which keeps its score at lower widths: 0.125, 0.25, 0.5);
+then, at each budget (the parameters of a uniform student: CREPE's at 0.5 and
+0.75, PESTO's at 0.25 and 0.5): the uniform student (ND), fine-tuned (ND + FT), the
 Student Search student at the same parameter budget (``ndc search --budget
 params=N``), fine-tuned, and KD from scratch of the uniform student's
 architecture. ``ablation``: width 0.5 with one setting changed at a time
@@ -38,13 +39,11 @@ EXAMPLE = ROOT / "examples" / "pitch.py"
 TEACHERS = {
     # factory, input shape, partition options, examples, metric
     "crepe": {"factory": "crepe_tiny", "shape": "1,1024", "partition": ["--by", "layers", "--every", "2"],
-              "train": 8000, "metric": "crepe_pitch_accuracy"},
+              "train": 8000, "metric": "crepe_pitch_accuracy", "widths": (0.25, 0.5, 0.75), "budgets": (0.5, 0.75)},
     "pesto": {"factory": "pesto_mir1k", "shape": "1,1,264",
               "partition": ["--by", "cuts", "--cut", "layernorm", "--cut", "conv_layers.0", "--cut", "conv_layers.6"],
-              "train": 8000, "metric": "pesto_pitch_accuracy"},
+              "train": 8000, "metric": "pesto_pitch_accuracy", "widths": (0.125, 0.25, 0.5), "budgets": (0.25, 0.5)},
 }
-WIDTHS = (0.25, 0.5, 0.75)
-BUDGET_WIDTHS = (0.5, 0.75)
 
 
 def data_file(teacher: str) -> Path:
@@ -101,20 +100,20 @@ class Runner:
 def routes(args) -> None:
     run = Runner(args.teacher, CACHE / f"pretrained-{args.teacher}", args.threads)
     plan = run.partition(fresh=args.fresh)  # a rerun keeps the workspace: ndc distill skips finished jobs
-    widths = ",".join(str(w) for w in WIDTHS)
+    widths = ",".join(str(w) for w in TEACHERS[args.teacher]["widths"])
     distilled, nd_seconds = run("distill", "--width", widths, "--steps", str(args.steps), "--workers", str(args.workers),
                                 "--quiet")
     jobs = {f"{r['neighbourhood']} {r['spec']}": {k: r.get(k) for k in ("final_error", "seconds", "student_params")}
             for r in distilled["candidates"]}
     teacher_score = None
     results = []
-    for k in args.budgets:
-        stitched, s_uniform = run("stitch", "--width", str(k))
+    for k in args.budgets or TEACHERS[args.teacher]["budgets"]:
+        stitched, s_uniform = run("stitch", "--width", str(k), "-o", str(run.ws / "student.pt"))
         nd_score, teacher_score = run.score()
         tuned, s_ft = run("finetune", "--epochs", str(args.ft_epochs), "--no-augment", "--quiet", metric=True)
         budget = stitched["params"]
         searched, s_search = run("search", "--budget", f"params={budget}", "--calibrate", "20", metric=True)
-        s_stitched, s_stitch2 = run("stitch")  # selection.json
+        s_stitched, s_stitch2 = run("stitch", "-o", str(run.ws / "student.pt"))  # selection.json
         search_score, _ = run.score()
         search_tuned, s_ft2 = run("finetune", "--epochs", str(args.ft_epochs), "--no-augment", "--quiet", metric=True)
         baseline, s_kd = run("kd", "--width", str(k), "--epochs", str(args.kd_epochs), "--lr", str(args.kd_lr), "--no-augment",
@@ -152,29 +151,32 @@ ABLATIONS = {
 
 
 def ablation(args) -> None:
-    """Width 0.5, one setting changed at a time; ``--ndc DIR`` runs another checkout of ndc (e.g. an older commit)."""
-    run = Runner(args.teacher, CACHE / f"ablation-{args.teacher}", args.threads, Path(args.ndc) if args.ndc else ROOT)
+    """Width 0.5, one setting changed at a time; ``--ndc DIR`` runs another checkout of ndc (e.g. an older commit).
+
+    Each setting has its own workspace (kept: a rerun skips finished jobs).
+    """
     rows = []
     for name in args.only or list(ABLATIONS):
         options, times, partition = ABLATIONS[name]
-        if partition is not None:
-            TEACHERS[args.teacher]["partition"], saved = partition, TEACHERS[args.teacher]["partition"]
-        run.partition(fresh=True)
-        if partition is not None:
-            TEACHERS[args.teacher]["partition"] = saved
+        folder = CACHE / f"ablation-{args.teacher}{args.tag}" / f"{name.replace(' ', '-')}-s{args.seed}"
+        run = Runner(args.teacher, folder, args.threads, Path(args.ndc) if args.ndc else ROOT)
+        saved = TEACHERS[args.teacher]["partition"]
+        TEACHERS[args.teacher]["partition"] = partition or saved
+        run.partition(fresh=False)
+        TEACHERS[args.teacher]["partition"] = saved
         distilled, seconds = run("distill", "--width", "0.5", "--steps", str(args.steps * times), "--workers",
                                  str(args.workers), "--seed", str(args.seed), "--quiet", *options)
-        stitched, _ = run("stitch", "--width", "0.5")
+        stitched, _ = run("stitch", "--width", "0.5", "-o", str(run.ws / "student.pt"))
         score, teacher_score = run.score()
         errors = {r["neighbourhood"]: r.get("final_error") for r in distilled["candidates"]}
+        job_seconds = sum(r.get("seconds") or 0 for r in distilled["candidates"])
         rows.append({"setting": name, "options": options, "steps": args.steps * times, "score": score,
                      "teacher": teacher_score, "params": stitched["params"], "teacher_params": stitched["teacher_params"],
-                     "errors": errors, "seconds": seconds})
+                     "errors": errors, "job_seconds": job_seconds, "commands": run.commands})
         log(f"{name}: {score:.4f} (teacher {teacher_score:.4f}), {stitched['params']} params, errors "
-            f"{ {k: round(v, 3) for k, v in errors.items()} }, {seconds:.0f}s")
-    write(f"ablation-{args.teacher}-s{args.seed}{args.tag}.json",
-          {"teacher": args.teacher, "steps": args.steps, "seed": args.seed, "ndc": args.ndc, "rows": rows,
-           "commands": run.commands})
+            f"{ {k: round(v, 3) for k, v in errors.items()} }, jobs {job_seconds:.0f}s")
+        write(f"ablation-{args.teacher}-s{args.seed}{args.tag}.json",
+              {"teacher": args.teacher, "steps": args.steps, "seed": args.seed, "ndc": args.ndc, "rows": rows})
 
 
 def main() -> None:
@@ -188,8 +190,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the end-to-end commands")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGET_WIDTHS),
-                        help="routes: the uniform widths whose parameter counts are the budgets")
+    parser.add_argument("--budgets", type=float, nargs="+", default=None,
+                        help="routes: the uniform widths whose parameter counts are the budgets (default: the teacher's two)")
     parser.add_argument("--fresh", action="store_true", help="routes: partition anew (discards trained candidates)")
     parser.add_argument("--only", action="append", choices=sorted(ABLATIONS), help="ablation: only these settings")
     parser.add_argument("--tag", default="", help="suffix of the result file's name")
