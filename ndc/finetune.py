@@ -46,7 +46,7 @@ import torch.nn as nn
 from ndc.errors import NdcError
 from ndc.losses import LOSSES, Loss
 from ndc.scoring import Metric, score
-from ndc.training import BestWeights, SparsityRamp, cosine, set_lr
+from ndc.training import BestWeights, SparsityRamp, cosine, set_lr, track_running_stats
 from ndc.workspace import Workspace, read_json, sha256_json
 
 
@@ -217,6 +217,8 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, teacher: nn.Module | None
     if not params:
         raise NdcError("the model has no trainable parameters: there is nothing to train")
     model.to(device)
+    if not cfg.freeze_bn:
+        track_running_stats(model)
     if teacher is not None:
         teacher.eval().to(device)  # runs under no_grad below; its parameters' flags are the caller's business
     key = sha256_json({"config": asdict(cfg), "model": module_digest(model),

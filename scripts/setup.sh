@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent setup for ndc: a virtual environment with the CPU build of torch
 # 2.13.0 installed first (a bare `torch` requirement would pull a multi-GB CUDA
-# build), then ndc with its test extras, then Debian's Fashion-MNIST package.
+# build), then ndc with its test extras and the two pitch estimators of examples/pitch.py, then Debian's
+# Fashion-MNIST package.
 # NDC_VENV picks the environment's folder (default: .venv in the checkout).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,6 +16,9 @@ if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
   echo "ndc setup: installing torch==2.13.0 and ndc[test] into $venv" >&2
   "$venv/bin/python" -m pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" >&2 || true
   "$venv/bin/python" -m pip install -q -e "$root[test]" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+  # two real pretrained teachers for examples/pitch.py and its tests: their networks need only torch, and their
+  # declared dependencies (audio I/O) would pull other torch builds, hence --no-deps
+  "$venv/bin/python" -m pip install -q --no-deps torchcrepe==0.0.24 pesto-pitch==2.0.1 2>&1 | grep -v "^WARNING: Location" >&2 || true
   "$venv/bin/python" -c "import torch, ndc, onnxruntime" >/dev/null
   touch "$stamp"
 fi

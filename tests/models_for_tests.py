@@ -290,3 +290,11 @@ class TokenClassifier(nn.Module):
 
 def token_classifier():
     return TokenClassifier()
+
+def tiny_resnet_momentum_zero():
+    """tiny_resnet with every batch norm at momentum 0, as models converted by MMdnn (torchcrepe's CREPE) carry."""
+    model = tiny_resnet()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.0
+    return model

@@ -258,3 +258,31 @@ def test_explicit_normalisation_reaches_the_jobs(run_cli, ws):
     assert doc["candidates"][0]["initial_error"] != doc2["candidates"][0]["initial_error"]
     r, _ = distill(run_cli, "--width", "0.5", *FAST, "--normalize", "nonsense")
     assert r.exit_code == 2 and "--normalize" in r.stderr
+
+
+def test_batch_norms_at_momentum_zero_learn_their_students_statistics(run_cli, tiny_teacher, tmp_path):
+    """A teacher whose batch norms have momentum 0 still gives students running statistics that follow their weights."""
+    from safetensors.torch import load_file
+
+    ws = tmp_path / "ws"
+    r = run_cli("partition", f"{HERE / 'models_for_tests.py'}:tiny_resnet_momentum_zero", "--weights", tiny_teacher,
+                "--input-shape", "1,3,16,16", "-w", str(ws))
+    assert r.exit_code == 0, r.stderr
+    r = run_cli("distill", "--width", "0.5", *FAST, "-w", str(ws))
+    assert r.exit_code == 0, r.stderr
+    teacher = load_file(str(ws / "teacher.safetensors"))
+    folder = ws / "jobs" / "layer1.0" / "width-0.5"
+    kept = json.loads((folder / "student.json").read_text())["record"]["dims"]["layer1.0.conv1.out_channels"]["kept"]
+    student = load_file(str(folder / "weights.safetensors"))
+    assert not torch.equal(student["layer1.0.bn1.running_mean"], teacher["layer1.0.bn1.running_mean"][kept])
+
+
+def test_track_running_stats_changes_only_norms_at_momentum_zero():
+    from torch import nn
+
+    from ndc.training import track_running_stats
+
+    still, default, untracked = nn.BatchNorm1d(3, momentum=0.0), nn.BatchNorm1d(3), nn.BatchNorm1d(3, track_running_stats=False)
+    cumulative = nn.BatchNorm1d(3, momentum=None)
+    assert track_running_stats(nn.Sequential(still, default, untracked, cumulative)) == 1
+    assert still.momentum == 0.1 and default.momentum == 0.1 and cumulative.momentum is None

@@ -152,6 +152,15 @@ def test_frozen_batch_norms_keep_their_statistics(digits):
     assert not torch.equal(model[2].running_mean, before)
 
 
+def test_batch_norms_at_momentum_zero_follow_the_weights_they_train(digits):
+    """Converted models carry momentum 0: trained on batch statistics, their running statistics must still move."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32, momentum=0.0), nn.ReLU(), nn.Linear(32, 10))
+    before = model[2].running_mean.clone()
+    result = train(model, digits, TrainConfig(loss="ce", epochs=2, lr=0.05, batch_size=32, augment=False))
+    assert not torch.equal(model[2].running_mean, before)
+    assert result["best_accuracy"] > 0.5  # measured in eval mode, on statistics that describe the trained weights
+
+
 def test_fine_tuning_that_only_hurts_returns_the_model_it_was_given(tmp_path, digits):
     model = small_net()
     train(model, digits, TrainConfig(loss="ce", epochs=4, lr=0.05, batch_size=32, augment=False))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ndc.distill.config import DistillConfig
 from ndc.ir import Spec
-from ndc.training import BestWeights, SparsityRamp, cosine
+from ndc.training import BestWeights, SparsityRamp, cosine, track_running_stats
 
 
 class CandidateFailed(Exception):
@@ -78,6 +78,8 @@ class CandidateTrainer:
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay) if self.params else None
         self.base_lr = cfg.lr
         self.norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if cfg.frozen_bn else []
+        if not cfg.frozen_bn:
+            track_running_stats(self.model)
         self.ramp = SparsityRamp(student.pruner, spec.sparsity, total) if student.pruner is not None else None
         self.best: BestWeights | None = None
         self.steps = 0
