@@ -97,7 +97,12 @@ def test_the_penalty_sets_the_size_and_the_students_stitch_and_search(run_cli, w
     r = run_cli("stitch", "-o", str(tmp_path / "s.onnx"), "--spec", "gates=3.0", "--data", "digits", "--limit", "300",
                 "--format", "json", "-w", str(ws))
     assert r.exit_code == 0, r.stderr
-    assert json.loads(r.stdout)["params"] < json.loads(r.stdout)["teacher_params"]
+    stitched = json.loads(r.stdout)["params"]
+    assert stitched < json.loads(r.stdout)["teacher_params"]
+    r = run_cli("kd", "--spec", "gates=3.0", "--data", "digits", "--limit", "200", "--epochs", "1", "--format", "json",
+                "-w", str(ws))  # the baseline trains the same learned architecture from scratch
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["params"] == stitched
     budget = total[1] + 1000  # the stem and head are kept with the teacher
     r = run_cli("search", "--budget", f"params={budget}", "--data", "digits", "--limit", "300", "--eval-size", "100",
                 "--format", "json", "-w", str(ws))
