@@ -1,8 +1,13 @@
 """Pareto fronts of Student Search (the paper's Figure 3, extended): parameters against test accuracy, five routes.
 
-    python benchmarks/bench_pareto.py                      # ResNet-20 and MobileNetV2 on Fashion-MNIST, then the plot
+    python benchmarks/bench_pareto.py                      # ResNet-20 and ResNet-14 on Fashion-MNIST, then the plot
     python benchmarks/bench_pareto.py --models resnet20    # one model
     python benchmarks/bench_pareto.py --plot-only          # redraw benchmarks/results/pareto.png from the JSON
+
+Models: the ResNet-20 teacher of every paper benchmark (``benchmarks/common.py``,
+all 60,000 training images, 3 x 32 x 32), and ``ndc demo``'s teacher, a
+ResNet-14 with 8 base channels on 1 x 28 x 28 images, trained here once on the
+first 10,000 images for 10 epochs (cached).
 
 Routes, every one on the same teacher, data, activation cache, epochs and
 workers, in one run:
@@ -47,9 +52,9 @@ from ndc.search import Budget, HeldOut, load_candidates, quality_table, solve_bu
 from ndc.stitch import build_student, recalibrate_batchnorm, uniform_selection
 
 MODELS = {
-    # name: (factory, teacher name, teacher epochs, teacher training images (None: all 60,000))
-    "resnet20": ("ndc.zoo:resnet20", "resnet20-fmnist", 10, None),
-    "mobilenetv2": ("ndc.zoo:mobilenetv2", "mobilenetv2-fmnist-10k", 10, 10_000),
+    # name: (factory, teacher name, teacher epochs, teacher training images (None: all 60,000), input shape)
+    "resnet20": ("ndc.zoo:resnet20", "resnet20-fmnist", 10, None, (1, 3, 32, 32)),
+    "resnet14": ("ndc.zoo:demo_teacher", "resnet14-w8-fmnist-10k", 10, 10_000, (1, 1, 28, 28)),
 }
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
 PENALTIES = (0.1, 0.3, 1.0)
@@ -65,9 +70,9 @@ EVAL_SIZE = 1000
 
 
 def teacher_of(model: str):
-    factory, name, epochs, examples = MODELS[model]
-    weights = teacher_weights() if model == "resnet20" else cached_teacher(name, factory, epochs, examples)
-    return workspace(f"bench-pareto-{model}", factory=factory, weights=weights), name
+    factory, name, epochs, examples, shape = MODELS[model]
+    weights = teacher_weights() if model == "resnet20" else cached_teacher(name, factory, epochs, examples, input_shape=shape)
+    return workspace(f"bench-pareto-{model}", factory=factory, weights=weights, input_shape=shape), name, shape
 
 
 def measure(ws, teacher, data, selection: dict) -> dict:
@@ -140,10 +145,10 @@ def timing(ws, teacher, cfg: DistillConfig, repeats: int) -> dict:
 def run(model: str, args) -> dict:
     from ndc.distill import _cache
 
-    ws, teacher_name = teacher_of(model)
+    ws, teacher_name, shape = teacher_of(model)
     teacher = load_teacher(ws)
     torch.set_num_threads(2)
-    data = open_data(DATA, (3, 32, 32), limit=args.examples, workspace=ws)
+    data = open_data(DATA, shape[1:], limit=args.examples, workspace=ws)
     teacher_acc = accuracy(teacher.gm, data)
     log(f"{model}: teacher {teacher_acc:.2%}, {teacher.plan.teacher['params']} params, "
         f"{len(teacher.plan.trainable)} blocks")
@@ -231,7 +236,7 @@ def plot(results: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="resnet20,mobilenetv2")
+    ap.add_argument("--models", default="resnet20,resnet14")
     ap.add_argument("--examples", type=int, default=10_000)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2)

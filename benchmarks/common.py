@@ -49,7 +49,8 @@ def teacher_weights(threads: int = 2) -> Path:
     return cached_teacher("resnet20-fmnist", "ndc.zoo:resnet20", TEACHER_EPOCHS, threads=threads)
 
 
-def cached_teacher(name: str, factory: str, epochs: int, examples: int | None = None, threads: int = 2) -> Path:
+def cached_teacher(name: str, factory: str, epochs: int, examples: int | None = None, threads: int = 2,
+                   input_shape: tuple[int, ...] = INPUT_SHAPE) -> Path:
     """Weights of ``factory`` trained by cross entropy on Fashion-MNIST (the first ``examples`` images), cached as
     ``cache/teacher-<name>.safetensors`` with a JSON beside it; trained now if not cached."""
     path = CACHE / f"teacher-{name}.safetensors"
@@ -60,7 +61,7 @@ def cached_teacher(name: str, factory: str, epochs: int, examples: int | None = 
     CACHE.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    data = open_data(DATA, INPUT_SHAPE[1:], limit=examples)
+    data = open_data(DATA, input_shape[1:], limit=examples)
     model = load_model(factory).model
     log(f"training the {name} teacher on {data.train_size} images for {epochs} epochs (once; cached)")
     t = time.perf_counter()
@@ -78,7 +79,8 @@ def teacher_info(name: str = "resnet20-fmnist") -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def workspace(name: str, fresh: bool = False, factory: str = "ndc.zoo:resnet20", weights: Path | None = None) -> Workspace:
+def workspace(name: str, fresh: bool = False, factory: str = "ndc.zoo:resnet20", weights: Path | None = None,
+              input_shape: tuple[int, ...] = INPUT_SHAPE) -> Workspace:
     """A workspace under benchmarks/results/cache/ holding the partitioned teacher (--by residual; ResNet-20 by default)."""
     import shutil
 
@@ -87,7 +89,7 @@ def workspace(name: str, fresh: bool = False, factory: str = "ndc.zoo:resnet20",
         shutil.rmtree(ws.root)
     if not ws.exists("plan.json"):
         loaded = load_model(factory, weights=str(weights or teacher_weights()))
-        plan, _ = partition_model(loaded, INPUT_SHAPE, by="residual")
+        plan, _ = partition_model(loaded, input_shape, by="residual")
         write_plan(ws, plan, loaded.model)
     return ws
 

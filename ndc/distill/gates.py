@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 
 import torch
 import torch.fx as fx
@@ -107,7 +106,10 @@ def _mixes(an: Analysis, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(an.module(node), _MIXING_MODULES)
     if node.op == "call_function":
-        return node.target in _MIXING_FUNCTIONS and node.target is not operator.getitem
+        try:
+            return node.target in _MIXING_FUNCTIONS
+        except TypeError:  # an unhashable callable: nothing known about it, so assume it mixes
+            return True
     return node.op == "call_method" and node.target in _MIXING_METHODS
 
 
@@ -166,7 +168,11 @@ class GatedStudent(nn.Module):
         self.log_alpha = nn.ParameterList([nn.Parameter(torch.full((n,), OPEN)) for n in sizes])
         slot = {g: 1 + sum(sizes[:k]) for k, g in enumerate(self.groups)}  # slot 0 holds the constant 1
         # A gather index per gated weight axis: which gate scales each element (a flattened C·H·W axis repeats it).
-        self.points = [(name, axis, self._index(layout, slot)) for name, axis, layout in points]
+        # Index tensors are buffers (not saved): they move with the module, never copied to the device per step.
+        self.points = []
+        for k, (name, axis, layout) in enumerate(points):
+            self.register_buffer(f"point{k}", self._index(layout, slot), persistent=False)
+            self.points.append((name, axis, f"point{k}"))
         self.fixed: list[torch.Tensor] | None = None  # after the gate phase: the gates, fixed
         self.kept: list[torch.Tensor] = []  # and the channels each group keeps
         self._cost = self._cost_terms(dict(self.full.named_parameters()), slot, 1 + sum(sizes))
@@ -195,7 +201,8 @@ class GatedStudent(nn.Module):
                 if c[1:].any():
                     counts.append(c / p.shape[axis])
             if counts:
-                terms.append((p.numel(), torch.stack(counts)))
+                self.register_buffer(f"counts{len(terms)}", torch.stack(counts), persistent=False)
+                terms.append((p.numel(), f"counts{len(terms)}"))
             else:
                 constant += p.numel()
         return constant, terms, sum(p.numel() for p in params.values())
@@ -225,7 +232,7 @@ class GatedStudent(nn.Module):
         for la in self.log_alpha:
             la.clamp_(-LIMIT, LIMIT)
 
-    def size_fraction(self) -> torch.Tensor:
+    def size_fraction(self) -> torch.Tensor | float:
         """The student's parameters, each channel counted by its openness, over the neighbourhood's (differentiable).
 
         A weight between two gated groups counts the product of their
@@ -233,14 +240,11 @@ class GatedStudent(nn.Module):
         """
         constant, terms, total = self._cost
         if not terms:
-            return torch.zeros(())
+            return 0.0  # nothing gated: the size is fixed
         probs = self.openness()
-        ref = probs[0]
-        slots = torch.cat([torch.ones(1, device=ref.device, dtype=ref.dtype), *probs])
-        expected = ref.new_tensor(float(constant))
-        for numel, counts in terms:
-            expected = expected + numel * (counts.to(ref.device) @ slots).prod()
-        return expected / total
+        slots = torch.cat([torch.ones(1, device=probs[0].device, dtype=probs[0].dtype), *probs])
+        size = sum(numel * (getattr(self, counts) @ slots).prod() for numel, counts in terms)
+        return (size + constant) / total
 
     def _scaled(self, gates: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         params = dict(self.full.named_parameters(remove_duplicate=False))
@@ -252,7 +256,7 @@ class GatedStudent(nn.Module):
             w = out[name]
             shape = [1] * w.dim()
             shape[axis] = -1
-            out[name] = w * values[index.to(values.device)].view(shape)
+            out[name] = w * values[getattr(self, index)].view(shape)
         return out
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
@@ -337,7 +341,7 @@ class GatedTrainer(CandidateTrainer):
         loss, _ = self.against(self.model(a), targets)
         loss = loss / targets[0].float().pow(2).mean().clamp_min(1e-12)  # relative: the penalty's price is in these units
         if self.model.fixed is None:
-            loss = loss + self.penalty * self.model.size_fraction().to(loss.device)
+            loss = loss + self.penalty * self.model.size_fraction()
         return self.track(loss)
 
     def step(self, scaler=None) -> None:

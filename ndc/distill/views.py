@@ -3,18 +3,17 @@
 A slimmable job (:mod:`ndc.distill.slimmable`) trains one set of teacher-width
 parameters and runs each width as a narrowed copy of the neighbourhood whose
 parameters are *slices* of them; a gated job (:mod:`ndc.distill.gates`) runs
-the neighbourhood with its weights *scaled* by channel gates. Both need the
-same two things, kept here:
+the neighbourhood with its weights *scaled* by channel gates. Kept here:
 
+* a module that *borrows* its parameters: :func:`borrow` removes them (so its
+  ``state_dict`` holds only what is its own, such as per-width batch norms)
+  and :func:`lend` sets computed tensors in their place before a forward
+  pass, keeping the autograd graph back to the shared tensors (both jobs);
 * which elements of every parameter a set of kept channels selects, read off
   the rewrite pass's channel analysis (:func:`slices`, the same
   :meth:`~ndc.passes.rewrite.width.Rewrite.keep` that builds a width student,
   so a slice here is exactly what :func:`~ndc.passes.rewrite.rebuild_student`
-  rebuilds from the rewrite record);
-* a module that *borrows* its parameters: :func:`borrow` removes them (so its
-  ``state_dict`` holds only its own buffers, such as per-width batch-norm
-  statistics) and :func:`lend` sets computed tensors in their place before a
-  forward pass, keeping the autograd graph back to the shared tensors.
+  rebuilds from the rewrite record; slimmable jobs).
 """
 
 from __future__ import annotations

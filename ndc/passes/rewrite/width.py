@@ -361,6 +361,8 @@ def report(an: Analysis, kept: dict[int, torch.Tensor], spec: Spec) -> list[dict
             why = "internal; sliced together: " + ", ".join(names[:4]) + more
         elif n == 1:
             why = "a single channel"
+        elif spec.gates is not None:
+            why = f"gates choose how many while training (up to {n})"
         else:
             why = f"width={spec.width:g} with rounding keeps all {n} channels"
         rows.append({"dim": keys[g], "teacher": n, "student": k, "shrunk": k < n, "why": why})
