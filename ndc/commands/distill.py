@@ -148,7 +148,9 @@ def command(widths, sparsities, specs, slim_widths, assistant, gates, gate_penal
             progress.advance(u["steps"])
 
     def finished(m: dict) -> None:
-        progress.advance(max(0, planned.get("steps", 0) - m.get("steps", planned.get("steps", 0))))
+        if m.get("key") not in planned.setdefault("finished", set()):  # a slimmable job's widths finish together
+            planned["finished"].add(m.get("key"))
+            progress.advance(max(0, planned.get("steps", 0) - m.get("steps", planned.get("steps", 0))))
         if m.get("status") == "failed":
             progress.log(f"{m['neighbourhood']} {m['spec']}: FAILED: {m.get('error')}")
         else:
