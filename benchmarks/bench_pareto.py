@@ -4,10 +4,12 @@
     python benchmarks/bench_pareto.py --models resnet20    # one model
     python benchmarks/bench_pareto.py --plot-only          # redraw benchmarks/results/pareto.png from the JSON
 
-Models: the ResNet-20 teacher of every paper benchmark (``benchmarks/common.py``,
-all 60,000 training images, 3 x 32 x 32), and ``ndc demo``'s teacher, a
-ResNet-14 with 8 base channels on 1 x 28 x 28 images, trained here once on the
-first 10,000 images for 10 epochs (cached).
+Models: ResNet-20 (3 x 32 x 32): the paper benchmarks' teacher
+(``benchmarks/common.py``, all 60,000 training images) when it is cached,
+else one trained here once on the first 10,000 images for 8 epochs; and
+``ndc demo``'s teacher, a ResNet-14 with 8 base channels on 1 x 28 x 28
+images, trained here once on the first 10,000 images for 10 epochs. Teachers
+are cached under ``benchmarks/results/cache/``; the JSON says which was used.
 
 Routes, every one on the same teacher, data, activation cache, epochs and
 workers, in one run:
@@ -40,7 +42,7 @@ from dataclasses import replace
 
 import torch
 
-from common import DATA, RESULTS, cached_teacher, log, median, open_data, teacher_info, teacher_weights, workspace, write
+from common import DATA, RESULTS, TEACHER, cached_teacher, log, median, open_data, teacher_info, workspace, write
 
 from ndc.backends import make_backend
 from ndc.distill import DistillConfig, run_distill
@@ -52,13 +54,13 @@ from ndc.search import Budget, HeldOut, load_candidates, quality_table, solve_bu
 from ndc.stitch import build_student, recalibrate_batchnorm, uniform_selection
 
 MODELS = {
-    # name: (factory, teacher name, teacher epochs, teacher training images (None: all 60,000), input shape)
-    "resnet20": ("ndc.zoo:resnet20", "resnet20-fmnist", 10, None, (1, 3, 32, 32)),
+    # name: (factory, teacher name, teacher epochs, teacher training images, input shape)
+    "resnet20": ("ndc.zoo:resnet20", "resnet20-fmnist-10k", 8, 10_000, (1, 3, 32, 32)),
     "resnet14": ("ndc.zoo:demo_teacher", "resnet14-w8-fmnist-10k", 10, 10_000, (1, 1, 28, 28)),
 }
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
 PENALTIES = (0.1, 0.3, 1.0)
-BUDGETS = (0.3, 0.45, 0.6, 0.75, 0.9)  # fractions of the teacher's parameters
+BUDGETS = (0.35, 0.5, 0.65, 0.8)  # fractions of the teacher's parameters
 ROUTES = {
     "separate": [Spec(width=k) for k in WIDTHS],
     "slim-chain": [Spec(width=k, slim="chain") for k in WIDTHS],
@@ -71,8 +73,11 @@ EVAL_SIZE = 1000
 
 def teacher_of(model: str):
     factory, name, epochs, examples, shape = MODELS[model]
-    weights = teacher_weights() if model == "resnet20" else cached_teacher(name, factory, epochs, examples, input_shape=shape)
-    return workspace(f"bench-pareto-{model}", factory=factory, weights=weights, input_shape=shape), name, shape
+    if model == "resnet20" and TEACHER.is_file():  # the paper benchmarks' teacher (all 60,000 images), when cached
+        weights, name = TEACHER, "resnet20-fmnist"
+    else:
+        weights = cached_teacher(name, factory, epochs, examples, input_shape=shape)
+    return workspace(f"bench-pareto-{name}", factory=factory, weights=weights, input_shape=shape), name, shape
 
 
 def measure(ws, teacher, data, selection: dict) -> dict:
@@ -87,7 +92,8 @@ def subtable(table, specs: list[Spec]):
     return replace(table, options={n: [o for o in opts if o.teacher or o.spec in specs] for n, opts in table.options.items()})
 
 
-def route_points(ws, teacher, data, table, specs: list[Spec], uniform: bool) -> list[dict]:
+def route_points(ws, teacher, data, table, specs: list[Spec], uniform: bool, search: bool) -> list[dict]:
+    """Measured students of one route: the same spec everywhere (``uniform``), and search under each budget."""
     points, seen = [], {}
     plan = teacher.plan
     if uniform:
@@ -98,7 +104,7 @@ def route_points(ws, teacher, data, table, specs: list[Spec], uniform: bool) -> 
                 points.append(point)
                 log(f"  uniform {spec}: {point['params']} params, {point['accuracy']:.2%}")
     sub = subtable(table, specs)
-    for fraction in BUDGETS:
+    for fraction in BUDGETS if search else ():
         try:
             result = solve_budget(sub, Budget("params", int(fraction * plan.teacher["params"])))
         except NdcError as e:
@@ -170,12 +176,12 @@ def run(model: str, args) -> dict:
     for route, specs in ROUTES.items():
         if route == "separate":
             log(f"{model} uniform")
-            points["uniform"] = route_points(ws, teacher, data, table, specs, uniform=True)
+            points["uniform"] = route_points(ws, teacher, data, table, specs, uniform=True, search=False)
             log(f"{model} search")
-            points["search"] = route_points(ws, teacher, data, table, specs, uniform=False)
+            points["search"] = route_points(ws, teacher, data, table, specs, uniform=False, search=True)
         else:
             log(f"{model} {route}")
-            points[route] = route_points(ws, teacher, data, table, specs, uniform=route == "gates")
+            points[route] = route_points(ws, teacher, data, table, specs, uniform=route == "gates", search=True)
     result = {
         "model": model, "teacher": {**teacher_info(teacher_name), "test_accuracy": teacher_acc,
                                     "params": teacher.plan.teacher["params"]},
@@ -211,7 +217,8 @@ def plot(results: list[dict]) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 5), dpi=120, squeeze=False)
     for ax, r in zip(axes[0], results):
         for route, (label, style, colour) in STYLE.items():
-            pts = [p for p in r["points"].get(route, []) if route != "gates" or p["kind"] == "uniform"]
+            kind = "uniform" if route in ("uniform", "gates") else "search"
+            pts = [p for p in r["points"].get(route, []) if p["kind"] == kind]
             pts = sorted(pts, key=lambda p: p["params"])
             if pts:
                 secs = r["train_seconds"]["separate" if route in ("uniform", "search") else route]
@@ -238,7 +245,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="resnet20,resnet14")
     ap.add_argument("--examples", type=int, default=10_000)
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--timing-repeats", type=int, default=3)
     ap.add_argument("--plot-only", action="store_true")
