@@ -87,7 +87,7 @@ class Runner:
         if fresh and self.ws.exists():
             shutil.rmtree(self.ws)
         spec = TEACHERS[self.teacher]
-        payload, _ = self(f"partition", f"{EXAMPLE}:{spec['factory']}", "--input-shape", spec["shape"], *spec["partition"],
+        payload, _ = self("partition", f"{EXAMPLE}:{spec['factory']}", "--input-shape", spec["shape"], *spec["partition"],
                           data=False)
         return payload
 

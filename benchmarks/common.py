@@ -46,43 +46,50 @@ def log(message: str) -> None:
 
 def teacher_weights(threads: int = 2) -> Path:
     """The trained ResNet-20 teacher's weights, trained now if not cached."""
-    if TEACHER.is_file():
-        return TEACHER
-    from safetensors.torch import save_file
+    return cached_teacher("resnet20-fmnist", "ndc.zoo:resnet20", TEACHER_EPOCHS, threads=threads)
 
-    from ndc.zoo import resnet20
+
+def cached_teacher(name: str, factory: str, epochs: int, examples: int | None = None, threads: int = 2,
+                   input_shape: tuple[int, ...] = INPUT_SHAPE) -> Path:
+    """Weights of ``factory`` trained by cross entropy on Fashion-MNIST (the first ``examples`` images), cached as
+    ``cache/teacher-<name>.safetensors`` with a JSON beside it; trained now if not cached."""
+    path = CACHE / f"teacher-{name}.safetensors"
+    if path.is_file():
+        return path
+    from safetensors.torch import save_file
 
     CACHE.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    data = open_data(DATA, INPUT_SHAPE[1:])
-    model = resnet20()
-    log(f"training the ResNet-20 teacher on {data.train_size} images for {TEACHER_EPOCHS} epochs (once; cached)")
+    data = open_data(DATA, input_shape[1:], limit=examples)
+    model = load_model(factory).model
+    log(f"training the {name} teacher on {data.train_size} images for {epochs} epochs (once; cached)")
     t = time.perf_counter()
-    result = train(model, data, TrainConfig(loss="ce", epochs=TEACHER_EPOCHS, lr=0.1, batch_size=128, seed=0),
+    result = train(model, data, TrainConfig(loss="ce", epochs=epochs, lr=0.1, batch_size=128, seed=0),
                    log=lambda e: e.get("event") == "epoch" and log(f"  epoch {e['epoch']}: {e['accuracy']:.2%}"))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(TEACHER))
-    (CACHE / "teacher-resnet20-fmnist.json").write_text(json.dumps(
-        {"accuracy": result["best_accuracy"], "seconds": time.perf_counter() - t, "epochs": TEACHER_EPOCHS,
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    (CACHE / f"teacher-{name}.json").write_text(json.dumps(
+        {"accuracy": result["best_accuracy"], "seconds": time.perf_counter() - t, "epochs": epochs,
          "train_examples": data.train_size, "machine": machine()}, indent=2))
-    return TEACHER
+    return path
 
 
-def teacher_info() -> dict:
-    path = CACHE / "teacher-resnet20-fmnist.json"
+def teacher_info(name: str = "resnet20-fmnist") -> dict:
+    path = CACHE / f"teacher-{name}.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def workspace(name: str, fresh: bool = False) -> Workspace:
-    """A workspace under benchmarks/results/cache/ holding the partitioned teacher (--by residual)."""
+def workspace(name: str, fresh: bool = False, factory: str = "ndc.zoo:resnet20", weights: Path | None = None,
+              input_shape: tuple[int, ...] = INPUT_SHAPE) -> Workspace:
+    """A workspace under benchmarks/results/cache/ holding the partitioned teacher (--by residual; ResNet-20 by default)."""
     import shutil
 
     ws = Workspace(CACHE / name)
     if fresh and ws.root.exists():
         shutil.rmtree(ws.root)
     if not ws.exists("plan.json"):
-        loaded = load_model("ndc.zoo:resnet20", weights=str(teacher_weights()))
-        plan, _ = partition_model(loaded, INPUT_SHAPE, by="residual")
+        loaded = load_model(factory, weights=str(weights or teacher_weights()))
+        plan, _ = partition_model(loaded, input_shape, by="residual")
         write_plan(ws, plan, loaded.model)
     return ws
 
@@ -104,4 +111,5 @@ def write(name: str, payload: dict) -> Path:
 
 
 __all__ = ["open_data", "TrainConfig", "accuracy", "train", "load_teacher", "Workspace", "teacher_weights", "workspace",
-           "machine", "log", "median", "spread", "write", "DATA", "INPUT_SHAPE", "RESULTS", "CACHE", "teacher_info"]
+           "machine", "log", "median", "spread", "write", "DATA", "INPUT_SHAPE", "RESULTS", "CACHE", "teacher_info",
+           "cached_teacher"]

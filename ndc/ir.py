@@ -20,24 +20,37 @@ PLAN_VERSION = 1
 # --------------------------------------------------------------------------- spec
 
 
-@dataclass(frozen=True, order=True)
+SLIM_MODES = ("chain", "teacher")  # who teaches each width of a slimmable job: the next wider width, or the teacher
+
+
+@dataclass(frozen=True)
 class Spec:
     """How a student is derived from a neighbourhood.
 
     ``width`` multiplies every channel dimension internal to the neighbourhood;
     ``sparsity`` is the fraction of conv/linear weights masked to zero;
     ``nm`` is an optional N:M sparsity pattern such as ``(2, 4)``.
+    ``slim`` marks a width made by a slimmable job (one weight-shared student
+    for several widths, :mod:`ndc.distill.slimmable`): ``chain`` when each
+    width learned from the next wider one (teacher assistants), ``teacher``
+    when every width learned from the teacher. ``gates`` is the penalty of a
+    gated job (:mod:`ndc.distill.gates`), whose learned gates choose the
+    width of every channel group. A slimmable or gated candidate is a
+    candidate of its own: it never shares a folder, a key or a row of a
+    search table with the separately trained ``width=K``.
     ``Spec()`` is the teacher itself.
 
     >>> Spec.parse("width=0.5,sparsity=0.3")
-    Spec(width=0.5, sparsity=0.3, nm=None)
-    >>> str(Spec(width=0.5))
-    'width=0.5'
+    Spec(width=0.5, sparsity=0.3, nm=None, slim=None, gates=None)
+    >>> str(Spec(width=0.5)), str(Spec(width=0.5, slim="chain")), str(Spec(gates=0.1))
+    ('width=0.5', 'width=0.5,slim=chain', 'gates=0.1')
     """
 
     width: float = 1.0
     sparsity: float = 0.0
     nm: tuple[int, int] | None = None
+    slim: str | None = None
+    gates: float | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.width, (int, float)) and math.isfinite(self.width) and 0 < self.width <= 1):
@@ -48,12 +61,24 @@ class Spec:
             n, m = self.nm
             if not (0 < n < m):
                 raise NdcError(f"bad spec: nm must be N:M with 0 < N < M, got {n}:{m}")
+        masked = self.sparsity > 0 or self.nm is not None
+        if self.slim is not None:
+            if self.slim not in SLIM_MODES:
+                raise NdcError(f"bad spec: slim must be one of {', '.join(SLIM_MODES)}, got {self.slim!r}")
+            if masked:
+                raise NdcError("bad spec: a slimmable job trains widths only; it cannot be combined with sparsity or nm")
+        if self.gates is not None:
+            if not (isinstance(self.gates, (int, float)) and math.isfinite(self.gates) and self.gates >= 0):
+                raise NdcError(f"bad spec: gates (the gate penalty) must be 0 or more, got {self.gates}")
+            if self.width != 1.0 or masked or self.slim is not None:
+                raise NdcError("bad spec: gates learn the width themselves; they cannot be combined with width, "
+                               "sparsity, nm or slim")
 
-    KEYS = ("width", "sparsity", "nm")
+    KEYS = ("width", "sparsity", "nm", "slim", "gates")
 
     @classmethod
     def parse(cls, text: str) -> "Spec":
-        """Parse ``key=value[,key=value...]``; keys: width, sparsity, nm (e.g. ``nm=2:4``)."""
+        """Parse ``key=value[,key=value...]``; keys: width, sparsity, nm (e.g. ``nm=2:4``), slim, gates."""
         values: dict[str, Any] = {}
         text = text.strip()
         if not text:
@@ -71,6 +96,8 @@ class Spec:
                 if key == "nm":
                     n, m = value.split(":")
                     values[key] = (int(n), int(m))
+                elif key == "slim":
+                    values[key] = value
                 else:
                     values[key] = float(value)
             except ValueError:
@@ -80,17 +107,37 @@ class Spec:
 
     def __str__(self) -> str:
         parts = []
-        if self.width != 1.0 or (self.sparsity == 0 and self.nm is None):
+        if self.width != 1.0 or (self.sparsity == 0 and self.nm is None and self.gates is None):
             parts.append(f"width={_num(self.width)}")
         if self.sparsity:
             parts.append(f"sparsity={_num(self.sparsity)}")
         if self.nm is not None:
             parts.append(f"nm={self.nm[0]}:{self.nm[1]}")
+        if self.slim is not None:
+            parts.append(f"slim={self.slim}")
+        if self.gates is not None:
+            parts.append(f"gates={_num(self.gates)}")
         return ",".join(parts)
+
+    def _order(self) -> tuple:
+        # None sorts first; a plain tuple comparison would fail on None against a value
+        return (self.width, self.sparsity, self.nm or (0, 0), self.slim or "", -1.0 if self.gates is None else self.gates)
+
+    def __lt__(self, other: "Spec") -> bool:
+        return self._order() < other._order()
+
+    def __le__(self, other: "Spec") -> bool:
+        return self._order() <= other._order()
+
+    def __gt__(self, other: "Spec") -> bool:
+        return self._order() > other._order()
+
+    def __ge__(self, other: "Spec") -> bool:
+        return self._order() >= other._order()
 
     @property
     def is_identity(self) -> bool:
-        return self.width == 1.0 and self.sparsity == 0 and self.nm is None
+        return self.width == 1.0 and self.sparsity == 0 and self.nm is None and self.slim is None and self.gates is None
 
     def slug(self) -> str:
         """A file-name-safe form: ``width=0.5,sparsity=0.3`` -> ``width-0.5_sparsity-0.3``."""

@@ -342,7 +342,7 @@ def kd(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str = "au
         teacher = load_teacher(ws)
         plan = teacher.plan
         selection = resolve_selection(ws, plan, width, spec, selection_file)
-        model = fresh_student(teacher, selection, cfg.seed)
+        model = fresh_student(teacher, selection, cfg.seed, ws)
         source = training_data(ws, plan, data, limit, data_free, normalize)
         cfg = replace(cfg, **training_setup(teacher, getattr(source, "real", source), loss, metric, cfg.lam, data_free, warn))
         label = describe_selection(selection)

@@ -167,12 +167,22 @@ def build_student(ws: Workspace, teacher, selection: dict[str, Spec]) -> tuple[f
     return stitch(teacher, replacements), made_from
 
 
-def fresh_student(teacher, selection: dict[str, Spec], seed: int = 0) -> fx.GraphModule:
-    """The same student architecture with every parameter freshly initialised (the end-to-end baselines)."""
-    from ndc.passes.rewrite import make_student
+def fresh_student(teacher, selection: dict[str, Spec], seed: int = 0, ws: Workspace | None = None) -> fx.GraphModule:
+    """The same student architecture with every parameter freshly initialised (the end-to-end baselines).
+
+    A gated spec's widths were learned: its architecture comes from the trained candidate's record in ``ws``.
+    """
+    from ndc.passes.rewrite import make_student, rebuild_student
 
     torch.manual_seed(seed)
-    parts = {name: make_student(teacher.part(name), spec, init="random", seed=seed).module for name, spec in selection.items()}
+    parts = {}
+    for name, spec in selection.items():
+        if spec.gates is None:
+            parts[name] = make_student(teacher.part(name), spec, init="random", seed=seed).module
+        elif ws is None:
+            raise NdcError(f"{name} {spec}: a gated student's widths were learned; its architecture needs the workspace")
+        else:
+            parts[name] = rebuild_student(teacher.part(name), spec, JobStore(ws).load(name, spec)[0])
     student = stitch(teacher, parts)
     reset_parameters(student, seed)
     return student.requires_grad_(True).train()

@@ -33,6 +33,17 @@ def parse_size(text: str) -> int:
 @click.option("--width", "widths", default=None, metavar="K[,K...]", help="Width multipliers: every internal channel dimension times K.")
 @click.option("--sparsity", "sparsities", default=None, metavar="S[,S...]", help="Fractions of conv/linear weights pruned (combined with every --width).")
 @click.option("--spec", "specs", multiple=True, metavar="SPEC", help="An explicit spec such as width=0.5,sparsity=0.3 (repeatable).")
+@click.option("--slimmable", "slim_widths", default=None, metavar="K[,K...]",
+              help="One weight-shared job per neighbourhood trains all these widths at once; each width is a candidate "
+                   "of its own (spec width=K,slim=chain or slim=teacher).")
+@click.option("--assistant", type=click.Choice(["chain", "none"]), default=None,
+              help="--slimmable: each width learns from the next wider one (chain: teacher assistants, IPKD-TA), "
+                   "or every width from the teacher (none) [default: chain].")
+@click.option("--gates", is_flag=True, help="Learn per-channel gates with a sparsity penalty; the open gates give each "
+                                            "neighbourhood's width (one candidate per --gate-penalty, spec gates=L).")
+@click.option("--gate-penalty", "gate_penalties", default=None, metavar="L[,L...]",
+              help="--gates: price of the whole neighbourhood's parameters in relative squared error; larger gives "
+                   "smaller students [default: 0.3].")
 @data_options
 @normalize_option
 @click.option("--data-free", is_flag=True, help="Train on Gaussian noise inputs (the paper's section 6); same as --source noise.")
@@ -78,7 +89,7 @@ def parse_size(text: str) -> int:
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
 @common_options
 @user_errors
-def command(widths, sparsities, specs, data_spec, limit, normalize, data_free, source, noise, calibration, lookahead, alpha, epochs, steps,
+def command(widths, sparsities, specs, slim_widths, assistant, gates, gate_penalties, data_spec, limit, normalize, data_free, source, noise, calibration, lookahead, alpha, epochs, steps,
             batch_size, lr, init, round_to, augment_passes, val_size, evals, patience, bn_stats, seed, only, engine, precision, workers, backend,
             address, device, devices, cache_budget, checkpoint_every, force, dry_run, quiet, workspace, fmt):
     """Rewrite and train a student for every neighbourhood and spec.
@@ -91,6 +102,8 @@ def command(widths, sparsities, specs, data_spec, limit, normalize, data_free, s
       ndc distill --width 0.5 --data fashion-mnist
       ndc distill --width 0.5,0.75 --data fashion-mnist --workers 2
       ndc distill --sparsity 0.5 --data-free --steps 2000
+      ndc distill --slimmable 0.25,0.5,0.75,1.0 --assistant chain --data fashion-mnist
+      ndc distill --gates --gate-penalty 0.1,0.3,1 --data fashion-mnist
       ndc distill --width 0.5 --dry-run
     """
     from ndc import stages
@@ -100,7 +113,8 @@ def command(widths, sparsities, specs, data_spec, limit, normalize, data_free, s
     from ndc.workspace import Workspace
 
     ws = Workspace(workspace)
-    spec_list = expand_specs(parse_floats(widths, "--width"), parse_floats(sparsities, "--sparsity"), list(specs))
+    extra = _slimmable_specs(parse_floats(slim_widths, "--slimmable"), assistant) + _gate_specs(gates, gate_penalties)
+    spec_list = expand_specs(parse_floats(widths, "--width"), parse_floats(sparsities, "--sparsity"), list(specs) + extra)
     if dry_run:
         with ws.reading():
             teacher = load_teacher(ws)
@@ -134,7 +148,9 @@ def command(widths, sparsities, specs, data_spec, limit, normalize, data_free, s
             progress.advance(u["steps"])
 
     def finished(m: dict) -> None:
-        progress.advance(max(0, planned.get("steps", 0) - m.get("steps", planned.get("steps", 0))))
+        if m.get("key") not in planned.setdefault("finished", set()):  # a slimmable job's widths finish together
+            planned["finished"].add(m.get("key"))
+            progress.advance(max(0, planned.get("steps", 0) - m.get("steps", planned.get("steps", 0))))
         if m.get("status") == "failed":
             progress.log(f"{m['neighbourhood']} {m['spec']}: FAILED: {m.get('error')}")
         else:
@@ -175,10 +191,31 @@ def command(widths, sparsities, specs, data_spec, limit, normalize, data_free, s
                        f"{first.get('error')}{kept}")
 
 
+def _slimmable_specs(widths: list[float], assistant: str | None) -> list[str]:
+    from ndc.distill.slimmable import ASSISTANTS
+    from ndc.ir import Spec
+
+    if assistant is not None and not widths:
+        raise NdcError("--assistant goes with --slimmable K[,K...]")
+    return [str(Spec(width=k, slim=ASSISTANTS[assistant or "chain"])) for k in widths]
+
+
+def _gate_specs(gates: bool, penalties: str | None) -> list[str]:
+    from ndc.distill.gates import DEFAULT_PENALTY
+    from ndc.ir import Spec
+
+    if penalties is not None and not gates:
+        raise NdcError("--gate-penalty goes with --gates")
+    if not gates:
+        return []
+    return [str(Spec(gates=p)) for p in parse_floats(penalties, "--gate-penalty") or [DEFAULT_PENALTY]]
+
+
 def _row_json(r: dict) -> dict:
     """One candidate for --format json: the issue's keys always (null when unknown), the rest when present."""
     always = ("neighbourhood", "spec", "status", "initial_error", "final_error", "seconds")
-    optional = ("student_params", "teacher_params", "student_flops", "steps", "stopped_early", "sparsity", "engine", "error", "kept")
+    optional = ("student_params", "teacher_params", "student_flops", "steps", "stopped_early", "sparsity", "engine", "error", "kept",
+                "job", "gates")
     return {**{k: r.get(k) for k in always}, **{k: r[k] for k in optional if k in r}}
 
 

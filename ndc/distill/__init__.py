@@ -4,7 +4,8 @@ The pipeline of ``ndc distill``::
 
     teacher    = load_teacher(ws)                        # plan + traced graph
     candidates = trainable neighbourhoods × specs
-    pending    = candidates not finished for their key   # JobStore: finished ones are skipped
+    jobs       = jobs_of(candidates)                     # a candidate each; a slimmable job: all widths of a neighbourhood
+    pending    = jobs not finished for their key         # JobStore: finished ones are skipped
     cache      = build_cache(...)                        # --source cache: one teacher pass, verified on reuse
     units      = make_units(pending, engine, ...)        # jobs: one per candidate; fused: one per device/worker
     backend.run(units)                                   # local / pool / Ray; each unit: ndc.distill.engine.run_unit
@@ -17,11 +18,12 @@ import shutil
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ndc.distill.config import Candidate, DistillConfig, expand_specs, job_key
+from ndc.distill.config import Candidate, DistillConfig, expand_specs
 from ndc.distill.engine import (CHECKPOINT_SECONDS, ENGINES, Item, data_for, make_units, planned_steps, steps_per_epoch,
                                 unit_config)
 from ndc.distill.sources import (CacheLayout, TeacherChain, build_cache, cache_key, cache_size, channel_moments,
                                  free_bytes, verify_cache, DISK_MARGIN)
+from ndc.distill.slimmable import jobs_of, key_of
 from ndc.distill.store import JobStore
 from ndc.errors import NdcError
 from ndc.ir import Spec
@@ -108,15 +110,16 @@ def run_distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, backend: "
     store.recover()
     candidates = plan_candidates(plan, specs, only)
     nb_json = {nb.name: nb.to_json() for nb in plan.neighbourhoods}
-    keys = {c: job_key(teacher.sha256, nb_json[c.neighbourhood], c.spec, cfg) for c in candidates}
+    jobs = jobs_of(candidates)  # one per candidate; one per neighbourhood for all the widths of a slimmable job
+    keys = {job: key_of(teacher.sha256, nb_json[job.neighbourhood], job, cfg) for job in jobs}
     rows: dict[Candidate, dict] = {}
     pending = []
-    for c in candidates:
-        done = None if force else store.finished(c.neighbourhood, c.spec, keys[c])
-        if done is not None:
-            rows[c] = {**done, "status": "skipped"}
+    for job in jobs:
+        done = [None if force else store.finished(job.neighbourhood, spec, keys[job]) for spec in job.members]
+        if all(d is not None for d in done):
+            rows.update({Candidate(job.neighbourhood, spec): {**d, "status": "skipped"} for spec, d in zip(job.members, done)})
         else:
-            pending.append(c)
+            pending.append(job)
 
     if pending:
         data = data_for(ws, cfg, plan.input_shape[1:]) if cfg.data else None
@@ -124,20 +127,23 @@ def run_distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, backend: "
         if cfg.source == "cache":
             cache_dir = _cache(ws, teacher, cfg, data, log, warn or log, on_progress)
         elif cfg.source == "noise" and cfg.noise == "matched":
-            indices = sorted({plan.names.index(c.neighbourhood) for c in pending})
+            indices = sorted({plan.names.index(job.neighbourhood) for job in pending})
             moments = channel_moments(TeacherChain(teacher, backend.devices[0]), data, indices, cfg.calibration)
         items = []
-        for c in pending:
-            nb = plan[c.neighbourhood]
-            i = plan.names.index(c.neighbourhood)
-            cost = float(nb.flops) * (1 + cfg.lookahead) * (cfg.steps or cfg.epochs) * (c.spec.width ** 2)
-            items.append(Item(c.neighbourhood, str(c.spec), keys[c], cost, {"moments": moments[i]} if i in moments else {}))
+        for job in pending:
+            nb = plan[job.neighbourhood]
+            i = plan.names.index(job.neighbourhood)
+            cost = float(nb.flops) * (1 + cfg.lookahead) * (cfg.steps or cfg.epochs) * sum(s.width ** 2 for s in job.members)
+            extra = {"moments": moments[i]} if i in moments else {}
+            if job.spec.slim is not None:
+                extra["members"] = [str(s) for s in job.members]
+            items.append(Item(job.neighbourhood, str(job.spec), keys[job], cost, extra))
         units = make_units(items, cfg.engine, backend.slots, backend.devices, workspace=str(ws.root), config=unit_config(cfg),
                            cache_dir=cache_dir, fence=fence, checkpoint_seconds=checkpoint_seconds,
                            resident_budget=_resident_budget(memory_budget, backend.devices, backend.slots))
 
         if on_start:
-            on_start(len(pending), planned_steps(cfg, steps_per_epoch(cfg, data)))
+            on_start(len(items), planned_steps(cfg, steps_per_epoch(cfg, data)))
 
         def done(metrics: dict) -> None:
             rows[Candidate(metrics["neighbourhood"], Spec.parse(metrics["spec"]))] = metrics

@@ -49,7 +49,11 @@ PROGRESS_SECONDS = 0.25
 
 @dataclass
 class Item:
-    """One candidate of a unit: plain data, so units pickle to any backend."""
+    """One job of a unit: plain data, so units pickle to any backend.
+
+    Usually one candidate; a slimmable job makes several (``extra["members"]``,
+    one spec per width, widest first, ``spec`` the widest), all under one key.
+    """
 
     neighbourhood: str
     spec: str
@@ -196,16 +200,14 @@ class _Run:
 
     # ----------------------------------------------------------------- setup
     def _trainer(self, teacher, item: Item, total: int) -> CandidateTrainer:
-        from ndc.passes.rewrite import make_student
+        from ndc.distill.kinds import make_trainer
 
         plan, cfg = self.plan, self.cfg
         i = plan.index(item.neighbourhood)
-        spec = Spec.parse(item.spec)
         torch.manual_seed(item.seed)
-        student = make_student(teacher.part(item.neighbourhood), spec, init=cfg.init, round_to=cfg.round_to, seed=item.seed)
         lookahead = min(cfg.lookahead, len(plan.neighbourhoods) - 1 - i)
         ahead = [self.chain.part(k) for k in range(i + 1, i + 1 + lookahead)]
-        return CandidateTrainer(item.neighbourhood, i, spec, item.key, student, ahead, cfg, total, self.unit.device)
+        return make_trainer(teacher.part(item.neighbourhood), item, i, ahead, cfg, total, self.unit.device)
 
     def _feed(self, indices: list[int]) -> Feed:
         cfg, plan, unit = self.cfg, self.plan, self.unit
@@ -326,43 +328,42 @@ class _Run:
             self._publish(t, final)
 
     def _publish(self, t: CandidateTrainer, final: dict) -> None:
-        outcome = t.outcome(final)
         nb = self.plan.neighbourhoods[t.index]
-        model = outcome.model
-        metrics = {
-            "key": t.key,
-            "neighbourhood": t.name,
-            "spec": str(t.spec),
-            "status": "done",
-            "initial_error": outcome.initial["relative"],
-            "final_error": final["relative"],
-            "initial_mse": outcome.initial["mse"],
-            "final_mse": final["mse"],
-            "steps": outcome.steps,
-            "stopped_early": outcome.stopped_early,
-            "resumed_from": t.resumed_from,
-            "seconds": time.perf_counter() - self.started,
-            "engine": self.unit.engine,
-            "teacher_params": nb.params,
-            "student_params": count_params(model),
-            "student_flops": count_flops(model, nb.input_shape),
-            "sparsity": outcome.sparsity,
-            "config": sha256_json(self.unit.config)[:16],
-            "pid": os.getpid(),
-            "history": outcome.history,
-        }
-        student = {"neighbourhood": t.name, "spec": str(t.spec), "record": t.student.record, "key": t.key,
-                   "report": t.student.report}
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        self.rows.append(self.store.publish(t.name, t.spec, state, student, metrics, fence=self.unit.fence))
-        t.model = None  # free the device memory of a published candidate
-        t.student.module = None
+        for result in t.results(final):  # one candidate, or one per width of a slimmable job
+            model = result.model
+            metrics = {
+                "key": t.key,
+                "neighbourhood": t.name,
+                "spec": str(result.spec),
+                "status": "done",
+                "initial_error": result.initial["relative"],
+                "final_error": result.final["relative"],
+                "initial_mse": result.initial["mse"],
+                "final_mse": result.final["mse"],
+                "steps": t.steps,
+                "stopped_early": t.stopped_early,
+                "resumed_from": t.resumed_from,
+                "seconds": time.perf_counter() - self.started,
+                "engine": self.unit.engine,
+                "teacher_params": nb.params,
+                "student_params": count_params(model),
+                "student_flops": count_flops(model, nb.input_shape),
+                "sparsity": None,
+                **result.metrics,
+                "config": sha256_json(self.unit.config)[:16],
+                "pid": os.getpid(),
+                "history": result.history,
+            }
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            self.rows.append(self.store.publish(t.name, result.spec, state, result.student, metrics, fence=self.unit.fence))
+        t.release()  # free the device memory of a published trainer
 
     def _failed(self, item: Item, message: str) -> None:
-        metrics = {"key": item.key, "neighbourhood": item.neighbourhood, "spec": item.spec, "status": "failed",
-                   "error": " ".join(message.split()), "seconds": time.perf_counter() - self.started,
-                   "engine": self.unit.engine}
-        self.rows.append(self.store.fail(item.neighbourhood, Spec.parse(item.spec), metrics, fence=self.unit.fence))
+        for spec in item.extra.get("members", [item.spec]):  # a slimmable job fails every width it makes
+            metrics = {"key": item.key, "neighbourhood": item.neighbourhood, "spec": spec, "status": "failed",
+                       "error": " ".join(message.split()), "seconds": time.perf_counter() - self.started,
+                       "engine": self.unit.engine}
+            self.rows.append(self.store.fail(item.neighbourhood, Spec.parse(spec), metrics, fence=self.unit.fence))
 
 
 class Precision:

@@ -3,10 +3,17 @@
 A :class:`CandidateTrainer` owns its student, optimiser, learning-rate
 schedule, sparsity ramp, early stopping and best weights. An engine feeds it
 batches (:meth:`loss`, then a backward the engine runs, then :meth:`step`),
-asks it to :meth:`evaluate` now and then, and finally takes its
-:meth:`result`. Its loss depends only on its own parameters, so summing the
+asks it to :meth:`evaluate` now and then, and finally publishes its
+:meth:`results`. Its loss depends only on its own parameters, so summing the
 losses of many trainers and running one backward trains each of them exactly
 as alone.
+
+Subclasses train other kinds of job through the same interface:
+:class:`~ndc.distill.slimmable.SlimmableTrainer` (one weight-shared student
+for several widths: :meth:`outputs` has one output per width and
+:meth:`results` one candidate per width) and
+:class:`~ndc.distill.gates.GatedTrainer` (learned channel gates). The engines
+know nothing of either.
 
 Loss (the paper's eq. 4-5): ``L_i = L_{i,0} + Σ_j α_j L_{i,j}`` where
 ``L_{i,j}`` is the mean squared error, normalised by the feature size, between
@@ -44,17 +51,16 @@ class Evaluation:
 
 
 @dataclass
-class Outcome:
-    """What a finished trainer hands its engine to publish."""
+class Result:
+    """One finished candidate a trainer hands its engine to publish (a slimmable trainer has one per width)."""
 
+    spec: Spec
     model: nn.Module
-    initial: dict
+    student: dict  # student.json: what rebuilds the architecture (spec, rewrite record), and which job made it
+    initial: dict  # held-out errors before and after training: {"mse", "relative"}
     final: dict
     history: list[dict]
-    steps: int
-    stopped_early: bool
-    sparsity: float | None
-    extra: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)  # extra metrics.json entries
 
 
 class CandidateTrainer:
@@ -104,15 +110,26 @@ class CandidateTrainer:
     def loss(self, batch) -> torch.Tensor:
         """The loss on one batch (train mode, graph kept for the engine's backward)."""
         a, targets = batch.pair(self.index, self.lookahead)
+        self.train_mode()
+        loss, _ = self.against(self.model(a), targets)
+        return self.track(loss)
+
+    def train_mode(self) -> None:
         self.model.train()
         for m in self.norms:  # --bn-stats frozen: normalise with the teacher's running statistics
             m.eval()
-        out = self.model(a)
+
+    def against(self, out: torch.Tensor, targets: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Eq. 4-5 for student output ``out``: the loss against ``targets``, and ``out`` with its look-ahead outputs."""
         loss = F.mse_loss(out.float(), targets[0])
-        h = out
+        outs = [out]
         for j, part in enumerate(self.ahead):
-            h = part(h)
-            loss = loss + self.alphas[j] * F.mse_loss(h.float(), targets[j + 1])
+            outs.append(part(outs[-1]))
+            loss = loss + self.alphas[j] * F.mse_loss(outs[-1].float(), targets[j + 1])
+        return loss, outs
+
+    def track(self, loss: torch.Tensor) -> torch.Tensor:
+        """Add ``loss`` to the training loss reported at the next evaluation (on the device: no sync)."""
         self._loss_sum += loss.detach()
         self._loss_count += 1
         return loss
@@ -129,8 +146,7 @@ class CandidateTrainer:
             else:
                 self.optimizer.step()
         self.steps += 1
-        for group in self.optimizer.param_groups if self.optimizer is not None else ():
-            group["lr"] = self.base_lr * cosine(self.steps, self.total)
+        self._schedule()
         if self.ramp is not None:
             self.ramp.after_step(self.steps)
 
@@ -150,19 +166,35 @@ class CandidateTrainer:
             raise CandidateFailed(f"{self.label}: the loss became {train_loss if not math.isfinite(train_loss) else heldout['mse']} "
                                   f"by step {self.steps}; try a lower --lr")
         self.history.append({"step": self.steps, "train_loss": train_loss, "heldout_mse": heldout["mse"]})
-        if self.ramp is None or self.ramp.ramped(self.steps):
+        if self.comparable():
             self.best.offer(heldout["mse"])
             self.stopped_early = self.best.exhausted and self.steps < self.total
+
+    def comparable(self) -> bool:
+        """Whether the current weights are a valid student to keep as the best (a sparse one only at full sparsity)."""
+        return self.ramp is None or self.ramp.ramped(self.steps)
 
     def fail(self, message: str) -> None:
         self.failed = " ".join(message.split())
 
-    def outcome(self, final: dict) -> Outcome:
+    def outputs(self, a: torch.Tensor) -> list[torch.Tensor]:
+        """The student's outputs on held-out inputs ``a``, one per candidate this trainer makes (eval mode is set by the caller)."""
+        return [self.model(a)]
+
+    def results(self, final: dict) -> list[Result]:
+        """The finished candidates, after :meth:`settle`; ``final`` is :func:`heldout_errors`' entry for this trainer."""
         sparsity = None
         if self.ramp is not None:
             achieved = self.student.pruner.sparsity()
             sparsity = sum(achieved.values()) / len(achieved) if achieved else 0.0
-        return Outcome(self.model, self.initial, final, self.history, self.steps, self.stopped_early, sparsity)
+        student = {"neighbourhood": self.name, "spec": str(self.spec), "record": self.student.record, "key": self.key,
+                   "report": self.student.report}
+        return [Result(self.spec, self.model, student, self.initial, final, self.history, {"sparsity": sparsity})]
+
+    def release(self) -> None:
+        """Free the device memory of a published trainer."""
+        self.model = None
+        self.student.module = None
 
     def settle(self) -> None:
         """The weights to publish: the best measured ones, at the target sparsity."""
@@ -211,37 +243,52 @@ class CandidateTrainer:
         if meta.get("best_score") is not None:
             self.best.score = meta["best_score"]
         self.best.bad = meta.get("bad", 0)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """The cosine learning rate at this step (a parameter group may scale it: ``lr_scale``)."""
         for group in self.optimizer.param_groups if self.optimizer is not None else ():
-            group["lr"] = self.base_lr * cosine(self.steps, self.total)
+            group["lr"] = self.base_lr * group.get("lr_scale", 1.0) * cosine(self.steps, self.total)
 
 
 @torch.no_grad()
 def heldout_errors(trainers: list[CandidateTrainer], batches) -> list[dict]:
     """Mean squared error and relative error ‖S(a) − T(a)‖ / ‖T(a)‖ of every trainer on the held-out batches.
 
-    One pass over the held-out batches serves every trainer; sums stay on the
-    device and are read once at the end.
+    Each entry is ``{"mse", "relative", "members"}``: ``members`` has one
+    ``{"mse", "relative"}`` per output of :meth:`CandidateTrainer.outputs`
+    (one per width of a slimmable trainer), and the top-level values are
+    their means (for a plain candidate, its own). One pass over the held-out
+    batches serves every trainer; sums stay on the device and are read once
+    at the end.
     """
     if not trainers:
         return []
-    sums = [[0.0, 0.0, 0] for _ in trainers]
+    sums: list[list[list]] = [[] for _ in trainers]
     modes = [t.model.training for t in trainers]
     for t in trainers:
         t.model.eval()
     for batch in batches:
         for s, t in zip(sums, trainers):
             a, targets = batch.pair(t.index, 0)
-            out = t.model(a)
-            s[0] = s[0] + ((out - targets[0]) ** 2).sum()
-            s[1] = s[1] + (targets[0] ** 2).sum()
-            s[2] += targets[0].numel()
+            outs = t.outputs(a)
+            while len(s) < len(outs):
+                s.append([0.0, 0.0, 0])
+            for acc, out in zip(s, outs):
+                acc[0] = acc[0] + ((out - targets[0]) ** 2).sum()
+                acc[1] = acc[1] + (targets[0] ** 2).sum()
+                acc[2] += targets[0].numel()
     for t, mode in zip(trainers, modes):
         t.model.train(mode)
     out = []
-    for sq_diff, sq_target, count in sums:
-        sq_diff, sq_target = float(sq_diff), float(sq_target)
-        if not count:
-            out.append({"mse": math.nan, "relative": math.nan})
-        else:
-            out.append({"mse": sq_diff / count, "relative": math.sqrt(sq_diff / sq_target) if sq_target else math.nan})
+    for per_trainer in sums:
+        members = [_errors(float(d), float(q), n) for d, q, n in per_trainer] or [_errors(0.0, 0.0, 0)]
+        out.append({"mse": sum(m["mse"] for m in members) / len(members),
+                    "relative": sum(m["relative"] for m in members) / len(members), "members": members})
     return out
+
+
+def _errors(sq_diff: float, sq_target: float, count: int) -> dict:
+    if not count:
+        return {"mse": math.nan, "relative": math.nan}
+    return {"mse": sq_diff / count, "relative": math.sqrt(sq_diff / sq_target) if sq_target else math.nan}

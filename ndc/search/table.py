@@ -184,6 +184,6 @@ def uniform_specs(table: QualityTable) -> list[Spec]:
     for name in table.options:
         specs = {o.spec for o in table.trained(name)}
         common = specs if common is None else common & specs
-    return sorted(common or set(), key=lambda s: (s.width, -s.sparsity))
+    return sorted(common or set(), key=lambda s: (s.width, -s.sparsity, str(s)))
 
 

@@ -282,8 +282,15 @@ def make_student(part: fx.GraphModule, spec: Spec, *, init: str = "teacher", rou
     module = apply_width(part, an, kept)
     if init == "random":
         reinitialise(module, seed)
+    pruner = Pruner(module, spec.sparsity, spec.nm) if spec.sparsity > 0 or spec.nm is not None else None
+    return Student(module, spec, make_record(an, kept, spec, init, round_to, seed), report(an, kept, spec), pruner)
+
+
+def make_record(an: Analysis, kept: dict[int, torch.Tensor], spec: Spec, init: str = "teacher", round_to: int = 1,
+                seed: int = 0) -> dict:
+    """The rewrite record of a student that keeps channels ``kept`` (JSON-able; :func:`rebuild_student` replays it)."""
     keys = an.keys()
-    record = {
+    return {
         "format": RECORD_FORMAT,
         "spec": str(spec),
         "init": init,
@@ -292,8 +299,6 @@ def make_student(part: fx.GraphModule, spec: Spec, *, init: str = "teacher", rou
         "dims": {keys[g]: {"teacher": an.dims.sizes[g], "kept": [int(i) for i in kept[g]]}
                  for g in an.channel_groups() if g in kept},
     }
-    pruner = Pruner(module, spec.sparsity, spec.nm) if spec.sparsity > 0 or spec.nm is not None else None
-    return Student(module, spec, record, report(an, kept, spec), pruner)
 
 
 def rebuild_student(part: fx.GraphModule, spec: Spec, record: dict) -> fx.GraphModule:
@@ -312,7 +317,9 @@ def rebuild_student(part: fx.GraphModule, spec: Spec, record: dict) -> fx.GraphM
     _check_options(part, spec, record.get("init", "teacher"), round_to, record.get("seed", 0))
     an = analyse(part)
     groups = {key: g for g, key in an.keys().items()}
-    expected = propose(an, spec.width, round_to)
+    # A width spec fixes every group's size; learned gates (spec.gates) chose each free group's own size.
+    learned = spec.gates is not None
+    expected = {g: an.dims.sizes[g] - 1 for g in an.free_groups()} if learned else propose(an, spec.width, round_to)
     kept: dict[int, torch.Tensor] = {}
     for key, entry in record["dims"].items():
         g = groups.get(key)
@@ -320,11 +327,12 @@ def rebuild_student(part: fx.GraphModule, spec: Spec, record: dict) -> fx.GraphM
             raise NdcError(f"student record does not match this neighbourhood: {key} cannot shrink here")
         idx = entry.get("kept") if isinstance(entry, dict) else None
         n = an.dims.sizes[g]
-        if (not isinstance(idx, list) or len(idx) != expected[g] or entry.get("teacher") != n
+        if (not isinstance(idx, list) or not (0 < len(idx) <= expected[g] if learned else len(idx) == expected[g])
+                or entry.get("teacher") != n
                 or not all(isinstance(i, int) and 0 <= i < n for i in idx) or idx != sorted(set(idx))):
             raise NdcError(f"student record does not match this neighbourhood: bad channels for {key}")
         kept[g] = torch.tensor(idx, dtype=torch.long)
-    missing = [an.name(g) for g in expected if g not in kept]
+    missing = [] if learned else [an.name(g) for g in expected if g not in kept]
     if missing:
         raise NdcError(f"student record does not match this neighbourhood: no channels for {missing[0]}")
     return apply_width(part, an, kept)
@@ -392,6 +400,8 @@ def report(an: Analysis, kept: dict[int, torch.Tensor], spec: Spec) -> list[dict
             why = "internal; sliced together: " + ", ".join(names[:4]) + more
         elif n == 1:
             why = "a single channel"
+        elif spec.gates is not None:
+            why = f"gates choose how many while training (up to {n})"
         else:
             why = f"width={spec.width:g} with rounding keeps all {n} channels"
         rows.append({"dim": keys[g], "teacher": n, "student": k, "shrunk": k < n, "why": why})
