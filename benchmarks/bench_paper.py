@@ -4,9 +4,12 @@
     python benchmarks/bench_paper.py table1 --widths 0.5   # Table 1 (one width per run) + time-to-accuracy
     python benchmarks/bench_paper.py table3a               # Table 3a: sparsity, ND without fine-tuning vs KD
     python benchmarks/bench_paper.py table3b               # Table 3b: data-free, Gaussian-noise ND vs noise KD
+    python benchmarks/bench_paper.py table5                # Table 5: look-ahead (2-LA) before and after fine-tuning
 
 Teacher: ResNet-20 (option A) trained on all 60,000 training images
-(benchmarks/common.py; cached). Every route trains on the first
+(benchmarks/common.py; cached); ``--teacher-examples 10000`` takes instead
+the one bench_pareto.py trains on the first 10,000 images for 8 epochs (a
+few minutes instead of half an hour; the JSON says which). Every route trains on the first
 ``--examples`` training images (default 10,000) and is measured on the full
 10,000-image test set. End-to-end routes run in one process on 2 torch
 threads; neighbourhood jobs run on 2 worker processes of 1 thread each: both
@@ -40,8 +43,22 @@ CALIBRATION_BATCHES = 20
 DEFAULT_LR = {"scratch": 0.1, "finetune": 0.01}
 
 
-def setup(examples: int, name: str):
-    ws = workspace(name)
+SMALL_TEACHER_EPOCHS = 8  # bench_pareto.py's ResNet-20 teacher on the first N images
+
+
+def teacher_name(teacher_examples: int | None) -> str:
+    return f"resnet20-fmnist-{teacher_examples // 1000}k" if teacher_examples else "resnet20-fmnist"
+
+
+def setup(examples: int, name: str, teacher_examples: int | None = None):
+    if teacher_examples:
+        from common import cached_teacher
+
+        tag = teacher_name(teacher_examples)
+        weights = cached_teacher(tag, "ndc.zoo:resnet20", SMALL_TEACHER_EPOCHS, teacher_examples)
+        ws = workspace(f"{name}-{tag}", weights=weights)
+    else:
+        ws = workspace(name)
     teacher = load_teacher(ws)
     data = open_data(DATA, (3, 32, 32), limit=examples, workspace=ws)
     return ws, teacher, data
@@ -98,7 +115,7 @@ def time_to(history: list[dict], target: float, offset: float = 0.0, start_accur
 
 def sweep(args) -> None:
     """The same three-point learning-rate sweep for every route, on short runs at width 0.5."""
-    ws, teacher, data = setup(args.examples, "bench-paper")
+    ws, teacher, data = setup(args.examples, "bench-paper", args.teacher_examples)
     selection = uniform_selection(teacher.plan, Spec(width=0.5))
     results = {"ce": {}, "kd": {}, "finetune": {}}
     for lr in (0.03, 0.1, 0.3):
@@ -125,7 +142,7 @@ def sweep(args) -> None:
 
 
 def table1(args) -> None:
-    ws, teacher, data = setup(args.examples, "bench-paper")
+    ws, teacher, data = setup(args.examples, "bench-paper", args.teacher_examples)
     lr = chosen_lr()
     teacher_acc = accuracy(teacher.gm, data)
     rows = []
@@ -153,7 +170,7 @@ def table1(args) -> None:
         rows.append(row)
         write(f"paper-table1-{'-'.join(str(w) for w in args.widths)}{args.tag}.json",
               {"examples": args.examples, "epochs": args.epochs, "nd_epochs": args.nd_epochs, "ft_epochs": args.ft_epochs,
-               "workers": args.workers, "teacher": teacher_info(), "rows": rows})
+               "workers": args.workers, "teacher": teacher_info(teacher_name(args.teacher_examples)), "rows": rows})
 
 
 # --------------------------------------------------------------------- table 3a
@@ -163,7 +180,7 @@ def table3a(args) -> None:
     from ndc.passes.rewrite import Pruner
     from ndc.stitch import stitch
 
-    ws, teacher, data = setup(args.examples, "bench-paper")
+    ws, teacher, data = setup(args.examples, "bench-paper", args.teacher_examples)
     lr = chosen_lr()
     rows = []
     for s in args.sparsities:
@@ -182,7 +199,7 @@ def table3a(args) -> None:
         log(f"sparsity {s}: ND {out['accuracy']:.2%} ({out['seconds']:.0f}s), KD {row['kd']['accuracy']:.2%} ({r['seconds']:.0f}s)")
         rows.append(row)
         write("paper-table3a.json", {"examples": args.examples, "epochs": args.epochs, "nd_epochs": args.nd_epochs,
-                                     "workers": args.workers, "teacher": teacher_info(),
+                                     "workers": args.workers, "teacher": teacher_info(teacher_name(args.teacher_examples)),
                                      "teacher_accuracy": accuracy(teacher.gm, data), "rows": rows})
 
 
@@ -201,7 +218,7 @@ def _prunable(model, plan, names):
 
 
 def table3b(args) -> None:
-    ws, teacher, data = setup(args.examples, "bench-paper")
+    ws, teacher, data = setup(args.examples, "bench-paper", args.teacher_examples)
     lr = chosen_lr()
     noise = NoiseImages((3, 32, 32), args.examples, data)
     rows = []
@@ -231,13 +248,39 @@ def table3b(args) -> None:
         log(f"k={k} GN-KD: {row['gn_kd']['accuracy']:.2%}")
         rows.append(row)
         write("paper-table3b.json", {"examples": args.examples, "epochs": args.epochs, "nd_epochs": args.nd_epochs,
-                                     "ft_epochs": args.ft_epochs, "teacher": teacher_info(),
+                                     "ft_epochs": args.ft_epochs, "teacher": teacher_info(teacher_name(args.teacher_examples)),
                                      "teacher_accuracy": accuracy(teacher.gm, data), "rows": rows})
+
+
+# ---------------------------------------------------------------------- table 5
+
+
+def table5(args) -> None:
+    """Look-ahead (eq. 5): every job also matches the teacher two neighbourhoods further on, before and after FT."""
+    ws, teacher, data = setup(args.examples, "bench-paper", args.teacher_examples)
+    lr = chosen_lr()
+    name = teacher_name(args.teacher_examples)
+    rows = []
+    for k in args.widths:
+        for lookahead in (0, 2):
+            out = nd(ws, teacher, data, Spec(width=k), args.nd_epochs, args.workers, args.examples, lookahead=lookahead)
+            r = train(out["student"], data, TrainConfig(loss="kd", epochs=args.ft_epochs, lr=lr["finetune"]),
+                      teacher=teacher.gm)
+            row = {"width": k, "lookahead": lookahead, "nd": out["accuracy"], "nd_seconds": out["seconds"],
+                   "nd_ft": r["history"][-1]["accuracy"], "ft_seconds": r["seconds"],
+                   "ft_history": [e["accuracy"] for e in r["history"]], "final_errors": out["final_errors"]}
+            log(f"k={k} look-ahead {lookahead}: ND {row['nd']:.2%} ({row['nd_seconds']:.0f}s), "
+                f"ND+FT {row['nd_ft']:.2%} ({row['ft_seconds']:.0f}s)")
+            rows.append(row)
+            write(f"paper-table5{args.tag}.json",
+                  {"examples": args.examples, "nd_epochs": args.nd_epochs, "ft_epochs": args.ft_epochs,
+                   "workers": args.workers, "teacher": {"name": name, **teacher_info(name)},
+                   "teacher_accuracy": accuracy(teacher.gm, data), "rows": rows})
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("table", choices=["sweep", "table1", "table3a", "table3b"])
+    ap.add_argument("table", choices=["sweep", "table1", "table3a", "table3b", "table5"])
     ap.add_argument("--examples", type=int, default=10_000)
     ap.add_argument("--widths", type=lambda t: [float(v) for v in t.split(",")], default=[1.0, 0.75, 0.5])
     ap.add_argument("--sparsities", type=lambda t: [float(v) for v in t.split(",")], default=[0.1, 0.3, 0.5, 0.7, 0.9])
@@ -246,10 +289,12 @@ def main() -> None:
     ap.add_argument("--ft-epochs", type=int, default=6, help="fine-tuning epochs")
     ap.add_argument("--sweep-epochs", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--teacher-examples", type=int, default=None,
+                    help="the ResNet-20 teacher trained on the first N images (8 epochs) instead of all 60,000")
     ap.add_argument("--tag", default="", help="suffix of the result file's name (e.g. -e30 for a longer baseline)")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    {"sweep": sweep, "table1": table1, "table3a": table3a, "table3b": table3b}[args.table](args)
+    {"sweep": sweep, "table1": table1, "table3a": table3a, "table3b": table3b, "table5": table5}[args.table](args)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import pathlib
-import shutil
 
 import pytest
 import torch
@@ -14,10 +12,9 @@ from ndc.distill.gates import GatedStudent
 from ndc.ir import Spec
 from ndc.metrics import count_params
 from ndc.passes.rewrite import rebuild_student
+from tests.conftest import distill_json
 from tests.test_rewrite import CASES, IDS, get_part
 
-HERE = pathlib.Path(__file__).resolve().parent
-TINY = f"{HERE / 'models_for_tests.py'}:tiny_resnet"
 FAST = ["--data", "digits", "--limit", "200", "--steps", "120", "--batch-size", "32", "--val-size", "64", "--lr", "3e-3",
         "--quiet"]
 NBS = ("layer1.0", "layer2.0", "layer3.0")
@@ -53,31 +50,8 @@ def test_groups_whose_channels_are_mixed_keep_their_width():
     assert [GatedStudent(part).an.name(g) for g in GatedStudent(part).groups] == ["blocks.0.mlp.fc1.out_features"]
 
 
-@pytest.fixture(scope="module")
-def partitioned(tmp_path_factory, tiny_teacher):
-    from click.testing import CliRunner
-
-    from ndc.cli import main
-
-    root = tmp_path_factory.mktemp("gates")
-    r = CliRunner().invoke(main, ["partition", TINY, "--weights", tiny_teacher, "--input-shape", "1,3,16,16", "-w", str(root / "ws")])
-    assert r.exit_code == 0, r.output
-    return root / "ws"
-
-
-@pytest.fixture
-def ws(partitioned, tmp_path):
-    shutil.copytree(partitioned, tmp_path / "ndc-work")
-    return tmp_path / "ndc-work"
-
-
-def distill(run_cli, *args):
-    r = run_cli("distill", *args, "--format", "json")
-    return r, (json.loads(r.stdout) if r.stdout.strip().startswith("{") else None)
-
-
 def test_the_penalty_sets_the_size_and_the_students_stitch_and_search(run_cli, ws, tmp_path):
-    r, doc = distill(run_cli, "--gates", "--gate-penalty", "0,1,3", *FAST)
+    r, doc = distill_json(run_cli, "--gates", "--gate-penalty", "0,1,3", *FAST)
     assert r.exit_code == 0, r.stderr
     found = {(row["neighbourhood"], row["spec"]): row for row in doc["candidates"]}
     assert {row["status"] for row in doc["candidates"]} == {"done"}
@@ -159,6 +133,6 @@ def test_a_resumed_gated_job_continues_exactly_across_the_gate_phase(partitioned
     (["--spec", "width=0.5,gates=1"], "gates learn the width themselves"),
 ])
 def test_user_errors_are_one_line(run_cli, ws, args, message):
-    r, _ = distill(run_cli, *args, *FAST)
+    r, _ = distill_json(run_cli, *args, *FAST)
     assert r.exit_code != 0 and message in r.stderr, r.stderr
     assert not list(ws.glob("jobs/*/*/weights.safetensors"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pathlib
 import shutil
 
 import pytest
@@ -11,36 +10,12 @@ import torch
 
 from ndc.distill.config import DistillConfig
 from ndc.ir import Spec
+from tests.conftest import distill_json
 from ndc.workspace import sha256_file
 
-HERE = pathlib.Path(__file__).resolve().parent
-TINY = f"{HERE / 'models_for_tests.py'}:tiny_resnet"
 FAST = ["--data", "digits", "--limit", "200", "--steps", "40", "--batch-size", "32", "--val-size", "64", "--lr", "3e-3",
         "--quiet"]
 NBS = ("layer1.0", "layer2.0", "layer3.0")
-
-
-@pytest.fixture(scope="module")
-def partitioned(tmp_path_factory, tiny_teacher):
-    from click.testing import CliRunner
-
-    from ndc.cli import main
-
-    root = tmp_path_factory.mktemp("slimmable")
-    r = CliRunner().invoke(main, ["partition", TINY, "--weights", tiny_teacher, "--input-shape", "1,3,16,16", "-w", str(root / "ws")])
-    assert r.exit_code == 0, r.output
-    return root / "ws"
-
-
-@pytest.fixture
-def ws(partitioned, tmp_path):
-    shutil.copytree(partitioned, tmp_path / "ndc-work")
-    return tmp_path / "ndc-work"
-
-
-def distill(run_cli, *args):
-    r = run_cli("distill", *args, "--format", "json")
-    return r, (json.loads(r.stdout) if r.stdout.strip().startswith("{") else None)
 
 
 def rows(doc) -> dict:
@@ -73,7 +48,7 @@ def test_the_shared_student_of_each_width_is_the_width_student_rewrite_makes(par
 
 
 def test_one_job_per_neighbourhood_makes_every_width_a_candidate(run_cli, ws, tmp_path):
-    r, doc = distill(run_cli, "--slimmable", "0.25,0.5,1.0", "--width", "0.5", *FAST)
+    r, doc = distill_json(run_cli, "--slimmable", "0.25,0.5,1.0", "--width", "0.5", *FAST)
     assert r.exit_code == 0, r.stderr
     found = rows(doc)
     assert set(found) == {(nb, s) for nb in NBS for s in ("width=0.25,slim=chain", "width=0.5,slim=chain",
@@ -105,12 +80,12 @@ def test_one_job_per_neighbourhood_makes_every_width_a_candidate(run_cli, ws, tm
 
 
 def test_the_key_covers_every_width_and_the_assistant(run_cli, ws):
-    assert distill(run_cli, "--slimmable", "0.25,0.5", *FAST)[0].exit_code == 0
-    _, doc = distill(run_cli, "--slimmable", "0.25,0.5", *FAST)
+    assert distill_json(run_cli, "--slimmable", "0.25,0.5", *FAST)[0].exit_code == 0
+    _, doc = distill_json(run_cli, "--slimmable", "0.25,0.5", *FAST)
     assert {row["status"] for row in doc["candidates"]} == {"skipped"}
-    _, doc = distill(run_cli, "--slimmable", "0.25,0.5,0.75", *FAST)  # another set of widths: another job
+    _, doc = distill_json(run_cli, "--slimmable", "0.25,0.5,0.75", *FAST)  # another set of widths: another job
     assert {row["status"] for row in doc["candidates"]} == {"done"}
-    r, doc = distill(run_cli, "--slimmable", "0.25,0.5", "--assistant", "none", *FAST)
+    r, doc = distill_json(run_cli, "--slimmable", "0.25,0.5", "--assistant", "none", *FAST)
     assert r.exit_code == 0, r.stderr
     assert {row["spec"] for row in doc["candidates"]} == {"width=0.25,slim=teacher", "width=0.5,slim=teacher"}
     assert {row["job"]["assistant"] for row in doc["candidates"]} == {"none"}
@@ -123,14 +98,14 @@ def test_fused_engine_and_ray_train_slimmable_and_gated_jobs(run_cli, ws, tmp_pa
     other = tmp_path / "other"
     shutil.copytree(ws, other)
     args = ["--slimmable", "0.25,0.5", "--gates", "--gate-penalty", "1", "--width", "0.5", *FAST]
-    r, local = distill(run_cli, *args)
+    r, local = distill_json(run_cli, *args)
     assert r.exit_code == 0, r.stderr
-    r, ray = distill(run_cli, *args, "--backend", "ray", "--workers", "2", "-w", str(other))
+    r, ray = distill_json(run_cli, *args, "--backend", "ray", "--workers", "2", "-w", str(other))
     assert r.exit_code == 0, r.stderr
     assert ray["backend"] == "ray" and {row["status"] for row in ray["candidates"]} == {"done"}
     for p in ws.glob("jobs/*/*/weights.safetensors"):  # units are deterministic: the same students wherever they ran
         assert sha256_file(p) == sha256_file(other / p.relative_to(ws))
-    r, fused = distill(run_cli, *args, "--engine", "fused", "--force")
+    r, fused = distill_json(run_cli, *args, "--engine", "fused", "--force")
     assert r.exit_code == 0, r.stderr
     assert fused["engine"] == "fused" and {row["status"] for row in fused["candidates"]} == {"done"}
     for key, row in rows(fused).items():
@@ -190,6 +165,6 @@ def test_a_resumed_slimmable_job_continues_exactly(partitioned):
     (["--spec", "width=0.5,slim=chain,sparsity=0.5"], "cannot be combined with sparsity"),
 ])
 def test_user_errors_are_one_line(run_cli, ws, args, message):
-    r, _ = distill(run_cli, *args, *FAST)
+    r, _ = distill_json(run_cli, *args, *FAST)
     assert r.exit_code != 0 and message in r.stderr, r.stderr
     assert not list(ws.glob("jobs/*/*/weights.safetensors"))
