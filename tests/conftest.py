@@ -124,3 +124,25 @@ def distill_json(run_cli, *args):
 
     r = run_cli("distill", *args, "--format", "json")
     return r, (json.loads(r.stdout) if r.stdout.strip().startswith("{") else None)
+
+
+class NoiseBatch:
+    """A batch for driving one trainer by hand: ReLU'd noise at ``part``'s input, ``part``'s output the target."""
+
+    def __init__(self, part, seed: int, size: int = 8):
+        shape = part.graph.find_nodes(op="placeholder")[0].meta["tensor_meta"].shape[1:]
+        g = torch.Generator().manual_seed(seed)
+        self.a = torch.randn(size, *shape, generator=g).relu()
+        self.t = part.eval()(self.a).detach()
+
+    def pair(self, index, lookahead):
+        return self.a, [self.t]
+
+
+def train_steps(trainer, part, seeds) -> None:
+    """One optimiser step of ``trainer`` per seed, each on its own :class:`NoiseBatch` (torch seeded too: gate noise)."""
+    for s in seeds:
+        torch.manual_seed(s)
+        trainer.zero_grad()
+        trainer.loss(NoiseBatch(part, s)).backward()
+        trainer.step()

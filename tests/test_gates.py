@@ -12,7 +12,7 @@ from ndc.distill.gates import GatedStudent
 from ndc.ir import Spec
 from ndc.metrics import count_params
 from ndc.passes.rewrite import rebuild_student
-from tests.conftest import distill_json
+from tests.conftest import distill_json, train_steps
 from tests.test_rewrite import CASES, IDS, get_part
 
 FAST = ["--data", "digits", "--limit", "200", "--steps", "120", "--batch-size", "32", "--val-size", "64", "--lr", "3e-3",
@@ -94,32 +94,14 @@ def test_a_resumed_gated_job_continues_exactly_across_the_gate_phase(partitioned
     part = load_teacher(Workspace(partitioned)).part("layer2.0")
     cfg = DistillConfig(data="digits", lr=3e-3)
     item = Item("layer2.0", "gates=1.0", "cd" * 32)
-    shape = part.graph.find_nodes(op="placeholder")[0].meta["tensor_meta"].shape[1:]
-
-    class Batch:
-        def __init__(self, seed):
-            g = torch.Generator().manual_seed(seed)
-            self.a = torch.randn(8, *shape, generator=g).relu()
-            self.t = part.eval()(self.a).detach()
-
-        def pair(self, i, lookahead):
-            return self.a, [self.t]
-
-    def run(trainer, seeds):
-        for s in seeds:
-            torch.manual_seed(s)  # the gates' noise
-            trainer.zero_grad()
-            trainer.loss(Batch(s)).backward()
-            trainer.step()
-
     a = make_trainer(part, item, 2, [], cfg, 10, "cpu")  # gate phase: steps 1-7
     a.start({"mse": 1.0, "relative": 1.0})
-    run(a, range(4))
+    train_steps(a, part, range(4))
     tensors, meta = a.state()
     b = make_trainer(part, item, 2, [], cfg, 10, "cpu")
     b.load_state({k: v.clone() for k, v in tensors.items()}, json.loads(json.dumps(meta)))
-    run(a, range(4, 9))
-    run(b, range(4, 9))
+    train_steps(a, part, range(4, 9))
+    train_steps(b, part, range(4, 9))
     assert a.model.fixed is not None and b.model.fixed is not None
     for (n, v), (m, w) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert n == m and torch.allclose(v, w, atol=1e-6), n

@@ -10,7 +10,7 @@ import torch
 
 from ndc.distill.config import DistillConfig
 from ndc.ir import Spec
-from tests.conftest import distill_json
+from tests.conftest import NoiseBatch, distill_json, train_steps
 from ndc.workspace import sha256_file
 
 FAST = ["--data", "digits", "--limit", "200", "--steps", "40", "--batch-size", "32", "--val-size", "64", "--lr", "3e-3",
@@ -123,34 +123,17 @@ def test_a_resumed_slimmable_job_continues_exactly(partitioned):
     part = teacher.part("layer1.0")
     cfg = DistillConfig(data="digits", lr=3e-3)
     item = Item("layer1.0", "width=1.0,slim=chain", "ab" * 32, 0.0, {"members": ["width=1.0,slim=chain", "width=0.5,slim=chain"]})
-    shape = part.graph.find_nodes(op="placeholder")[0].meta["tensor_meta"].shape[1:]
-
-    class Batch:
-        def __init__(self, seed):
-            g = torch.Generator().manual_seed(seed)
-            self.a = torch.randn(8, *shape, generator=g).relu()
-            self.t = part.eval()(self.a).detach()
-
-        def pair(self, i, lookahead):
-            return self.a, [self.t]
-
-    def run(trainer, seeds):
-        for s in seeds:
-            trainer.zero_grad()
-            trainer.loss(Batch(s)).backward()
-            trainer.step()
-
     from ndc.distill.trainer import heldout_errors
 
     a = make_trainer(part, item, 1, [], cfg, 10, "cpu")
-    a.start(heldout_errors([a], [Batch(100)])[0])
-    run(a, range(3))
-    a.evaluate(heldout_errors([a], [Batch(100)])[0])
+    a.start(heldout_errors([a], [NoiseBatch(part, 100)])[0])
+    train_steps(a, part, range(3))
+    a.evaluate(heldout_errors([a], [NoiseBatch(part, 100)])[0])
     tensors, meta = a.state()
     b = make_trainer(part, item, 1, [], cfg, 10, "cpu")
     b.load_state({k: v.clone() for k, v in tensors.items()}, json.loads(json.dumps(meta)))
-    run(a, range(3, 6))
-    run(b, range(3, 6))
+    train_steps(a, part, range(3, 6))
+    train_steps(b, part, range(3, 6))
     for (n, v), (m, w) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert n == m and torch.allclose(v, w, atol=1e-6), n
     assert [e for e, _ in a.width_best] == [e for e, _ in b.width_best] and a.member_history == b.member_history
