@@ -5,6 +5,7 @@
     python benchmarks/bench_paper.py table3a               # Table 3a: sparsity, ND without fine-tuning vs KD
     python benchmarks/bench_paper.py table3b               # Table 3b: data-free, Gaussian-noise ND vs noise KD
     python benchmarks/bench_paper.py table5                # Table 5: look-ahead (2-LA) before and after fine-tuning
+    python benchmarks/bench_paper.py ndlr --lrs 0.001,0.003,0.01   # ND alone at several learning rates (defaults)
 
 Teacher: ResNet-20 (option A) trained on all 60,000 training images
 (benchmarks/common.py; cached); ``--teacher-examples 10000`` takes instead
@@ -278,9 +279,24 @@ def table5(args) -> None:
                    "teacher_accuracy": accuracy(teacher.gm, data), "rows": rows})
 
 
+def ndlr(args) -> None:
+    """ND alone (no fine-tuning) at each ``--lrs`` learning rate, the same jobs otherwise: which default to ship."""
+    ws, teacher, data = setup(args.examples, "bench-paper", args.teacher_examples)
+    name = teacher_name(args.teacher_examples)
+    rows = []
+    for k in args.widths:
+        for lr in args.lrs:
+            out = nd(ws, teacher, data, Spec(width=k), args.nd_epochs, args.workers, args.examples, lr=lr)
+            rows.append({"width": k, "lr": lr, "accuracy": out["accuracy"], "seconds": out["seconds"],
+                         "final_errors": out["final_errors"]})
+            log(f"k={k} lr={lr}: ND {out['accuracy']:.2%} ({out['seconds']:.0f}s)")
+            write(f"paper-ndlr{args.tag}.json", {"examples": args.examples, "nd_epochs": args.nd_epochs, "workers": args.workers,
+                                                 "teacher": {"name": name, **teacher_info(name)}, "rows": rows})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("table", choices=["sweep", "table1", "table3a", "table3b", "table5"])
+    ap.add_argument("table", choices=["sweep", "table1", "table3a", "table3b", "table5", "ndlr"])
     ap.add_argument("--examples", type=int, default=10_000)
     ap.add_argument("--widths", type=lambda t: [float(v) for v in t.split(",")], default=[1.0, 0.75, 0.5])
     ap.add_argument("--sparsities", type=lambda t: [float(v) for v in t.split(",")], default=[0.1, 0.3, 0.5, 0.7, 0.9])
@@ -289,12 +305,14 @@ def main() -> None:
     ap.add_argument("--ft-epochs", type=int, default=6, help="fine-tuning epochs")
     ap.add_argument("--sweep-epochs", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--lrs", type=lambda t: [float(v) for v in t.split(",")], default=[0.001, 0.003, 0.01],
+                    help="ndlr: ND learning rates")
     ap.add_argument("--teacher-examples", type=int, default=None,
                     help="the ResNet-20 teacher trained on the first N images (8 epochs) instead of all 60,000")
     ap.add_argument("--tag", default="", help="suffix of the result file's name (e.g. -e30 for a longer baseline)")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    {"sweep": sweep, "table1": table1, "table3a": table3a, "table3b": table3b, "table5": table5}[args.table](args)
+    {"sweep": sweep, "table1": table1, "table3a": table3a, "table3b": table3b, "table5": table5, "ndlr": ndlr}[args.table](args)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def parse_size(text: str) -> int:
 @click.option("--epochs", type=int, default=10, show_default=True, help="Passes over the training inputs per job.")
 @click.option("--steps", type=int, default=None, help="Optimiser steps per job (overrides --epochs).")
 @click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate (cosine decay to 0).")
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="Adam learning rate (cosine decay to 0).")
 @click.option("--init", type=click.Choice(["teacher", "random"]), default="teacher", show_default=True,
               help="Start students from the teacher's most important channels, or from scratch.")
 @click.option("--round-to", type=int, default=1, show_default=True, help="Round shrunk channel counts to a multiple of N.")

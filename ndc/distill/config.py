@@ -35,7 +35,7 @@ class DistillConfig:
     epochs: int = 10
     steps: int | None = None  # per job; overrides epochs
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 3e-3  # measured best of 1e-3, 3e-3 on ResNet-20, CREPE tiny and PESTO (docs/benchmarks.md)
     weight_decay: float = 0.0
     lookahead: int = 0
     alpha: tuple[float, ...] = ()
