@@ -7,6 +7,7 @@ is deterministic), and the plan names nodes of that graph.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ PLAN_VERSION = 1
 SLIM_MODES = ("chain", "teacher")  # who teaches each width of a slimmable job: the next wider width, or the teacher
 
 
+@functools.total_ordering
 @dataclass(frozen=True)
 class Spec:
     """How a student is derived from a neighbourhood.
@@ -123,17 +125,8 @@ class Spec:
         # None sorts first; a plain tuple comparison would fail on None against a value
         return (self.width, self.sparsity, self.nm or (0, 0), self.slim or "", -1.0 if self.gates is None else self.gates)
 
-    def __lt__(self, other: "Spec") -> bool:
+    def __lt__(self, other: "Spec") -> bool:  # the other comparisons: functools.total_ordering
         return self._order() < other._order()
-
-    def __le__(self, other: "Spec") -> bool:
-        return self._order() <= other._order()
-
-    def __gt__(self, other: "Spec") -> bool:
-        return self._order() > other._order()
-
-    def __ge__(self, other: "Spec") -> bool:
-        return self._order() >= other._order()
 
     @property
     def is_identity(self) -> bool:

@@ -331,18 +331,12 @@ class GatedTrainer(CandidateTrainer):
                  {"params": gates, "lr_scale": GATE_LR / cfg.lr, "weight_decay": 0.0}], lr=cfg.lr, weight_decay=cfg.weight_decay)
             self._schedule()
 
-    @property
-    def label(self) -> str:
-        return f"{self.name} {self.spec}"
-
-    def loss(self, batch) -> torch.Tensor:
-        a, targets = batch.pair(self.index, self.lookahead)
-        self.train_mode()
-        loss, _ = self.against(self.model(a), targets)
+    def objective(self, a: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
+        loss = super().objective(a, targets)
         loss = loss / targets[0].float().pow(2).mean().clamp_min(1e-12)  # relative: the penalty's price is in these units
         if self.model.fixed is None:
             loss = loss + self.penalty * self.model.size_fraction()
-        return self.track(loss)
+        return loss
 
     def step(self, scaler=None) -> None:
         super().step(scaler)

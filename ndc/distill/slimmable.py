@@ -184,15 +184,13 @@ class SlimmableTrainer(CandidateTrainer):
     def label(self) -> str:
         return f"{self.name} slimmable {','.join(f'{s.width:g}' for s in self.members)} ({self.mode})"
 
-    def loss(self, batch) -> torch.Tensor:
-        a, targets = batch.pair(self.index, self.lookahead)
-        self.train_mode()
+    def objective(self, a: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
         total, wider = None, None
         for k in self.trained:  # widest first: its outputs teach the next width in a chain
             goal = targets if wider is None or self.mode == "teacher" else [o.detach().float() for o in wider]
             loss, wider = self.against(self.model.run(k, a), goal)
             total = loss if total is None else total + loss
-        return self.track(total)
+        return total
 
     def outputs(self, a: torch.Tensor) -> list[torch.Tensor]:
         return [self.model.run(k, a) for k in range(len(self.members))]

@@ -43,14 +43,6 @@ class CandidateFailed(Exception):
 
 
 @dataclass
-class Evaluation:
-    step: int
-    train_loss: float
-    heldout_mse: float
-    heldout_relative: float
-
-
-@dataclass
 class Result:
     """One finished candidate a trainer hands its engine to publish (a slimmable trainer has one per width)."""
 
@@ -111,8 +103,11 @@ class CandidateTrainer:
         """The loss on one batch (train mode, graph kept for the engine's backward)."""
         a, targets = batch.pair(self.index, self.lookahead)
         self.train_mode()
-        loss, _ = self.against(self.model(a), targets)
-        return self.track(loss)
+        return self.track(self.objective(a, targets))
+
+    def objective(self, a: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
+        """What this kind of job minimises on inputs ``a`` (a subclass's other objective goes here)."""
+        return self.against(self.model(a), targets)[0]
 
     def train_mode(self) -> None:
         self.model.train()
