@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from common import DATA, RESULTS, log, open_data, teacher_info, workspace, write
+from common import DATA, RESULTS, log, open_data, small_teacher, small_teacher_name, teacher_info, workspace, write
 
 from ndc.backends import make_backend
 from ndc.errors import NdcError
@@ -44,20 +44,13 @@ CALIBRATION_BATCHES = 20
 DEFAULT_LR = {"scratch": 0.1, "finetune": 0.01}
 
 
-SMALL_TEACHER_EPOCHS = 8  # bench_pareto.py's ResNet-20 teacher on the first N images
-
-
 def teacher_name(teacher_examples: int | None) -> str:
-    return f"resnet20-fmnist-{teacher_examples // 1000}k" if teacher_examples else "resnet20-fmnist"
+    return small_teacher_name(teacher_examples) if teacher_examples else "resnet20-fmnist"
 
 
 def setup(examples: int, name: str, teacher_examples: int | None = None):
     if teacher_examples:
-        from common import cached_teacher
-
-        tag = teacher_name(teacher_examples)
-        weights = cached_teacher(tag, "ndc.zoo:resnet20", SMALL_TEACHER_EPOCHS, teacher_examples)
-        ws = workspace(f"{name}-{tag}", weights=weights)
+        ws = workspace(f"{name}-{teacher_name(teacher_examples)}", weights=small_teacher(teacher_examples))
     else:
         ws = workspace(name)
     teacher = load_teacher(ws)

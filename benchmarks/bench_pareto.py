@@ -42,7 +42,8 @@ from dataclasses import replace
 
 import torch
 
-from common import DATA, RESULTS, TEACHER, cached_teacher, log, median, open_data, teacher_info, workspace, write
+from common import (DATA, RESULTS, SMALL_TEACHER_EPOCHS, TEACHER, cached_teacher, log, median, open_data, small_teacher_name,
+                    teacher_info, workspace, write)
 
 from ndc.backends import make_backend
 from ndc.distill import DistillConfig, run_distill
@@ -55,7 +56,7 @@ from ndc.stitch import build_student, recalibrate_batchnorm, uniform_selection
 
 MODELS = {
     # name: (factory, teacher name, teacher epochs, teacher training images, input shape)
-    "resnet20": ("ndc.zoo:resnet20", "resnet20-fmnist-10k", 8, 10_000, (1, 3, 32, 32)),
+    "resnet20": ("ndc.zoo:resnet20", small_teacher_name(10_000), SMALL_TEACHER_EPOCHS, 10_000, (1, 3, 32, 32)),
     "resnet14": ("ndc.zoo:demo_teacher", "resnet14-w8-fmnist-10k", 10, 10_000, (1, 1, 28, 28)),
 }
 WIDTHS = (0.25, 0.5, 0.75, 1.0)

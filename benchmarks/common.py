@@ -49,6 +49,18 @@ def teacher_weights(threads: int = 2) -> Path:
     return cached_teacher("resnet20-fmnist", "ndc.zoo:resnet20", TEACHER_EPOCHS, threads=threads)
 
 
+SMALL_TEACHER_EPOCHS = 8  # the ResNet-20 teacher of bench_pareto.py and ``bench_paper.py --teacher-examples``
+
+
+def small_teacher_name(examples: int) -> str:
+    return f"resnet20-fmnist-{examples // 1000}k"
+
+
+def small_teacher(examples: int) -> Path:
+    """A ResNet-20 teacher trained on the first ``examples`` images for a few epochs (minutes, not half an hour)."""
+    return cached_teacher(small_teacher_name(examples), "ndc.zoo:resnet20", SMALL_TEACHER_EPOCHS, examples)
+
+
 def cached_teacher(name: str, factory: str, epochs: int, examples: int | None = None, threads: int = 2,
                    input_shape: tuple[int, ...] = INPUT_SHAPE) -> Path:
     """Weights of ``factory`` trained by cross entropy on Fashion-MNIST (the first ``examples`` images), cached as
@@ -112,4 +124,4 @@ def write(name: str, payload: dict) -> Path:
 
 __all__ = ["open_data", "TrainConfig", "accuracy", "train", "load_teacher", "Workspace", "teacher_weights", "workspace",
            "machine", "log", "median", "spread", "write", "DATA", "INPUT_SHAPE", "RESULTS", "CACHE", "teacher_info",
-           "cached_teacher"]
+           "cached_teacher", "small_teacher", "small_teacher_name", "SMALL_TEACHER_EPOCHS"]
