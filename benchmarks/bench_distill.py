@@ -14,7 +14,10 @@ Student: every residual block at width 0.5. For each repeat, in one run:
   candidate of a process trained in one loop (recompute: one teacher forward
   per batch serves every block);
 * end-to-end KD of the same student for one epoch over the same examples, in
-  one process with 1 and with 2 torch threads.
+  one process with 1 and with 2 torch threads;
+* "compiled" routes: the same through ``torch.compile`` (``--compile
+  default``); compilation is part of their time (PyTorch caches it on disk, so
+  the first repeat compiles and later ones mostly load).
 
 ``--epochs N`` runs every route for N epochs instead (the cache is still
 built once per run), and ``--routes`` keeps only some routes.
@@ -43,12 +46,12 @@ from ndc.plan import load_teacher
 from ndc.stitch import fresh_student, uniform_selection
 
 
-def nd_epoch(source: str, workers: int, examples: int, epochs: int = 1, engine: str = "jobs") -> dict:
+def nd_epoch(source: str, workers: int, examples: int, epochs: int = 1, engine: str = "jobs", compile: str = "none") -> dict:
     ws = workspace("bench-distill")
     for sub in ("jobs", "cache"):
         shutil.rmtree(ws.path(sub), ignore_errors=True)
     cfg = DistillConfig(data=DATA, limit=examples, source=source, epochs=epochs, batch_size=128, val_size=64, evals=1,
-                        engine=engine)
+                        engine=engine, compile=compile)
     teacher = load_teacher(ws)
     cache_done = []
     t = time.perf_counter()
@@ -61,7 +64,7 @@ def nd_epoch(source: str, workers: int, examples: int, epochs: int = 1, engine: 
             "final_error": median([r["final_error"] for r in rows])}
 
 
-def kd_epoch(threads: int, examples: int, epochs: int = 1) -> dict:
+def kd_epoch(threads: int, examples: int, epochs: int = 1, compile: str = "none") -> dict:
     ws = workspace("bench-distill")
     teacher = load_teacher(ws)
     data = open_data(DATA, (3, 32, 32), limit=examples, workspace=ws)
@@ -70,7 +73,7 @@ def kd_epoch(threads: int, examples: int, epochs: int = 1) -> dict:
     torch.set_num_threads(threads)
     try:
         t = time.perf_counter()
-        train(student, data, TrainConfig(loss="kd", epochs=epochs, lr=0.1, batch_size=128, eval_batches=1), teacher=teacher.gm)
+        train(student, data, TrainConfig(loss="kd", epochs=epochs, lr=0.1, batch_size=128, eval_batches=1, compile=compile), teacher=teacher.gm)
         return {"seconds": time.perf_counter() - t}
     finally:
         torch.set_num_threads(previous)
@@ -81,6 +84,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=10_000, help="training examples per epoch")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=1, help="epochs of every route (ND jobs and KD)")
+    ap.add_argument("--out", default=None, help="results file name [default: distill.json, distill-eN.json with --epochs N]")
     ap.add_argument("--routes", default=None, help="only the routes whose names contain one of these |-separated parts "
                     "(KD on 2 threads, the reference, always runs)")
     args = ap.parse_args()
@@ -93,6 +97,10 @@ def main() -> None:
         "ND fused, cache, 2 processes": lambda: nd_epoch("cache", 2, args.examples, args.epochs, "fused"),
         "ND fused, recompute, 1 process": lambda: nd_epoch("recompute", 1, args.examples, args.epochs, "fused"),
         "ND fused, recompute, 2 processes": lambda: nd_epoch("recompute", 2, args.examples, args.epochs, "fused"),
+        "ND compiled, cache, 2 workers": lambda: nd_epoch("cache", 2, args.examples, args.epochs, "jobs", "default"),
+        "ND fused compiled, cache, 1 process": lambda: nd_epoch("cache", 1, args.examples, args.epochs, "fused", "default"),
+        "ND fused compiled, cache, 2 processes": lambda: nd_epoch("cache", 2, args.examples, args.epochs, "fused", "default"),
+        "KD compiled, 2 threads": lambda: kd_epoch(2, args.examples, args.epochs, "default"),
         "KD, 1 thread": lambda: kd_epoch(1, args.examples, args.epochs),
         "KD, 2 threads": lambda: kd_epoch(2, args.examples, args.epochs),
     }
@@ -106,7 +114,7 @@ def main() -> None:
             results[name].append(out)
             log(f"repeat {r + 1}: {name}: {out['seconds']:.1f}s")
     kd = median([x["seconds"] for x in results["KD, 2 threads"]])
-    print(f"\n{'route':<34} {'seconds (median, min-max)':>27} {'vs KD 2 threads':>16} {'teacher pass':>13}")
+    print(f"\n{'route':<40} {'seconds (median, min-max)':>27} {'vs KD 2 threads':>16} {'teacher pass':>13}")
     rows = []
     for name, outs in results.items():
         secs = [x["seconds"] for x in outs]
@@ -114,8 +122,8 @@ def main() -> None:
         row = {"route": name, "seconds": secs, "median": median(secs), "ratio_to_kd_2_threads": median(secs) / kd,
                "cache_seconds": cache, "details": outs}
         rows.append(row)
-        print(f"{name:<34} {spread(secs):>27} {median(secs) / kd:>15.2f}x {median(cache):>12.1f}s")
-    write("distill.json" if args.epochs == 1 else f"distill-e{args.epochs}.json",
+        print(f"{name:<40} {spread(secs):>27} {median(secs) / kd:>15.2f}x {median(cache):>12.1f}s")
+    write(args.out or ("distill.json" if args.epochs == 1 else f"distill-e{args.epochs}.json"),
           {"examples": args.examples, "repeats": args.repeats, "epochs": args.epochs, "teacher": teacher_info(), "rows": rows,
            "cache_dir": str(CACHE)})
 

@@ -46,7 +46,7 @@ import torch.nn as nn
 from ndc.errors import NdcError
 from ndc.losses import LOSSES, Loss
 from ndc.scoring import Metric, score
-from ndc.training import BestWeights, SparsityRamp, cosine, set_lr, track_running_stats
+from ndc.training import COMPILE_MODES, BestWeights, SparsityRamp, compiled, cosine, mark_step, set_lr, track_running_stats
 from ndc.workspace import Workspace, read_json, sha256_json
 
 
@@ -71,6 +71,7 @@ class TrainConfig:
     metric: Metric = field(default_factory=lambda: Metric("accuracy"))  # the per-epoch score, which picks the best epoch
     probabilities: bool = False  # the model's outputs are probabilities (it ends in a sigmoid): for --loss bce
     labels: bool = True  # the loss's label term uses the data's labels (False: the teacher's outputs alone)
+    compile: str = "none"  # torch.compile mode of the training step (ndc.training.compiled); not part of the checkpoint key
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -90,6 +91,8 @@ class TrainConfig:
                 raise NdcError(f"--{name.replace('_', '-')} must be 0 or a positive number, not {value}")
         if self.batch_size < 1:
             raise NdcError("--batch-size must be at least 1")
+        if self.compile not in COMPILE_MODES:
+            raise NdcError(f"unknown --compile {self.compile!r}; valid: {', '.join(COMPILE_MODES)}")
 
     def loss_fn(self) -> Loss:
         return Loss(self.loss, self.tau, self.lam, self.tau_squared, self.probabilities, self.labels)
@@ -221,7 +224,9 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, teacher: nn.Module | None
         track_running_stats(model)
     if teacher is not None:
         teacher.eval().to(device)  # runs under no_grad below; its parameters' flags are the caller's business
-    key = sha256_json({"config": asdict(cfg), "model": module_digest(model),
+    settings = asdict(cfg)
+    settings.pop("compile")  # the same training, compiled: a checkpoint resumes either way
+    key = sha256_json({"config": settings, "model": module_digest(model),
                        "teacher": module_digest(teacher) if teacher is not None else None,
                        "data": data_identity(data), "made_from": made_from or {}, "format": 2})
     data = on_device(data, device)
@@ -258,6 +263,15 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, teacher: nn.Module | None
         state.update(best_accuracy=initial, best_epoch=0, initial_accuracy=initial)
         best = BestWeights(model, initial, cfg.patience, lower_is_better=lower)
 
+
+    def forward(x, y):
+        """The step's forward: the student's loss against the teacher's outputs (one graph with --compile)."""
+        out = model(x)
+        with torch.no_grad():
+            t = teacher(x) if loss_fn.needs_teacher else None
+        return loss_fn(out, t, y)
+
+    forward = compiled(forward, cfg.compile)
     start = time.perf_counter() - state["seconds"]
     out_of_time = False
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if cfg.freeze_bn else []
@@ -272,10 +286,8 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, teacher: nn.Module | None
             y = y.to(device, non_blocking=True) if y is not None else None
             step = epoch * steps_per_epoch + k
             set_lr(optimizer, cfg.lr * cosine(step, total_steps))
-            out = model(x)
-            with torch.no_grad():
-                t = teacher(x) if loss_fn.needs_teacher else None
-            loss = loss_fn(out, t, y)
+            mark_step(cfg.compile)
+            loss = forward(x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

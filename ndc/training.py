@@ -12,11 +12,14 @@ cadence cannot drift between them:
 * :class:`BestWeights` -- early stopping on a measured score and the weights
   of the best measurement, kept on the device without a host round trip;
 * :func:`track_running_stats` -- batch norms whose running statistics would
-  never move (momentum 0) are given PyTorch's default before training.
+  never move (momentum 0) are given PyTorch's default before training;
+* :func:`compiled` -- ``--compile``: a training step's forward (and so its
+  backward) through ``torch.compile``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -53,6 +56,47 @@ def track_running_stats(model: nn.Module) -> int:
             m.momentum = DEFAULT_MOMENTUM
             changed += 1
     return changed
+
+
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+RECOMPILE_LIMIT = 64  # graphs per compiled function: one per block shape, batch size and train/eval mode
+
+
+def compiled(fn, mode: str):
+    """``fn`` through ``torch.compile`` in ``mode`` (``reduce-overhead`` adds CUDA graphs on a GPU), or ``fn`` for ``none``.
+
+    Shapes are static: a block shape or batch size not seen before compiles a
+    graph of its own (a last, smaller batch once per epoch length), and
+    students of the same architecture share the compiled code. The first
+    call compiles (tens of seconds on a CPU; PyTorch caches the result on
+    disk, so a later run or another worker process of the same shapes takes a
+    few seconds).
+    """
+    if mode == "none":
+        return fn
+    import torch._dynamo
+    import torch._inductor.config
+
+    from ndc.errors import NdcError, one_line
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    torch._inductor.config.fallback_random = True  # eager's random numbers (gates' noise): the same students either way
+    fast = torch.compile(fn, mode=None if mode == "default" else mode, dynamic=False)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fast(*args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as e:  # tracing or code generation, not the model's own error
+            raise NdcError(f"--compile {mode}: torch.compile failed: {one_line(e)}; try without --compile") from None
+
+    return run
+
+
+def mark_step(mode: str) -> None:
+    """Tell CUDA graphs a new training step begins (their outputs of the last step may be overwritten)."""
+    if mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

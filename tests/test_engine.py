@@ -170,3 +170,27 @@ def test_in_a_fused_unit_a_candidate_that_stops_early_is_published_at_once(ws, m
             assert r["stopped_early"] and r["steps"] == 6 and r["final_error"] < 1e-3  # kept its best (the teacher's) weights
         else:
             assert not r["stopped_early"] and r["steps"] == 60
+
+
+@pytest.mark.parametrize("engine", ["fused", "jobs"])
+def test_compiled_training_gives_the_eager_students_and_shares_their_key(run_cli, ws, tmp_path, engine):
+    other = tmp_path / "other"
+    shutil.copytree(ws, other)
+    first = next(nb["name"] for nb in json.loads((ws / "plan.json").read_text())["neighbourhoods"] if not nb["kept"])  # one block
+    args = ["--width", "0.5", *FAST, "--lookahead", "1", "--engine", engine, "--only", first]
+    r, eager = distill(run_cli, *args)
+    assert r.exit_code == 0, r.stderr
+    r, compiled = distill(run_cli, *args, "--compile", "default", "-w", str(other))
+    assert r.exit_code == 0, r.stderr
+    assert {row["status"] for row in compiled["candidates"]} == {"done"}
+    for key, error in errors(compiled).items():  # the same training: equal up to float rounding
+        assert error == pytest.approx(errors(eager)[key], rel=1e-3), key
+    _, again = distill(run_cli, *args, "--compile", "default")  # how it runs is not what it makes: already done
+    assert {row["status"] for row in again["candidates"]} == {"skipped"}
+
+
+def test_compile_choices_of_the_cli_are_the_trainers():
+    from ndc.commands.common import COMPILE_CHOICES
+    from ndc.training import COMPILE_MODES
+
+    assert COMPILE_CHOICES == COMPILE_MODES

@@ -180,3 +180,33 @@ def test_fine_tuning_that_only_hurts_returns_the_model_it_was_given(tmp_path, di
     again = train(other, digits, cfg, teacher=misleading, ws=ws, folder="ft")
     assert again["initial_accuracy"] == pytest.approx(good)  # kept in the checkpoint
     assert again["best_epoch"] == 0 and all(torch.equal(v, start[k]) for k, v in other.state_dict().items())
+
+
+def test_compiled_training_matches_eager_and_resumes_either_way(tmp_path, digits):
+    teacher = small_net()
+    train(teacher, digits, TrainConfig(loss="ce", epochs=2, lr=0.05, batch_size=32, augment=False))
+    runs = {}
+    for mode in ("none", "default"):
+        student = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10))
+        runs[mode] = train(student, digits, TrainConfig(loss="kd", epochs=2, lr=0.05, batch_size=32, compile=mode), teacher=teacher)
+    assert [h["accuracy"] for h in runs["default"]["history"]] == pytest.approx([h["accuracy"] for h in runs["none"]["history"]],
+                                                                                abs=0.01)
+    ws = Workspace(tmp_path / "ws")
+    first = train(small_net(), digits, TrainConfig(loss="ce", epochs=1, lr=0.05), ws=ws, folder="run")
+    again = train(small_net(), digits, TrainConfig(loss="ce", epochs=1, lr=0.05, compile="default"), ws=ws, folder="run")
+    assert again["history"] == first["history"]  # the eager run's checkpoint was taken up, not trained again
+
+
+def test_a_compiler_failure_is_one_line_that_says_what_to_do(digits, monkeypatch):
+    import torch._dynamo.exc
+
+    def broken(fn, **_):
+        def run(*args, **kwargs):
+            raise torch._dynamo.exc.Unsupported("no C++ compiler\nfound")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(NdcError, match=r"^--compile default: torch.compile failed: no C\+\+ compiler found; try without --compile$"):
+        train(small_net(), digits, TrainConfig(loss="ce", epochs=1, compile="default"))
+    with pytest.raises(NdcError, match="unknown --compile 'fast'"):
+        TrainConfig(compile="fast")

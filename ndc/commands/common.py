@@ -94,6 +94,16 @@ def device_option(f: Callable) -> Callable:
                         help="Where models train and run: cpu, or cuda (a GPU).")(f)
 
 
+COMPILE_CHOICES = ("none", "default", "reduce-overhead", "max-autotune")  # ndc.training.COMPILE_MODES, without importing torch
+
+
+def compile_option(f: Callable) -> Callable:
+    """``--compile MODE`` for every command that trains (distill, finetune, kd)."""
+    return click.option("--compile", "compile_mode", type=click.Choice(COMPILE_CHOICES), default="none", show_default=True,
+                        help="Train through torch.compile in this mode (reduce-overhead adds CUDA graphs on a GPU); the "
+                             "first run pays the compilation, which PyTorch caches on disk for later runs.")(f)
+
+
 def metric_option(what: str = "Score"):
     """``--metric NAME``: how eval, search, probe and training score a model (see ndc.scoring)."""
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ndc.commands.common import (common_options, data_options, device_option, emit, human, normalize_option, table,
-                                 user_errors)
+from ndc.commands.common import (common_options, compile_option, data_options, device_option, emit, human, normalize_option,
+                                 table, user_errors)
 from ndc.errors import NdcError
 
 
@@ -75,6 +75,7 @@ def parse_size(text: str) -> int:
                    "(auto: fused on a GPU, jobs on a CPU).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Autocast the students' forward passes (fp16 with loss scaling); fp32 was faster for small blocks (measured).")
+@compile_option
 @click.option("--workers", type=int, default=1, show_default=True,
               help="Units at a time: processes, one torch thread each (fused: one process per GPU by default).")
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
@@ -90,7 +91,7 @@ def parse_size(text: str) -> int:
 @common_options
 @user_errors
 def command(widths, sparsities, specs, slim_widths, assistant, gates, gate_penalties, data_spec, limit, normalize, data_free, source, noise, calibration, lookahead, alpha, epochs, steps,
-            batch_size, lr, init, round_to, augment_passes, val_size, evals, patience, bn_stats, seed, only, engine, precision, workers, backend,
+            batch_size, lr, init, round_to, augment_passes, val_size, evals, patience, bn_stats, seed, only, engine, precision, compile_mode, workers, backend,
             address, device, devices, cache_budget, checkpoint_every, force, dry_run, quiet, workspace, fmt):
     """Rewrite and train a student for every neighbourhood and spec.
 
@@ -134,7 +135,8 @@ def command(widths, sparsities, specs, slim_widths, assistant, gates, gate_penal
                         calibration=calibration, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, lookahead=lookahead,
                         alpha=tuple(parse_floats(alpha, "--alpha")), init=init, round_to=round_to,
                         augment_passes=augment_passes, val_size=val_size, evals=evals, patience=patience, bn_stats=bn_stats,
-                        seed=seed, engine="jobs" if engine == "auto" else engine, precision=precision)
+                        seed=seed, engine="jobs" if engine == "auto" else engine, precision=precision,
+                        compile=compile_mode)
     budget = parse_size(cache_budget)
     progress = Progress(0, "distill", quiet=quiet, bar=fmt != "json")
     planned = {}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ndc.commands.common import (common_options, data_options, device_option, emit, finite_float, metric_option,
-                                 normalize_option, table, user_errors)
+from ndc.commands.common import (common_options, compile_option, data_options, device_option, emit, finite_float,
+                                 metric_option, normalize_option, table, user_errors)
 from ndc.losses import LOSS_CHOICES
 
 
@@ -37,6 +37,7 @@ def training_options(lr_default: float):
             click.option("--seed", type=int, default=0, show_default=True),
             click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Also export the result (.onnx, .pt2, .pt)."),
             device_option,
+            compile_option,
             click.option("--quiet", is_flag=True, help="No progress on stderr."),
         ]):
             f = option(f)
@@ -57,14 +58,15 @@ def epoch_progress(epochs: int, what: str, quiet: bool, fmt: str):
     return progress, on_epoch
 
 
-def base_config(epochs, lr, lr_default, batch_size, tau, lam, patience, time_budget, no_augment, data_free, seed, **extra):
+def base_config(epochs, lr, lr_default, batch_size, tau, lam, patience, time_budget, no_augment, data_free, seed, compile_mode,
+                **extra):
     """The teacher-independent settings of an end-to-end run, checked before any work (loss and metric come later)."""
     from ndc import stages
     from ndc.finetune import TrainConfig
 
     return TrainConfig(epochs=epochs, lr=stages.learning_rate(lr, lr_default, data_free), batch_size=batch_size, tau=tau,
                        lam=0.0 if data_free else lam, patience=patience, time_budget=time_budget,
-                       augment=not no_augment and not data_free, seed=seed, **extra)
+                       augment=not no_augment and not data_free, seed=seed, compile=compile_mode, **extra)
 
 
 @click.command("finetune")
@@ -74,7 +76,7 @@ def base_config(epochs, lr, lr_default, batch_size, tau, lam, patience, time_bud
 @common_options
 @user_errors
 def command(data_spec, limit, normalize, loss, metric, epochs, lr, batch_size, tau, lam, patience, time_budget, no_augment,
-            data_free, restart, seed, output, device, quiet, workspace, fmt):
+            data_free, restart, seed, output, device, compile_mode, quiet, workspace, fmt):
     """Fine-tune the stitched student end to end against the teacher.
 
     The loss fits the teacher's head (--loss, auto by default): for
@@ -95,7 +97,7 @@ def command(data_spec, limit, normalize, loss, metric, epochs, lr, batch_size, t
     from ndc.workspace import Workspace
 
     cfg = base_config(epochs, lr, stages.FINETUNE_LR, batch_size, tau, lam, patience, time_budget, no_augment, data_free, seed,
-                      freeze_bn=data_free, keep_initial=True)
+                      compile_mode, freeze_bn=data_free, keep_initial=True)
     progress, on_epoch = epoch_progress(epochs, "finetune", quiet, fmt)
     with progress:
         result = stages.finetune(Workspace(workspace), cfg, loss=loss, metric=metric, data=data_spec, limit=limit,

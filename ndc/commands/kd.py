@@ -16,7 +16,7 @@ from ndc.commands.finetune import base_config, epoch_progress, training_options
 @common_options
 @user_errors
 def command(width, spec_text, selection_file, data_spec, limit, normalize, loss, metric, epochs, lr, batch_size, tau, lam, patience,
-            time_budget, no_augment, data_free, restart, seed, output, device, quiet, workspace, fmt):
+            time_budget, no_augment, data_free, restart, seed, output, device, compile_mode, quiet, workspace, fmt):
     """Train the student architecture from scratch end to end (the baselines).
 
     The student is the stitched student's architecture (--width, --spec or
@@ -34,7 +34,8 @@ def command(width, spec_text, selection_file, data_spec, limit, normalize, loss,
     from ndc import stages
     from ndc.workspace import Workspace
 
-    cfg = base_config(epochs, lr, stages.SCRATCH_LR, batch_size, tau, lam, patience, time_budget, no_augment, data_free, seed)
+    cfg = base_config(epochs, lr, stages.SCRATCH_LR, batch_size, tau, lam, patience, time_budget, no_augment, data_free, seed,
+                      compile_mode)
     progress, on_epoch = epoch_progress(epochs, "kd", quiet, fmt)
     with progress:
         result = stages.kd(Workspace(workspace), cfg, loss=loss, metric=metric, width=width, spec=spec_text,

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 from ndc.errors import NdcError
 from ndc.ir import Spec
+from ndc.training import COMPILE_MODES
 from ndc.workspace import sha256_json
 
 SOURCES = ("cache", "recompute", "noise")
@@ -49,6 +50,7 @@ class DistillConfig:
     bn_stats: str = "auto"  # batch: students' batch norms learn from batch statistics; frozen: keep the teacher's
     engine: str = "jobs"  # jobs: one unit per candidate; fused: candidates trained together (batch order differs)
     precision: str = "fp32"  # autocast of the students' forward passes: fp32 (none), bf16, fp16 (with loss scaling)
+    compile: str = "none"  # torch.compile mode of every candidate's training step (ndc.training.compiled)
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -84,6 +86,8 @@ class DistillConfig:
             raise NdcError(f"unknown --bn-stats {self.bn_stats!r}; valid: {', '.join(BN_STATS)}")
         if self.precision not in PRECISIONS:
             raise NdcError(f"unknown --precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
+        if self.compile not in COMPILE_MODES:
+            raise NdcError(f"unknown --compile {self.compile!r}; valid: {', '.join(COMPILE_MODES)}")
         if self.engine not in ("jobs", "fused"):
             raise NdcError(f"unknown --engine {self.engine!r}; valid: jobs, fused")
 
@@ -109,6 +113,7 @@ class DistillConfig:
         """The settings that change a trained student (not where or how fast it runs)."""
         d = asdict(self)
         d.pop("device")
+        d.pop("compile")  # the same training, compiled
         d["alpha"] = self.alphas()
         d["bn_stats"] = "frozen" if self.frozen_bn else "batch"
         return d

@@ -40,6 +40,7 @@ from ndc.distill.trainer import CandidateFailed, CandidateTrainer, heldout_error
 from ndc.errors import NdcError, one_line
 from ndc.ir import Spec
 from ndc.metrics import count_flops, count_params
+from ndc.training import mark_step
 from ndc.workspace import Workspace, fence_holds, sha256_json
 
 ENGINES = ("jobs", "fused")
@@ -192,6 +193,7 @@ class _Run:
                 self._failed(item, _reason(e))
         groups: dict[int, list[CandidateTrainer]] = {}
         for t in trainers:
+            t.compile(cfg.compile)
             self._resume(t)
             groups.setdefault(t.steps, []).append(t)
         for start in sorted(groups, reverse=True):  # resumed candidates first: they are closest to done
@@ -270,6 +272,7 @@ class _Run:
                 if not active:
                     break
                 losses = []
+                mark_step(cfg.compile)
                 with self.precision.autocast():
                     for t in active:
                         t.zero_grad()

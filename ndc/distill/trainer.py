@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ndc.distill.config import DistillConfig
 from ndc.ir import Spec
-from ndc.training import BestWeights, SparsityRamp, cosine, track_running_stats
+from ndc.training import BestWeights, SparsityRamp, compiled, cosine, track_running_stats
 
 
 class CandidateFailed(Exception):
@@ -88,7 +88,11 @@ class CandidateTrainer:
         self.failed: str | None = None
         self._loss_sum = torch.zeros((), device=device)
         self._loss_count = 0
-        self._last_finite_check = 0
+        self._objective = self.objective
+
+    def compile(self, mode: str) -> None:
+        """Train through ``torch.compile`` (``--compile``): the objective's forward and backward become compiled graphs."""
+        self._objective = compiled(self.objective, mode)
 
     @property
     def label(self) -> str:
@@ -103,7 +107,7 @@ class CandidateTrainer:
         """The loss on one batch (train mode, graph kept for the engine's backward)."""
         a, targets = batch.pair(self.index, self.lookahead)
         self.train_mode()
-        return self.track(self.objective(a, targets))
+        return self.track(self._objective(a, targets))
 
     def objective(self, a: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
         """What this kind of job minimises on inputs ``a`` (a subclass's other objective goes here)."""
