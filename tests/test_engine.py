@@ -194,3 +194,32 @@ def test_compile_choices_of_the_cli_are_the_trainers():
     from ndc.training import COMPILE_MODES
 
     assert COMPILE_CHOICES == COMPILE_MODES
+
+
+def test_a_cache_held_in_memory_gives_the_students_of_the_memory_mapped_one(ws, tmp_path, monkeypatch):
+    # On a GPU the cache is held in device memory by default (--source cache); here in host memory, the same path.
+    from ndc.backends import make_backend
+    from ndc.distill import DistillConfig, run_distill
+    from ndc.distill import sources
+    from ndc.ir import Spec
+    from ndc.workspace import Workspace
+
+    other = tmp_path / "other"
+    shutil.copytree(ws, other)
+    storages = []
+    real_rows = sources.ResidentArrays.rows
+
+    def rows(self, name, split, idx):
+        if split == "train":
+            storages.append(idx._base)  # a view of a tensor on the device: a NumPy array would be copied every step
+        return real_rows(self, name, split, idx)
+
+    monkeypatch.setattr(sources.ResidentArrays, "rows", rows)
+    cfg = DistillConfig(data="digits", limit=200, steps=24, batch_size=32, val_size=64, engine="fused", source="cache")
+    mapped = run_distill(Workspace(ws), [Spec(width=0.5)], cfg, make_backend("local"), memory_budget=0)
+    assert not storages
+    held = run_distill(Workspace(other), [Spec(width=0.5)], cfg, make_backend("local"), memory_budget=1 << 30)
+    assert len({id(t) for t in storages}) == -(-24 // -(-200 // 32))  # the batch indices go to the device once per epoch, not per step
+    assert [r["status"] for r in held] == [r["status"] for r in mapped] and {r["status"] for r in held} == {"done"}
+    for p in ws.glob("jobs/*/*/weights.safetensors"):
+        assert sha256_file(p) == sha256_file(other / p.relative_to(ws))

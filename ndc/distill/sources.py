@@ -271,11 +271,10 @@ class ResidentArrays:
         self.tensors = {(name, split): torch.from_numpy(np.ascontiguousarray(arrays.get(name, split))).to(device)
                         for name in names for split in ("train", "test")}
 
-    def rows(self, name: str, split: str, idx) -> torch.Tensor:
+    def rows(self, name: str, split: str, idx: slice | torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` (a slice, or indices already on the device) as float32."""
         t = self.tensors[name, split]
-        if isinstance(idx, slice):
-            return t[idx].float()
-        return t.index_select(0, torch.as_tensor(idx, device=t.device)).float()
+        return (t[idx] if isinstance(idx, slice) else t.index_select(0, idx)).float()
 
 
 def resident_bytes(arrays: CachedArrays, names: list[str]) -> int:
@@ -295,9 +294,17 @@ class CacheFeed(Feed):
 
     def train(self, epoch: int, skip: int = 0):
         order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        for start in range(skip * self.batch_size, self.n, self.batch_size):
-            # Sorted indices read the memmap front to back; the batch order stays random.
-            yield self._batch(np.sort(order[start:start + self.batch_size]), "train")
+        # Sorted indices read the memmap front to back; the batch order stays random.
+        batches = [np.sort(order[start:start + self.batch_size]) for start in range(skip * self.batch_size, self.n, self.batch_size)]
+        if self.resident is None or not batches:
+            for idx in batches:
+                yield self._batch(idx, "train")
+            return
+        # Resident: the epoch's indices go to the device in one copy. A copy per step would be a blocking
+        # host-to-device transfer, which waits for the device every step.
+        flat = torch.from_numpy(np.concatenate(batches)).to(self.resident.device)
+        for k in range(len(batches)):
+            yield self._batch(flat[k * self.batch_size:(k + 1) * self.batch_size], "train")
 
     def heldout(self):
         n = self.arrays.meta["test"]
