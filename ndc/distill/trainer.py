@@ -89,6 +89,7 @@ class CandidateTrainer:
         self._loss_sum = torch.zeros((), device=device)
         self._loss_count = 0
         self._objective = self.objective
+        self.train_mode()
 
     def compile(self, mode: str) -> None:
         """Train through ``torch.compile`` (``--compile``): the objective's forward and backward become compiled graphs."""
@@ -106,7 +107,8 @@ class CandidateTrainer:
     def loss(self, batch) -> torch.Tensor:
         """The loss on one batch (train mode, graph kept for the engine's backward)."""
         a, targets = batch.pair(self.index, self.lookahead)
-        self.train_mode()
+        if not self.model.training:  # set once, not every step: it walks every module (evaluations restore it)
+            self.train_mode()
         return self.track(self._objective(a, targets))
 
     def objective(self, a: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
@@ -278,7 +280,8 @@ def heldout_errors(trainers: list[CandidateTrainer], batches) -> list[dict]:
                 acc[1] = acc[1] + (targets[0] ** 2).sum()
                 acc[2] += targets[0].numel()
     for t, mode in zip(trainers, modes):
-        t.model.train(mode)
+        if mode:
+            t.train_mode()
     out = []
     for per_trainer in sums:
         members = [_errors(float(d), float(q), n) for d, q, n in per_trainer] or [_errors(0.0, 0.0, 0)]
