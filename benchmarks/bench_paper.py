@@ -144,17 +144,18 @@ def table1(args) -> None:
         spec = Spec(width=k)
         selection = uniform_selection(teacher.plan, spec)
         row = {"width": k, "teacher_accuracy": teacher_acc}
-        for loss, rate in (("ce", lr.get("scratch_ce", lr["scratch"])), ("kd", lr["scratch"])):
+        for loss, rate in (("ce", lr.get("scratch_ce", lr["scratch"])), ("kd", lr["scratch"]))[1 if args.no_ce else 0:]:
             model = fresh_student(teacher, selection)
-            r = train(model, data, TrainConfig(loss=loss, epochs=args.epochs, lr=rate), teacher=teacher.gm,
+            r = train(model, data, TrainConfig(loss=loss, epochs=args.epochs, lr=rate, compile=args.compile), teacher=teacher.gm,
                       log=lambda e, loss=loss: e.get("event") == "epoch" and log(f"k={k} {loss} epoch {e['epoch']}: {e['accuracy']:.2%}"))
             row[loss] = {"accuracy": r["history"][-1]["accuracy"], "best_accuracy": r["best_accuracy"],
                          "seconds": r["seconds"], "history": r["history"], "lr": rate}
         row["params"] = sum(p.numel() for p in model.parameters())
-        out = nd(ws, teacher, data, spec, args.nd_epochs, args.workers, args.examples)
+        out = nd(ws, teacher, data, spec, args.nd_epochs, args.workers, args.examples, compile=args.compile)
         log(f"k={k} ND: {out['accuracy']:.2%} in {out['seconds']:.0f}s")
         row["nd"] = {key: out[key] for key in ("accuracy", "seconds", "distill_seconds", "stitch_seconds", "final_errors")}
-        r = train(out["student"], data, TrainConfig(loss="kd", epochs=args.ft_epochs, lr=lr["finetune"]), teacher=teacher.gm,
+        r = train(out["student"], data, TrainConfig(loss="kd", epochs=args.ft_epochs, lr=lr["finetune"], compile=args.compile),
+                  teacher=teacher.gm,
                   log=lambda e: e.get("event") == "epoch" and log(f"k={k} ND+FT epoch {e['epoch']}: {e['accuracy']:.2%}"))
         row["nd_ft"] = {"accuracy": r["history"][-1]["accuracy"], "best_accuracy": r["best_accuracy"],
                         "seconds": out["seconds"] + r["seconds"], "finetune_seconds": r["seconds"], "history": r["history"],
@@ -164,7 +165,8 @@ def table1(args) -> None:
         rows.append(row)
         write(f"paper-table1-{'-'.join(str(w) for w in args.widths)}{args.tag}.json",
               {"examples": args.examples, "epochs": args.epochs, "nd_epochs": args.nd_epochs, "ft_epochs": args.ft_epochs,
-               "workers": args.workers, "teacher": teacher_info(teacher_name(args.teacher_examples)), "rows": rows})
+               "workers": args.workers, "compile": args.compile, "teacher": teacher_info(teacher_name(args.teacher_examples)),
+               "rows": rows})
 
 
 # --------------------------------------------------------------------- table 3a
@@ -302,6 +304,8 @@ def main() -> None:
                     help="ndlr: ND learning rates")
     ap.add_argument("--teacher-examples", type=int, default=None,
                     help="the ResNet-20 teacher trained on the first N images (8 epochs) instead of all 60,000")
+    ap.add_argument("--no-ce", action="store_true", help="table1: skip the cross-entropy baseline (time to KD needs only KD)")
+    ap.add_argument("--compile", default="none", help="table1: torch.compile mode of every route (CE, KD, ND, fine-tuning)")
     ap.add_argument("--tag", default="", help="suffix of the result file's name (e.g. -e30 for a longer baseline)")
     args = ap.parse_args()
     torch.set_num_threads(2)

@@ -50,9 +50,11 @@ def table1() -> None:
     print("| run | k | params | CE | KD | ND | ND + FT | CE s | KD s | ND s | ND + FT s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, d, r in rows:
+        ce = r.get("ce")  # absent with bench_paper.py table1 --no-ce
+        ce_acc, ce_s = (pct(ce["accuracy"]), f"{ce['seconds']:.0f}") if ce else ("–", "–")
         print(f"| {name.removeprefix('paper-table1-')} (e2e {d['epochs']} ep, ND {d['nd_epochs']} ep, FT {d['ft_epochs']} ep) | "
-              f"{r['width']} | {r['params'] / 1000:.0f}K | {pct(r['ce']['accuracy'])} | {pct(r['kd']['accuracy'])} | "
-              f"{pct(r['nd']['accuracy'])} | {pct(r['nd_ft']['accuracy'])} | {r['ce']['seconds']:.0f} | "
+              f"{r['width']} | {r['params'] / 1000:.0f}K | {ce_acc} | {pct(r['kd']['accuracy'])} | "
+              f"{pct(r['nd']['accuracy'])} | {pct(r['nd_ft']['accuracy'])} | {ce_s} | "
               f"{r['kd']['seconds']:.0f} | {r['nd']['seconds']:.0f} | {r['nd_ft']['seconds']:.0f} |")
     print("\n### Time to KD's final accuracy minus 0.5 points\n")
     print("| run | k | target | KD s | ND + FT s | speed-up |")
