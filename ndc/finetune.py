@@ -263,7 +263,6 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, teacher: nn.Module | None
         state.update(best_accuracy=initial, best_epoch=0, initial_accuracy=initial)
         best = BestWeights(model, initial, cfg.patience, lower_is_better=lower)
 
-
     def forward(x, y):
         """The step's forward: the student's loss against the teacher's outputs (one graph with --compile)."""
         out = model(x)

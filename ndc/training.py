@@ -59,18 +59,18 @@ def track_running_stats(model: nn.Module) -> int:
 
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
-RECOMPILE_LIMIT = 64  # graphs per compiled function: one per block shape, batch size and train/eval mode
+RECOMPILE_LIMIT = 1024  # graphs of one function: a trainer's objective is one code object for every candidate,
+# and each candidate (its own module) and batch size compiles a graph of it; past the limit PyTorch runs it eagerly
 
 
 def compiled(fn, mode: str):
     """``fn`` through ``torch.compile`` in ``mode`` (``reduce-overhead`` adds CUDA graphs on a GPU), or ``fn`` for ``none``.
 
-    Shapes are static: a block shape or batch size not seen before compiles a
-    graph of its own (a last, smaller batch once per epoch length), and
-    students of the same architecture share the compiled code. The first
-    call compiles (tens of seconds on a CPU; PyTorch caches the result on
-    disk, so a later run or another worker process of the same shapes takes a
-    few seconds).
+    Shapes are static: every module and batch size compiles a graph of its
+    own (a last, smaller batch once more). The first call compiles (tens of
+    seconds on a CPU); PyTorch caches the generated code on disk, so students
+    of an architecture compiled before, in a later run or in another worker
+    process, take a second or two.
     """
     if mode == "none":
         return fn
@@ -80,6 +80,7 @@ def compiled(fn, mode: str):
     from ndc.errors import NdcError, one_line
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
     torch._inductor.config.fallback_random = True  # eager's random numbers (gates' noise): the same students either way
     fast = torch.compile(fn, mode=None if mode == "default" else mode, dynamic=False)
 

@@ -268,7 +268,8 @@ class ResidentArrays:
 
     def __init__(self, arrays: CachedArrays, names: list[str], device: str):
         self.device = device
-        self.tensors = {(name, split): torch.from_numpy(np.ascontiguousarray(arrays.get(name, split))).to(device)
+        # np.array copies the (read-only) memory map: the rows are in memory, and writable as torch wants
+        self.tensors = {(name, split): torch.from_numpy(np.array(arrays.get(name, split))).to(device)
                         for name in names for split in ("train", "test")}
 
     def rows(self, name: str, split: str, idx: slice | torch.Tensor) -> torch.Tensor:
