@@ -46,7 +46,8 @@ import torch.nn as nn
 from ndc.errors import NdcError
 from ndc.losses import LOSSES, Loss
 from ndc.scoring import Metric, score
-from ndc.training import COMPILE_MODES, BestWeights, SparsityRamp, compiled, cosine, mark_step, set_lr, track_running_stats
+from ndc.training import (BestWeights, SparsityRamp, check_compile, compiled, cosine, mark_step, set_lr,
+                          track_running_stats)
 from ndc.workspace import Workspace, read_json, sha256_json
 
 
@@ -91,8 +92,7 @@ class TrainConfig:
                 raise NdcError(f"--{name.replace('_', '-')} must be 0 or a positive number, not {value}")
         if self.batch_size < 1:
             raise NdcError("--batch-size must be at least 1")
-        if self.compile not in COMPILE_MODES:
-            raise NdcError(f"unknown --compile {self.compile!r}; valid: {', '.join(COMPILE_MODES)}")
+        check_compile(self.compile)
 
     def loss_fn(self) -> Loss:
         return Loss(self.loss, self.tau, self.lam, self.tau_squared, self.probabilities, self.labels)

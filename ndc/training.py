@@ -25,6 +25,8 @@ import math
 import torch
 import torch.nn as nn
 
+from ndc.errors import NdcError, one_line
+
 SPARSITY_RAMP = 0.5  # fraction of training over which sparsity ramps up (the paper: 20k of 40k steps)
 RAMP_UPDATES = 50  # mask recomputations over the ramp
 
@@ -63,6 +65,12 @@ RECOMPILE_LIMIT = 1024  # graphs of one function: a trainer's objective is one c
 # and each candidate (its own module) and batch size compiles a graph of it; past the limit PyTorch runs it eagerly
 
 
+def check_compile(mode: str) -> None:
+    """Refuse a ``--compile`` mode torch.compile does not have."""
+    if mode not in COMPILE_MODES:
+        raise NdcError(f"unknown --compile {mode!r}; valid: {', '.join(COMPILE_MODES)}")
+
+
 def compiled(fn, mode: str):
     """``fn`` through ``torch.compile`` in ``mode`` (``reduce-overhead`` adds CUDA graphs on a GPU), or ``fn`` for ``none``.
 
@@ -76,8 +84,6 @@ def compiled(fn, mode: str):
         return fn
     import torch._dynamo
     import torch._inductor.config
-
-    from ndc.errors import NdcError, one_line
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from ndc.errors import NdcError
 from ndc.ir import Spec
-from ndc.training import COMPILE_MODES
+from ndc.training import check_compile
 from ndc.workspace import sha256_json
 
 SOURCES = ("cache", "recompute", "noise")
@@ -86,8 +86,7 @@ class DistillConfig:
             raise NdcError(f"unknown --bn-stats {self.bn_stats!r}; valid: {', '.join(BN_STATS)}")
         if self.precision not in PRECISIONS:
             raise NdcError(f"unknown --precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
-        if self.compile not in COMPILE_MODES:
-            raise NdcError(f"unknown --compile {self.compile!r}; valid: {', '.join(COMPILE_MODES)}")
+        check_compile(self.compile)
         if self.engine not in ("jobs", "fused"):
             raise NdcError(f"unknown --engine {self.engine!r}; valid: jobs, fused")
 

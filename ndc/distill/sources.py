@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,14 +269,21 @@ class ResidentArrays:
 
     def __init__(self, arrays: CachedArrays, names: list[str], device: str):
         self.device = device
-        # np.array copies the (read-only) memory map: the rows are in memory, and writable as torch wants
-        self.tensors = {(name, split): torch.from_numpy(np.array(arrays.get(name, split))).to(device)
-                        for name in names for split in ("train", "test")}
+        self.tensors = {(name, split): _resident(arrays.get(name, split), device) for name in names for split in ("train", "test")}
 
     def rows(self, name: str, split: str, idx: slice | torch.Tensor) -> torch.Tensor:
         """Rows ``idx`` (a slice, or indices already on the device) as float32."""
         t = self.tensors[name, split]
         return (t[idx] if isinstance(idx, slice) else t.index_select(0, idx)).float()
+
+
+def _resident(rows: np.ndarray, device: str) -> torch.Tensor:
+    """A read-only memory map's rows held in ``device`` memory: one copy, straight from the map."""
+    if torch.device(device).type == "cpu":
+        return torch.from_numpy(np.array(rows))  # in memory, and writable, as torch wants its arrays
+    with warnings.catch_warnings():  # torch warns of a read-only array; this one is only read, by the copy to the device
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.ascontiguousarray(rows)).to(device)
 
 
 def resident_bytes(arrays: CachedArrays, names: list[str]) -> int:
@@ -297,15 +305,12 @@ class CacheFeed(Feed):
         order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
         # Sorted indices read the memmap front to back; the batch order stays random.
         batches = [np.sort(order[start:start + self.batch_size]) for start in range(skip * self.batch_size, self.n, self.batch_size)]
-        if self.resident is None or not batches:
-            for idx in batches:
-                yield self._batch(idx, "train")
-            return
-        # Resident: the epoch's indices go to the device in one copy. A copy per step would be a blocking
-        # host-to-device transfer, which waits for the device every step.
-        flat = torch.from_numpy(np.concatenate(batches)).to(self.resident.device)
-        for k in range(len(batches)):
-            yield self._batch(flat[k * self.batch_size:(k + 1) * self.batch_size], "train")
+        if self.resident is not None and batches:
+            # The epoch's indices go to the device in one copy: a copy per step would be a blocking
+            # host-to-device transfer, which waits for the device every step.
+            batches = torch.from_numpy(np.concatenate(batches)).to(self.resident.device).split(self.batch_size)
+        for idx in batches:
+            yield self._batch(idx, "train")
 
     def heldout(self):
         n = self.arrays.meta["test"]
