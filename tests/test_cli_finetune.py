@@ -151,3 +151,26 @@ def test_non_finite_options_are_refused_before_any_work(run_cli, ws, option):
         assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.stderr
         assert f"{option[0]} must be" in r.stderr and option[1] in r.stderr
     assert sorted(p.name for p in ws.iterdir()) == before  # nothing written
+
+
+@pytest.mark.parametrize("command", [["finetune"], ["kd", "--width", "0.5"]])
+def test_compile_reaches_the_training_step_and_its_failure_is_one_line(run_cli, ws, monkeypatch, command):
+    import torch
+    import torch._dynamo.exc
+
+    modes = []
+
+    def broken(fn, mode=None, **_):
+        modes.append(mode)
+
+        def run(*args, **kwargs):
+            raise torch._dynamo.exc.Unsupported("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    r = run_cli(*command, *DATA, "--epochs", "1", "--compile", "reduce-overhead")
+    assert r.exit_code == 1 and modes == ["reduce-overhead"]
+    assert r.stderr.splitlines()[-1] == ("Error: --compile reduce-overhead: torch.compile failed: no C++ compiler; "
+                                         "try without --compile") and "Traceback" not in r.stderr, r.stderr
+    r = run_cli(*command, *DATA, "--compile", "fast")
+    assert r.exit_code == 2 and "'fast' is not one of" in r.stderr
