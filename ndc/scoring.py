@@ -19,6 +19,11 @@ by batch into one number. The metrics:
   without labels); higher is better unless the function has an attribute
   ``higher_is_better = False``.
 
+:class:`Divergence` measures how far outputs are from the teacher's, on a
+continuous scale that is 0 for the teacher itself (KL divergence for class
+scores, Bernoulli KL for sigmoid heads, relative squared error otherwise):
+what Student Search's budget rule minimises.
+
 :func:`choose_metric` picks ``auto``'s metric from the teacher's output and
 the data, and says why when it is not the obvious one. :func:`score` runs a
 model (an ``nn.Module``, a ``torch.export`` program, an onnxruntime session,
@@ -42,6 +47,7 @@ from torch.utils._pytree import tree_leaves
 
 from ndc.errors import NdcError, first_line, fmt_shape
 from ndc.heads import Head
+from ndc.losses import _EPS, choose_loss
 from ndc.metrics import per_position
 from ndc.usercode import find_function, is_function_spec
 
@@ -359,6 +365,91 @@ class _FunctionTally(Tally):
         if math.isnan(value):
             raise NdcError(f"metric {self.spec} returned NaN")
         return value
+
+
+# ------------------------------------------------------------------ divergence
+
+
+DIVERGENCES = ("kl", "bernoulli-kl", "squared-error")
+DIVERGENCE_TITLES = {"kl": "KL", "bernoulli-kl": "Bernoulli KL", "squared-error": "squared error"}
+_DIVERGENCE_OF_LOSS = {"kd": "kl", "bce": "bernoulli-kl", "mse": "squared-error"}
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """How far outputs are from the teacher's, averaged over examples; 0 for the teacher's own outputs.
+
+    * ``kl``: KL(softmax(T) ‖ softmax(S)) per example (per position for token
+      scores), in nats: class scores;
+    * ``bernoulli-kl``: the summed per-output Bernoulli KL of the teacher's
+      probabilities from the model's (``probabilities``: the outputs already
+      are probabilities, else logits): sigmoid and multi-label heads;
+    * ``squared-error``: ``‖S − T‖² / ‖T‖²`` over the whole set: any other head.
+
+    Unlike a score counted in examples, it is continuous (every example
+    contributes, however small the change) and it cannot be better than the
+    teacher's; to second order, small independent changes at different
+    neighbourhoods add up, which is what a summed objective needs.
+    """
+
+    kind: str
+    probabilities: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in DIVERGENCES:
+            raise NdcError(f"unknown divergence {self.kind!r}; valid: {', '.join(DIVERGENCES)}")
+
+    @classmethod
+    def of(cls, head: Head, data: Any) -> "Divergence":
+        """The divergence that fits ``head`` and ``data``: the teacher term of the loss ``--loss auto`` trains with
+        (kd: ``kl``, bce: ``bernoulli-kl``, mse: ``squared-error``)."""
+        return cls(_DIVERGENCE_OF_LOSS[choose_loss("auto", head, data)[0]], probabilities=head.sigmoid)
+
+    def __str__(self) -> str:
+        return self.kind
+
+    def tally(self) -> Tally:
+        return _DivergenceTally(self)
+
+
+class _DivergenceTally(Tally):
+    CHUNK = 1 << 22  # elements per float64 piece: a language model's (batch x positions x vocabulary) scores stay small
+
+    def __init__(self, divergence: Divergence):
+        self.kind, self.probabilities = divergence.kind, divergence.probabilities
+        self.total = self.reference = 0.0
+        self.count = 0
+
+    def add(self, out, teacher_out, y):
+        s, t = per_position(out, _need(teacher_out, "the teacher's outputs"))  # token scores: a row per position
+        s, t = s.reshape(len(s), -1), t.reshape(len(t), -1)
+        rows = max(1, self.CHUNK // max(1, t.shape[1]))
+        for a, b in zip(s.split(rows), t.split(rows)):
+            self._add(a.double(), b.double())
+        self.count += len(t)
+
+    def _add(self, s: torch.Tensor, t: torch.Tensor) -> None:
+        if self.kind == "squared-error":
+            self.total += float(((s - t) ** 2).sum())
+            self.reference += float((t * t).sum())
+        elif self.kind == "kl":
+            log_t, log_s = torch.log_softmax(t, dim=-1), torch.log_softmax(s, dim=-1)
+            self.total += float((log_t.exp() * (log_t - log_s)).sum())
+        else:
+            (lt, l1t), (ls, l1s) = self._logs(t), self._logs(s)
+            self.total += float((lt.exp() * (lt - ls) + l1t.exp() * (l1t - l1s)).sum())
+
+    def _logs(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p and log (1 - p) of probabilities, or of the sigmoid of logits."""
+        if self.probabilities:
+            v = v.clamp(_EPS, 1 - _EPS)
+            return v.log(), torch.log1p(-v)
+        return torch.nn.functional.logsigmoid(v), torch.nn.functional.logsigmoid(-v)
+
+    def result(self):
+        if self.kind == "squared-error":
+            return self.total / self.reference if self.reference > 0 else (0.0 if self.total == 0 else math.inf)
+        return self.total / self.count if self.count else 0.0
 
 
 # ------------------------------------------------------------------ running

@@ -383,20 +383,23 @@ class SearchOutcome:
 
 
 def search(ws: Workspace, *, data: str | None, limit: int | None = None, normalize: Any = True, max_drop: float | None = None,
-           budget: str | None = None, eval_size: int | None = 1000, metric: str = "auto", fallback: str = "teacher",
-           calibrate: int = 20, verify: bool = True, plot: bool = False, batch_size: int = 256, device: str = "cpu",
-           warn: Log = _quiet, log: Log = _quiet) -> SearchOutcome:
+           budget: str | None = None, objective: str | None = None, eval_size: int | None = 1000, metric: str = "auto",
+           fallback: str = "teacher", calibrate: int = 20, verify: bool = True, plot: bool = False, batch_size: int = 256,
+           device: str = "cpu", warn: Log = _quiet, log: Log = _quiet) -> SearchOutcome:
     """Student Search: score every trained candidate inside the teacher, choose by ``max_drop`` (greedy) or ``budget``
-    (exact), measure the stitched choice, and write ``selection.json`` (which ``stitch`` then uses)."""
+    (exact, minimising ``objective``: the summed divergence from the teacher by default, or the summed drop), measure
+    the stitched choice, and write ``selection.json`` (which ``stitch`` then uses)."""
     from ndc.data import open_data
     from ndc.heads import teacher_head
     from ndc.plan import load_teacher
-    from ndc.scoring import pick_metric
+    from ndc.scoring import Divergence, pick_metric
     from ndc.search import (HeldOut, greedy, load_candidates, measure_selection, parse_budget, quality_table, run_sweep,
                             solve_budget, write_pareto, write_selection)
 
     if max_drop is not None and budget is not None:
         raise NdcError("give one of --max-drop and --budget")
+    if objective is not None and max_drop is not None:
+        raise NdcError("--objective is what --budget minimises; --max-drop compares each candidate's drop")
     device = one_device(device)
     if not data:
         raise NdcError("ndc search scores every candidate inside the teacher: give --data SPEC "
@@ -407,7 +410,8 @@ def search(ws: Workspace, *, data: str | None, limit: int | None = None, normali
         plan = teacher.plan
         rule_budget = parse_budget(budget, plan.teacher) if budget is not None else None
         source = open_data(data, plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
-        chosen_metric = pick_metric(metric, source, teacher_head(teacher), warn=warn)
+        head = teacher_head(teacher)
+        chosen_metric = pick_metric(metric, source, head, warn=warn)
         heldout = HeldOut.first(source, eval_size, batch_size, device)
         candidates = load_candidates(ws, teacher, device)
         if not candidates:
@@ -415,12 +419,12 @@ def search(ws: Workspace, *, data: str | None, limit: int | None = None, normali
         missing = [nb.name for nb in plan.trainable if nb.name not in candidates]
         if missing:
             warn(f"no trained candidates for {', '.join(missing)}: they keep the teacher's neighbourhood")
-        quality, reused = quality_table(ws, teacher, candidates, heldout, chosen_metric)
+        quality, reused = quality_table(ws, teacher, candidates, heldout, chosen_metric, Divergence.of(head, source))
         result = None
         if max_drop is not None:
             result = greedy(quality, max_drop, fallback)
         elif rule_budget is not None:
-            result = solve_budget(quality, rule_budget)
+            result = solve_budget(quality, rule_budget, objective)
         for note in result.notes if result else []:
             warn(note)
         measured = None
@@ -429,7 +433,7 @@ def search(ws: Workspace, *, data: str | None, limit: int | None = None, normali
         doc = write_selection(ws, result, measured, data) if result is not None else None
         files = {}
         if plot:
-            points = run_sweep(ws, teacher, quality, source, heldout, calibrate, result, measured, log=log)
+            points = run_sweep(ws, teacher, quality, source, heldout, calibrate, result, measured, log=log, objective=objective)
             files = write_pareto(ws, points, quality)
         teacher.gm.cpu()
         payload = {

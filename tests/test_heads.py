@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from ndc.errors import NdcError
 from ndc.losses import Loss, bce_loss, choose_loss, mse_loss
 from ndc.heads import Head
-from ndc.scoring import Metric, choose_metric, score
+from ndc.scoring import Divergence, Metric, choose_metric, score
 
 HERE = pathlib.Path(__file__).resolve().parent
 MODELS = HERE / "models_for_tests.py"
@@ -186,6 +186,7 @@ def test_search_and_probe_by_output_error_on_a_regression_head(heads):
     doc = run_json("search", "--data", regression["data"], "--metric", "output-error", "--budget", "params=60%",
                    "-w", regression["ws"])
     assert doc["metric"] == "output-error" and doc["teacher_accuracy"] == 0.0
+    assert doc["objective"] == "divergence" and doc["divergence"] == "squared-error"
     for options in doc["table"].values():
         assert all(o["drop"] == pytest.approx(100 * o["accuracy"]) for o in options)  # error in points above 0
     assert doc["predicted_accuracy"] == pytest.approx(doc["predicted_drop"] / 100)  # lower is better: teacher + drop
@@ -294,3 +295,52 @@ def test_metric_values():
     with pytest.raises(NdcError, match="unknown metric 'top-0'"):
         Metric("top-0")
     assert math.isinf(score(identity, [(x, None)], Metric("output-error"), teacher=lambda v: 0 * v))
+
+
+@pytest.mark.parametrize("head, data, kind, probabilities", [
+    (Head((10,)), Fake(), "kl", False),
+    (Head((12, 50)), Fake("none", None), "kl", False),  # a language model's next-token scores
+    (Head((5,), sigmoid=True), Fake("targets", None, (5,), True), "bernoulli-kl", True),
+    (Head((5,)), Fake("targets", None, (5,), True), "bernoulli-kl", False),
+    (Head((3,)), Fake("targets", None, (3,)), "squared-error", False),
+    (Head((8, 4, 4)), Fake(), "squared-error", False),
+])
+def test_divergence_follows_the_head(head, data, kind, probabilities):
+    assert Divergence.of(head, data) == Divergence(kind, probabilities)
+
+
+def divergence(kind: str, s: torch.Tensor, t: torch.Tensor, probabilities: bool = False, batch: int = 2) -> float:
+    tally = Divergence(kind, probabilities).tally()
+    for i in range(0, len(s), batch):
+        tally.add(s[i:i + batch], t[i:i + batch], None)
+    return tally.result()
+
+
+def test_divergence_values():
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    kl = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
+    assert divergence("kl", s, t) == pytest.approx(float(kl))
+    tokens_s, tokens_t = s.reshape(3, 2, 5), t.reshape(3, 2, 5)  # per position, averaged over positions
+    assert divergence("kl", tokens_s, tokens_t, batch=1) == pytest.approx(float(kl))
+    p, q = torch.sigmoid(t), torch.sigmoid(s)
+    bernoulli = (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).sum(1).mean()
+    assert divergence("bernoulli-kl", s, t) == pytest.approx(float(bernoulli))
+    assert divergence("bernoulli-kl", q, p, probabilities=True) == pytest.approx(float(bernoulli), rel=1e-5)
+    assert divergence("squared-error", s, t) == pytest.approx(float(((s - t) ** 2).sum() / (t * t).sum()))
+    for kind in ("kl", "bernoulli-kl", "squared-error"):
+        assert divergence(kind, t, t) == 0.0  # the teacher's own outputs
+        assert divergence(kind, s, t) > 0
+    with pytest.raises(NdcError, match="unknown divergence 'js'"):
+        Divergence("js")
+
+
+def test_divergence_is_computed_in_pieces_of_bounded_size(monkeypatch):
+    from ndc.scoring import _DivergenceTally
+
+    torch.manual_seed(1)
+    s, t = torch.randn(4, 3, 7), torch.randn(4, 3, 7)
+    whole = divergence("kl", s, t, batch=4)
+    monkeypatch.setattr(_DivergenceTally, "CHUNK", 10)  # one position's 7 scores per piece
+    assert divergence("kl", s, t, batch=4) == pytest.approx(whole, rel=1e-12)
+    assert divergence("squared-error", s, t, batch=4) == pytest.approx(float(((s - t) ** 2).sum() / (t * t).sum()))

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from ndc.cli import main
 from ndc.errors import NdcError
 from ndc.ir import Spec
-from ndc.search import (Budget, HeldOut, Option, QualityTable, greedy, mckp_frontier, measure_quality, parse_budget,
-                        solve_budget, solve_mckp)
+from ndc.scoring import Divergence
+from ndc.search import (Budget, HeldOut, Option, QualityTable, greedy, mckp_frontier, measure_quality, objective_of,
+                        parse_budget, solve_budget, solve_mckp)
 
 # A residual MLP on 8x8 digits: stem and head are kept, block1 and block2 are distilled.
 FACTORY = '''
@@ -185,6 +186,21 @@ def test_budget_finds_the_least_drop_that_fits(ws):
     assert out["teacher"] == [] and out["params"] <= teacher_params - 2 * (2112 - 1072)
 
 
+def test_budget_objective_is_recorded_and_divergences_are_in_the_table(ws):
+    teacher_params = json.loads((ws / "plan.json").read_text())["teacher"]["params"]
+    r, out = search(ws, "--budget", f"params={teacher_params - 2112 + 552}")
+    assert r.exit_code == 0, r.output
+    assert out["objective"] == "divergence" and out["divergence"] == "kl"
+    assert all(o["divergence"] is not None and o["divergence"] >= 0 for opts in out["table"].values() for o in opts)
+    assert all(o["divergence"] == 0.0 for opts in out["table"].values() for o in opts if o["teacher"])
+    chosen = out["candidates"]
+    assert out["summed_divergence"] == pytest.approx(sum(c["divergence"] for c in chosen.values()))
+    r, by_drop = search(ws, "--budget", f"params={teacher_params - 2112 + 552}", "--objective", "drop", "--no-verify")
+    assert r.exit_code == 0 and by_drop["objective"] == "drop" and by_drop["quality_reused"] is True
+    r = invoke("search", *DATA, "--eval-size", "300", "-w", ws, "--budget", f"params={teacher_params}")
+    assert r.exit_code == 0 and "(least summed divergence)" in r.stdout and " KL " in r.stdout.splitlines()[0] + " "
+
+
 def test_infeasible_budget_is_one_line_naming_the_smallest_student(ws):
     r, _ = search(ws, "--budget", "params=1K")
     assert r.exit_code == 1
@@ -233,6 +249,7 @@ def test_without_a_rule_search_prints_the_table_and_writes_no_selection(ws):
     (["--max-drop", "1"], "give --data SPEC"),
     (["--max-drop", "1", "--budget", "params=5K", *DATA], "give one of --max-drop and --budget"),
     (["--budget", "memory=5K", *DATA], "bad --budget"),
+    (["--max-drop", "1", "--objective", "drop", *DATA], "--objective is what --budget minimises"),
 ])
 def test_user_errors_are_one_line(ws, args, message):
     r = invoke("search", "-w", ws, *args)
@@ -262,32 +279,36 @@ def test_a_candidate_equal_to_the_teacher_part_has_exactly_zero_drop(distilled):
     broken = teacher.part("block2")
     with torch.no_grad():
         broken.get_submodule("block2.fc2").weight.mul_(-8)
-    score, scores, n = measure_quality(teacher.parts(), teacher.plan.names,
-                                       {"block1": [(Spec(), teacher.part("block1"))], "block2": [(Spec(0.5), broken)]},
-                                       heldout, "accuracy")
+    score, scores, n, divergences = measure_quality(
+        teacher.parts(), teacher.plan.names, {"block1": [(Spec(), teacher.part("block1"))], "block2": [(Spec(0.5), broken)]},
+        heldout, "accuracy", Divergence("kl"))
     assert n == 200
     assert scores["block1", Spec()] == score
     assert scores["block2", Spec(0.5)] < score - 0.1
-    _, agree, _ = measure_quality(teacher.parts(), teacher.plan.names, {"block1": [(Spec(), teacher.part("block1"))]},
-                                  heldout, "agreement")
-    assert agree["block1", Spec()] == 1.0
+    assert divergences["block1", Spec()] == 0.0 and divergences["block2", Spec(0.5)] > 0.1
+    _, agree, _, none = measure_quality(teacher.parts(), teacher.plan.names, {"block1": [(Spec(), teacher.part("block1"))]},
+                                        heldout, "agreement")
+    assert agree["block1", Spec()] == 1.0 and none == {}
 
 
 # ------------------------------------------------------------------ the rules on hand-made tables
 
 
-def table_of(rows: dict[str, list[tuple[str, int, int, float]]], base: int = 100) -> QualityTable:
-    """rows: neighbourhood -> [(spec or 'teacher', params, flops, drop)]."""
+def table_of(rows: dict[str, list[tuple]], base: int = 100) -> QualityTable:
+    """rows: neighbourhood -> [(spec or 'teacher', params, flops, drop[, divergence])]."""
     options = {}
     total = base
     for name, opts in rows.items():
         built = []
-        for spec, params, flops, drop in opts:
+        for spec, params, flops, drop, *divergence in opts:
             teacher = spec == "teacher"
             total += params if teacher else 0
-            built.append(Option(name, Spec() if teacher else Spec.parse(spec), params, flops, 0.9 - drop / 100, drop, teacher))
+            built.append(Option(name, Spec() if teacher else Spec.parse(spec), params, flops, 0.9 - drop / 100, drop, teacher,
+                                divergence=divergence[0] if divergence else None))
         options[name] = sorted(built, key=lambda o: (o.params, o.flops, o.teacher, str(o.spec)))
-    return QualityTable("accuracy", 100, 0.9, options, {"params": base, "flops": 0}, {"params": total, "flops": 0})
+    measured = all(o.divergence is not None for opts in options.values() for o in opts)
+    return QualityTable("accuracy", 100, 0.9, options, {"params": base, "flops": 0}, {"params": total, "flops": 0},
+                        divergence="kl" if measured else None)
 
 
 def test_greedy_orders_by_params_then_flops_and_the_threshold_is_strict():
@@ -330,6 +351,34 @@ def test_budget_counts_the_whole_student_and_is_exact():
     assert result.predicted_drop == pytest.approx(5.5) and result.size("params") == 120
     with pytest.raises(NdcError, match=r"smallest the trained candidates can make has 120 params"):
         solve_budget(table, Budget("params", 119))
+
+
+def test_budget_minimises_the_divergence_where_drops_saturate():
+    # On a small held-out set every candidate from width 0.5 up ties with the teacher (drop 0, or even better than
+    # it): summed drops see no gain in more width. The divergence keeps falling, so a larger budget is used.
+    table = table_of({
+        name: [("width=0.25", 10, 0, 2.0, 0.09), ("width=0.5", 20, 0, -0.1, 0.03), ("width=0.75", 30, 0, 0.0, 0.01),
+               ("teacher", 40, 0, 0.0, 0.0)]
+        for name in ("a", "b")
+    }, base=100)
+    assert objective_of(table) == "divergence"
+    by_drop = solve_budget(table, Budget("params", 170), objective="drop")
+    assert {o.label for o in by_drop.choice.values()} == {"width=0.5"} and by_drop.size("params") == 140
+    result = solve_budget(table, Budget("params", 170))
+    assert result.rule["objective"] == "divergence" and result.size("params") == 170
+    assert sorted(o.label for o in result.choice.values()) == ["teacher", "width=0.75"]
+    assert result.summed_divergence == pytest.approx(0.01) and result.predicted_drop == 0.0
+    assert solve_budget(table, Budget("params", 180)).summed_divergence == 0.0
+
+
+def test_tables_without_divergences_are_solved_by_drop():
+    table = table_of({"a": [("width=0.5", 10, 0, 1.0), ("teacher", 40, 0, 0.0)]})
+    assert objective_of(table) == "drop" and table.divergence is None
+    assert solve_budget(table, Budget("params", 110)).rule["objective"] == "drop"
+    with pytest.raises(NdcError, match="no divergences measured; use --objective drop"):
+        solve_budget(table, Budget("params", 110), objective="divergence")
+    with pytest.raises(NdcError, match="unknown --objective 'kl'"):
+        solve_budget(table, Budget("params", 110), objective="kl")
 
 
 def test_selection_names_the_teacher_part_unambiguously():

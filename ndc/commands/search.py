@@ -13,8 +13,12 @@ from ndc.errors import NdcError
 @click.option("--max-drop", type=finite_float("a finite number of points"), default=None, metavar="X",
               help="Greedy rule: per neighbourhood, the smallest candidate whose drop is below X points.")
 @click.option("--budget", "budget_text", default=None, metavar="params=N|flops=N",
-              help="Exact rule: least summed drop with the whole student within N parameters or FLOPs "
+              help="Exact rule: the best student within N parameters or FLOPs, by --objective "
                    "(suffixes K, M, G; or a percentage of the teacher, e.g. params=50%).")
+@click.option("--objective", type=click.Choice(["divergence", "drop"]), default=None,
+              help="What --budget minimises over the neighbourhoods: the summed divergence of the output from the "
+                   "teacher's (KL for class scores; continuous, so a larger budget keeps paying) or the summed "
+                   "--metric drop (the paper's).  [default: divergence]")
 @data_options
 @click.option("--eval-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Held-out set: the first N examples of the test split.")
@@ -32,17 +36,19 @@ from ndc.errors import NdcError
 @device_option
 @common_options
 @user_errors
-def command(max_drop, budget_text, data_spec, limit, eval_size, metric, fallback, calibrate, verify, plot, batch_size,
-            normalize, device, workspace, fmt):
+def command(max_drop, budget_text, objective, data_spec, limit, eval_size, metric, fallback, calibrate, verify, plot,
+            batch_size, normalize, device, workspace, fmt):
     """Pick one trained candidate per neighbourhood and write WORKSPACE/selection.json.
 
     Each candidate is scored inside the teacher (only its neighbourhood
     replaced) on the held-out set (by --metric, accuracy by default); its drop is
-    how much worse than the teacher's score that is, in percentage points.
-    --max-drop X takes, per neighbourhood, the smallest candidate (parameters,
-    then FLOPs) whose drop is below X; --budget finds the choice with the
-    least summed drop whose whole student fits the budget (solved exactly; the
-    teacher's own neighbourhood is always an option).
+    how much worse than the teacher's score that is, in percentage points;
+    its divergence is how far the output moved from the teacher's (KL
+    divergence for class scores). --max-drop X takes, per neighbourhood, the
+    smallest candidate (parameters, then FLOPs) whose drop is below X;
+    --budget finds the choice with the least summed divergence (or with
+    --objective drop, summed drop) whose whole student fits the budget (solved
+    exactly; the teacher's own neighbourhood is always an option).
     Without a rule, the table of candidates is printed and nothing is chosen.
     The selected student is stitched, its batch norms recalibrated, and its
     measured score reported beside the predicted one (teacher minus summed
@@ -54,13 +60,14 @@ def command(max_drop, budget_text, data_spec, limit, eval_size, metric, fallback
       ndc stitch -o student.onnx --data fashion-mnist
     """
     from ndc import stages
+    from ndc.scoring import DIVERGENCE_TITLES
     from ndc.workspace import Workspace
 
     if max_drop is not None and budget_text is not None:
         raise NdcError("give one of --max-drop and --budget")
     out = stages.search(Workspace(workspace), data=data_spec, limit=limit, normalize=normalize, max_drop=max_drop,
-                        budget=budget_text, eval_size=eval_size, metric=metric, fallback=fallback, calibrate=calibrate,
-                        verify=verify, plot=plot, batch_size=batch_size, device=device, warn=warn,
+                        budget=budget_text, objective=objective, eval_size=eval_size, metric=metric, fallback=fallback,
+                        calibrate=calibrate, verify=verify, plot=plot, batch_size=batch_size, device=device, warn=warn,
                         log=lambda m: None if fmt == "json" else click.echo(m, err=True))
     quality, result, measured, doc, files, payload = out.quality, out.result, out.measured, out.doc, out.files, out.payload
     metric, reused, budget = out.metric, out.reused, out.budget
@@ -71,12 +78,17 @@ def command(max_drop, budget_text, data_spec, limit, eval_size, metric, fallback
         for name, opts in quality.options.items():
             for o in opts:
                 mark = "<-" if chosen.get(name) == o else ""
-                rows.append([name, o.label, human(o.params), human(o.flops), metric.format(o.accuracy), f"{o.drop:+.2f}", mark])
-        lines = [table(["neighbourhood", "candidate", "params", "FLOPs", metric.title, "drop", ""], rows, "llrrrrl"), ""]
+                divergence = "" if o.divergence is None else f"{o.divergence:.3g}"
+                rows.append([name, o.label, human(o.params), human(o.flops), metric.format(o.accuracy), f"{o.drop:+.2f}",
+                             divergence, mark])
+        divergence_title = DIVERGENCE_TITLES.get(quality.divergence, "divergence")
+        headers = ["neighbourhood", "candidate", "params", "FLOPs", metric.title, "drop", divergence_title, ""]
+        lines = [table(headers, rows, "llrrrrrl"), ""]
         lines.append(f"teacher {metric.format(quality.teacher_accuracy)} {metric.title} on {quality.examples} held-out examples"
                      + (" (measurements reused from search/quality.json)" if reused else ""))
         if doc is not None:
-            rule = (f"--max-drop {max_drop:g}" if max_drop is not None else f"--budget {budget.kind}<={human(budget.limit)}")
+            rule = (f"--max-drop {max_drop:g}" if max_drop is not None else
+                    f"--budget {budget.kind}<={human(budget.limit)} (least summed {doc['objective']})")
             lines.append(f"{rule}: student {human(doc['params'])} params ({doc['params'] / doc['teacher_params']:.0%} of the teacher), "
                          f"{human(doc['flops'])} FLOPs ({doc['flops'] / max(doc['teacher_flops'], 1):.0%})")
             if measured is None:

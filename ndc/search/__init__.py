@@ -28,8 +28,10 @@ parameters, then FLOPs) whose drop is below ``max_drop`` (the paper's rule);
 when none is, the teacher's own neighbourhood (or, with
 ``fallback="widest"``, the widest trained candidate) and a note saying so.
 ``solve_budget``: one option per neighbourhood, the teacher's neighbourhood
-always among them with drop 0, minimising the summed drop with the whole
-student's parameters (or FLOPs) within the budget, solved exactly by
+always among them with drop 0, minimising the summed divergence from the
+teacher's outputs (:class:`~ndc.scoring.Divergence`, measured in the same
+pass; or with ``objective="drop"`` the summed drop) with the whole student's
+parameters (or FLOPs) within the budget, solved exactly by
 :func:`mckp_frontier`. The predicted accuracy of a student is the teacher's
 minus the summed drops (errors taken as additive, which the paper's appendix
 B.1 finds holds, or errs on the safe side, while each drop is small); search
@@ -50,19 +52,20 @@ result), :mod:`~ndc.search.solvers` (greedy, budget, Pareto frontier),
 """
 
 from ndc.search.files import PARETO_CSV, PARETO_PNG, selection_document, write_pareto, write_selection
-from ndc.search.measure import (QUALITY, SEARCH_DIR, HeldOut, candidate_size, load_candidates, measure_quality,
+from ndc.search.measure import (QUALITY, SEARCH_DIR, HeldOut, Quality, candidate_size, load_candidates, measure_quality,
                                 measure_selection, quality_key, quality_table)
 from ndc.search.plots import SweepPoint, plot_pareto, run_sweep
-from ndc.search.solvers import (FALLBACKS, SWEEP_MAX_DROPS, Budget, Frontier, greedy, mckp_frontier, pareto_choices,
-                                parse_budget, smallest_size, solve_budget, solve_mckp, sweep_results)
+from ndc.search.solvers import (FALLBACKS, OBJECTIVES, SWEEP_MAX_DROPS, Budget, Frontier, greedy, mckp_frontier,
+                                objective_of, pareto_choices, parse_budget, smallest_size, solve_budget, solve_mckp,
+                                sweep_results)
 from ndc.search.table import (DROP_DECIMALS, QUALITY_FORMAT, Option, QualityTable, SearchResult, build_table,
                               selection_key, uniform_specs)
 
 __all__ = [
-    "DROP_DECIMALS", "FALLBACKS", "PARETO_CSV", "PARETO_PNG", "QUALITY", "QUALITY_FORMAT", "SEARCH_DIR",
-    "SWEEP_MAX_DROPS", "Budget", "Frontier", "HeldOut", "Option", "QualityTable", "SearchResult", "SweepPoint",
+    "DROP_DECIMALS", "FALLBACKS", "OBJECTIVES", "PARETO_CSV", "PARETO_PNG", "QUALITY", "QUALITY_FORMAT", "SEARCH_DIR",
+    "SWEEP_MAX_DROPS", "Budget", "Frontier", "HeldOut", "Option", "Quality", "QualityTable", "SearchResult", "SweepPoint",
     "build_table", "candidate_size", "greedy", "load_candidates", "mckp_frontier", "measure_quality",
-    "measure_selection", "pareto_choices", "parse_budget", "plot_pareto", "quality_key", "quality_table", "run_sweep",
+    "measure_selection", "objective_of", "pareto_choices", "parse_budget", "plot_pareto", "quality_key", "quality_table", "run_sweep",
     "selection_document", "selection_key", "smallest_size", "solve_budget", "solve_mckp", "sweep_results",
     "uniform_specs", "write_pareto", "write_selection",
 ]

@@ -25,7 +25,9 @@ def selection_document(result: SearchResult, measured: dict | None, data_spec: s
         "eval_size": table.examples,
         "data": data_spec,
         "teacher_accuracy": table.teacher_accuracy,
+        "divergence": table.divergence,
         "predicted_drop": result.predicted_drop,
+        "summed_divergence": result.summed_divergence,
         "predicted_accuracy": result.predicted_accuracy,
         "measured_accuracy": None if measured is None else measured["accuracy"],
         "measured_uncalibrated_accuracy": None if measured is None else measured["uncalibrated_accuracy"],
@@ -36,7 +38,8 @@ def selection_document(result: SearchResult, measured: dict | None, data_spec: s
         "teacher_params": table.teacher_size["params"],
         "teacher_flops": table.teacher_size["flops"],
         "candidates": {name: {"spec": str(o.spec), "teacher": o.teacher, "params": o.params, "flops": o.flops,
-                              "accuracy": o.accuracy, "drop": o.drop} for name, o in result.choice.items()},
+                              "accuracy": o.accuracy, "drop": o.drop, "divergence": o.divergence}
+                       for name, o in result.choice.items()},
         "notes": result.notes,
     }
     return doc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -12,7 +12,7 @@ import torch.nn as nn
 from ndc.chain import run_parts
 from ndc.errors import NdcError
 from ndc.ir import Spec
-from ndc.scoring import Metric, as_metric, score
+from ndc.scoring import Divergence, Metric, as_metric, score
 from ndc.search.table import QUALITY_FORMAT, QualityTable, build_table
 from ndc.workspace import Workspace, sha256_json
 
@@ -66,17 +66,30 @@ def candidate_size(module: nn.Module, spec: Spec, input_shape: Sequence[int]) ->
     return params, count_flops(module, list(input_shape))
 
 
+class Quality(NamedTuple):
+    """What :func:`measure_quality` measured: the teacher's score, each ``(neighbourhood, spec)``'s score with only
+    that neighbourhood replaced, the number of examples, and each one's divergence from the teacher's outputs
+    (empty when no divergence was asked for)."""
+
+    teacher_score: float
+    scores: dict[tuple[str, Spec], float]
+    examples: int
+    divergences: dict[tuple[str, Spec], float]
+
+
 @torch.no_grad()
 def measure_quality(parts: Sequence[nn.Module], names: Sequence[str],
                     candidates: Mapping[str, Sequence[tuple[Spec, nn.Module]]], heldout: HeldOut,
-                    metric: Metric | str) -> tuple[float, dict[tuple[str, Spec], float], int]:
-    """Score of the teacher, and of the teacher with only ``name`` replaced by each candidate; and the example count.
+                    metric: Metric | str, divergence: Divergence | None = None) -> Quality:
+    """Score the teacher, and the teacher with only ``name`` replaced by each candidate (and, with ``divergence``,
+    how far each such output is from the teacher's), in one pass over the held-out set.
 
     ``parts`` are the teacher's neighbourhoods in order (``names``). Per batch
     the teacher runs once, keeping every boundary; each candidate then runs
     on its neighbourhood's input followed by the teacher's suffix. Metrics
     that compare with the teacher compare with its unmodified output. A
-    candidate equal to the teacher's part scores exactly the teacher's score.
+    candidate equal to the teacher's part scores exactly the teacher's score
+    (and divergence 0).
     """
     metric = as_metric(metric)
     index = {n: k for k, n in enumerate(names)}
@@ -88,7 +101,9 @@ def measure_quality(parts: Sequence[nn.Module], names: Sequence[str],
     for options in candidates.values():
         for _, module in options:
             module.eval()
-    tallies = {(name, spec): metric.tally() for name, options in candidates.items() for spec, _ in options}
+    keys = [(name, spec) for name, options in candidates.items() for spec, _ in options]
+    tallies = {k: metric.tally() for k in keys}
+    distances = {k: divergence.tally() for k in keys} if divergence is not None else {}
     teacher_tally = metric.tally()
     total = 0
     for x, y in heldout.batches():
@@ -100,10 +115,13 @@ def measure_quality(parts: Sequence[nn.Module], names: Sequence[str],
             for spec, module in options:
                 out = run_parts(parts, module(values[i].clone()), i + 1)
                 tallies[name, spec].add(out, teacher_out, y)
+                if distances:
+                    distances[name, spec].add(out, teacher_out, y)
         total += len(x)
     if not total:
         raise NdcError("the held-out set is empty")
-    return teacher_tally.result(), {k: t.result() for k, t in tallies.items()}, total
+    return Quality(teacher_tally.result(), {k: t.result() for k, t in tallies.items()}, total,
+                   {k: t.result() for k, t in distances.items()})
 
 
 # ------------------------------------------------------------------ workspace side
@@ -126,7 +144,7 @@ def load_candidates(ws: Workspace, teacher, device: str = "cpu") -> dict[str, li
 
 
 def quality_key(teacher, candidates: Mapping[str, Sequence[tuple[Spec, nn.Module, dict]]], heldout: HeldOut,
-                metric: Metric) -> str:
+                metric: Metric, divergence: Divergence | None = None) -> str:
     """Hash of everything a quality table depends on: teacher, each candidate's weights, the held-out examples, the metric."""
     data = heldout.data
     return sha256_json({
@@ -138,14 +156,17 @@ def quality_key(teacher, candidates: Mapping[str, Sequence[tuple[Spec, nn.Module
         "examples": heldout.size,
         "batch_size": heldout.batch_size,
         "metric": [metric.name, metric.threshold],
+        "divergence": None if divergence is None else [divergence.kind, divergence.probabilities],
     })
 
 
 def quality_table(ws: Workspace, teacher, candidates: Mapping[str, Sequence[tuple[Spec, nn.Module, dict]]],
-                  heldout: HeldOut, metric: Metric | str, reuse: bool = True) -> tuple[QualityTable, bool]:
-    """Measure (or reuse from ``search/quality.json``) every candidate's quality; returns the table and whether it was reused."""
+                  heldout: HeldOut, metric: Metric | str, divergence: Divergence | None = None,
+                  reuse: bool = True) -> tuple[QualityTable, bool]:
+    """Measure (or reuse from ``search/quality.json``) every candidate's quality (its ``metric`` score and, with
+    ``divergence``, its divergence from the teacher's outputs); returns the table and whether it was reused."""
     metric = as_metric(metric)
-    key = quality_key(teacher, candidates, heldout, metric)
+    key = quality_key(teacher, candidates, heldout, metric, divergence)
     if reuse and ws.exists(QUALITY):
         try:
             cached = QualityTable.from_json(ws.read_json(QUALITY))
@@ -156,11 +177,12 @@ def quality_table(ws: Workspace, teacher, candidates: Mapping[str, Sequence[tupl
     plan = teacher.plan
     simple = {name: [(spec, module) for spec, module, _ in opts] for name, opts in candidates.items()}
     parts = [part.to(heldout.device) for part in teacher.parts()]
-    teacher_score, scores, examples = measure_quality(parts, plan.names, simple, heldout, metric)
+    measured = measure_quality(parts, plan.names, simple, heldout, metric, divergence)
     sizes = {(name, spec): candidate_size(module, spec, plan[name].input_shape)
              for name, opts in candidates.items() for spec, module, _ in opts}
     errors = {(name, spec): info.get("final_error") for name, opts in candidates.items() for spec, _, info in opts}
-    table = build_table(plan, teacher_score, scores, examples, sizes, metric, errors, key)
+    table = build_table(plan, measured.teacher_score, measured.scores, measured.examples, sizes, metric, errors, key,
+                        measured.divergences, None if divergence is None else divergence.kind)
     ws.write_json(QUALITY, table.to_json())
     return table, False
 

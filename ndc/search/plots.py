@@ -25,11 +25,11 @@ class SweepPoint:
 
 def run_sweep(ws: Workspace, teacher, table: QualityTable, data, heldout: HeldOut, calibrate: int,
               selected: SearchResult | None = None, selected_measured: dict | None = None,
-              log: Callable[[str], None] = lambda message: None) -> list[SweepPoint]:
+              log: Callable[[str], None] = lambda message: None, objective: str | None = None) -> list[SweepPoint]:
     """Measure the sweep's students by stitching each one (each distinct selection once); the teacher and the selected student come along."""
     points = [SweepPoint("teacher", "teacher", table.teacher_size["params"], table.teacher_size["flops"],
                          table.teacher_accuracy, table.teacher_accuracy, {})]
-    entries = sweep_results(table, uniform_specs(table))
+    entries = sweep_results(table, uniform_specs(table), objective=objective)
     cache: dict[tuple, dict] = {}
     if selected is not None:
         entries.append(("selected", "selected", selected))
@@ -67,7 +67,7 @@ def plot_pareto(points: Sequence[SweepPoint], frontier: Sequence[SearchResult], 
         xs = [r.size("params") for r in frontier] + [table.teacher_size["params"]]
         ys = [unit * r.predicted_accuracy for r in frontier]
         ys.append(ys[-1])
-        ax.step(xs, ys, where="post", linestyle="--", color="0.6", linewidth=1, label="search, predicted (exact frontier)")
+        ax.step(xs, ys, where="post", linestyle="--", color="0.6", linewidth=1, label="search, predicted by summed drops (exact frontier)")
     uniform = sorted((p for p in points if p.kind == "uniform"), key=lambda p: p.params)
     if uniform:
         ax.plot([p.params for p in uniform], [unit * p.measured_accuracy for p in uniform], "o-", color="tab:blue",

@@ -9,7 +9,7 @@ from ndc.ir import Spec
 from ndc.scoring import Metric, as_metric
 
 DROP_DECIMALS = 9  # drops are compared to 1e-9 points, so sums in different orders tie exactly
-QUALITY_FORMAT = 2
+QUALITY_FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,8 @@ class Option:
     default) of the teacher with only this neighbourhood replaced; ``drop``
     how much worse it is than the teacher's: in points for metrics that are
     fractions, positive when worse (see :meth:`ndc.scoring.Metric.drop`).
+    ``divergence``: how far that model's outputs are from the teacher's (see
+    :class:`ndc.scoring.Divergence`; 0 for the teacher's option, None when not measured).
     """
 
     neighbourhood: str
@@ -30,6 +32,7 @@ class Option:
     drop: float
     teacher: bool = False
     error: float | None = None  # the job's final relative error on its held-out activations
+    divergence: float | None = None
 
     @property
     def label(self) -> str:
@@ -67,6 +70,7 @@ class QualityTable:
     key: str = ""
     threshold: float | None = None  # the metric's multi-label threshold (see ndc.scoring.Metric)
     higher_is_better: bool = True   # recorded so reading a table never imports a user's metric
+    divergence: str | None = None   # the kind of the options' divergences (ndc.scoring.DIVERGENCES); None: not measured
 
     def as_metric(self) -> Metric:
         return Metric(self.metric, self.threshold)
@@ -85,6 +89,10 @@ class QualityTable:
         step = self.teacher_accuracy - value if self.higher_is_better else value - self.teacher_accuracy
         return self._unit * step
 
+    @property
+    def has_divergence(self) -> bool:
+        return self.divergence is not None and all(o.divergence is not None for opts in self.options.values() for o in opts)
+
     def trained(self, name: str) -> list[Option]:
         return [o for o in self.options[name] if not o.teacher]
 
@@ -93,7 +101,7 @@ class QualityTable:
 
     def to_json(self) -> dict:
         return {"format": QUALITY_FORMAT, "key": self.key, "metric": self.metric, "threshold": self.threshold,
-                "higher_is_better": self.higher_is_better, "examples": self.examples,
+                "higher_is_better": self.higher_is_better, "divergence": self.divergence, "examples": self.examples,
                 "teacher_accuracy": self.teacher_accuracy, "base": self.base, "teacher_size": self.teacher_size,
                 "options": {k: [o.to_json() for o in v] for k, v in self.options.items()}}
 
@@ -102,7 +110,7 @@ class QualityTable:
         return cls(metric=d["metric"], examples=d["examples"], teacher_accuracy=d["teacher_accuracy"],
                    options={k: [Option.from_json(o) for o in v] for k, v in d["options"].items()},
                    base=d["base"], teacher_size=d["teacher_size"], key=d.get("key", ""), threshold=d.get("threshold"),
-                   higher_is_better=d.get("higher_is_better", True))
+                   higher_is_better=d.get("higher_is_better", True), divergence=d.get("divergence"))
 
 
 def _order(option: Option) -> tuple:
@@ -111,24 +119,28 @@ def _order(option: Option) -> tuple:
 
 def build_table(plan, teacher_score: float, scores: Mapping[tuple[str, Spec], float], examples: int,
                 sizes: Mapping[tuple[str, Spec], tuple[int, int]], metric: Metric | str,
-                errors: Mapping[tuple[str, Spec], float | None] | None = None, key: str = "") -> QualityTable:
-    """Assemble a :class:`QualityTable` from measured scores and sizes (pure)."""
+                errors: Mapping[tuple[str, Spec], float | None] | None = None, key: str = "",
+                divergences: Mapping[tuple[str, Spec], float] | None = None, divergence: str | None = None) -> QualityTable:
+    """Assemble a :class:`QualityTable` from measured scores and sizes (pure); ``divergences`` of kind ``divergence``."""
     metric = as_metric(metric)
     errors = errors or {}
+    divergences = divergences or {}
+    divergence = divergence if divergences else None
     options: dict[str, list[Option]] = {}
     for nb in plan.trainable:
-        opts = [Option(nb.name, Spec(), nb.params, nb.flops, teacher_score, 0.0, teacher=True)]
+        opts = [Option(nb.name, Spec(), nb.params, nb.flops, teacher_score, 0.0, teacher=True,
+                       divergence=0.0 if divergence else None)]
         for (name, spec), score in scores.items():
             if name == nb.name:
                 params, flops = sizes[name, spec]
                 opts.append(Option(name, spec, params, flops, score, round(metric.drop(teacher_score, score), DROP_DECIMALS),
-                                   error=errors.get((name, spec))))
+                                   error=errors.get((name, spec)), divergence=divergences.get((name, spec))))
         options[nb.name] = sorted(opts, key=_order)
     searched = {"params": sum(nb.params for nb in plan.trainable), "flops": sum(nb.flops for nb in plan.trainable)}
     teacher_size = {"params": int(plan.teacher["params"]), "flops": int(plan.teacher["flops"])}
     base = {k: teacher_size[k] - searched[k] for k in ("params", "flops")}
     return QualityTable(metric.name, examples, teacher_score, options, base, teacher_size, key, metric.threshold,
-                        metric.higher_is_better)
+                        metric.higher_is_better, divergence)
 
 
 
@@ -148,6 +160,12 @@ class SearchResult:
     @property
     def predicted_accuracy(self) -> float:
         return self.table.predicted(self.predicted_drop)
+
+    @property
+    def summed_divergence(self) -> float | None:
+        """The chosen options' summed divergence from the teacher's outputs (None when not measured)."""
+        values = [o.divergence for o in self.choice.values()]
+        return None if any(v is None for v in values) else round(sum(values), DROP_DECIMALS)
 
     def size(self, kind: str) -> int:
         return self.table.base[kind] + sum(o.size(kind) for o in self.choice.values())

@@ -1,0 +1,107 @@
+"""What a budget search should minimise: summed drops (the paper's) against summed divergences, side by side.
+
+    python benchmarks/bench_search.py                      # ResNet-20 and ResNet-14 on Fashion-MNIST
+    python benchmarks/bench_search.py --models resnet14    # one model
+
+The teachers, data, and separately trained ``width=0.25/0.5/0.75/1.0``
+candidates are those of ``bench_pareto.py`` (the same cached workspaces;
+candidates missing there are distilled first: 3 epochs, 10,000 images, 2
+workers). For each model the candidates are scored inside the teacher once
+per held-out size, which gives each candidate both its accuracy drop and its
+KL divergence from the teacher's outputs in one pass, and ``solve_budget``
+picks a student at each parameter budget (35, 50, 65, 80% of the teacher's)
+by each objective:
+
+* ``drop``: least summed accuracy drop on the first 1,000 test images (the paper's rule, ndc before);
+* ``divergence``: least summed KL divergence on the same 1,000 images (``ndc search``'s default now);
+* ``drop@5000``: least summed drop on the first 5,000 test images (five times the held-out set).
+
+Every chosen student is stitched, its batch norms recalibrated on 20
+training batches, and measured on the full 10,000-image test set (no
+fine-tuning), exactly as in ``bench_pareto.py``. Results:
+``benchmarks/results/search-objective.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bench_pareto import BUDGETS, EVAL_SIZE, ROUTES, measure, subtable, teacher_of
+from common import DATA, log, median, open_data, write
+
+from ndc.backends import make_backend
+from ndc.distill import DistillConfig, run_distill
+from ndc.finetune import accuracy
+from ndc.heads import teacher_head
+from ndc.plan import load_teacher
+from ndc.scoring import Divergence
+from ndc.search import Budget, HeldOut, load_candidates, quality_table, solve_budget
+
+OBJECTIVES = {  # label: (held-out examples, objective)
+    "drop": (EVAL_SIZE, "drop"),
+    "divergence": (EVAL_SIZE, "divergence"),
+    "drop@5000": (5 * EVAL_SIZE, "drop"),
+}
+
+
+def run(model: str, args) -> dict:
+    ws, teacher_name, shape = teacher_of(model)
+    teacher = load_teacher(ws)
+    torch.set_num_threads(2)
+    data = open_data(DATA, shape[1:], limit=args.examples, workspace=ws)
+    teacher_acc = accuracy(teacher.gm, data)
+    specs = ROUTES["separate"]
+    cfg = DistillConfig(data=DATA, limit=args.examples, source="cache", epochs=args.epochs, batch_size=128)
+    rows = run_distill(ws, specs, cfg, make_backend("local", args.workers), teacher=teacher)  # skips finished ones
+    assert all(r["status"] == "done" for r in rows), rows
+    candidates = {name: [c for c in opts if c[0] in specs] for name, opts in load_candidates(ws, teacher).items()}
+    divergence = Divergence.of(teacher_head(teacher), data)
+    tables, quality_seconds = {}, {}
+    for examples in sorted({n for n, _ in OBJECTIVES.values()}):
+        t = time.perf_counter()
+        table, _ = quality_table(ws, teacher, candidates, HeldOut.first(data, examples), "accuracy", divergence, reuse=False)
+        quality_seconds[examples] = time.perf_counter() - t
+        tables[examples] = subtable(table, specs)
+    params = teacher.plan.teacher["params"]
+    measured: dict[tuple, dict] = {}
+    points = {}
+    for label, (examples, objective) in OBJECTIVES.items():
+        points[label] = []
+        for fraction in BUDGETS:
+            result = solve_budget(tables[examples], Budget("params", int(fraction * params)), objective)
+            selection = result.selection()
+            key = tuple(sorted((k, str(v)) for k, v in selection.items()))
+            if key not in measured:
+                measured[key] = measure(ws, teacher, data, selection)
+            point = {"budget": fraction, "params": measured[key]["params"], "accuracy": measured[key]["accuracy"],
+                     "predicted": result.predicted_accuracy, "summed_divergence": result.summed_divergence,
+                     "selection": measured[key]["selection"]}
+            points[label].append(point)
+            log(f"{model} {label} params<={fraction:.0%}: {point['params'] / params:.0%} of the teacher, "
+                f"{point['accuracy']:.2%} (predicted {point['predicted']:.2%})")
+    gains = [d["accuracy"] - p["accuracy"] for d, p in zip(points["divergence"], points["drop"])]
+    return {"model": model, "teacher": {"name": teacher_name, "test_accuracy": teacher_acc, "params": params},
+            "examples": args.examples, "epochs": args.epochs, "budgets": BUDGETS, "divergence": str(divergence),
+            "quality_seconds": quality_seconds, "points": points,
+            "divergence_minus_drop_points": [100 * g for g in gains], "median_gain_points": 100 * median(gains)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="resnet20,resnet14")
+    ap.add_argument("--examples", type=int, default=10_000)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    results = [run(model, args) for model in args.models.split(",")]
+    gains = [g for r in results for g in r["divergence_minus_drop_points"]]
+    write("search-objective.json", {"models": results, "median_gain_points": median(gains),
+                                    "wins": sum(g > 0 for g in gains), "ties": sum(g == 0 for g in gains),
+                                    "losses": sum(g < 0 for g in gains)})
+
+
+if __name__ == "__main__":
+    main()
