@@ -147,17 +147,23 @@ def timing(ws, teacher, cfg: DistillConfig, repeats: int) -> dict:
             "ratio": median(times["slim-chain"]) / median(times["separate"])}
 
 
-def run(model: str, args) -> dict:
-    from ndc.distill import _cache
-
+def prepare(model: str, args):
+    """The model's workspace, teacher name, teacher, data, the teacher's test accuracy, and the distill configuration
+    every route uses."""
     ws, teacher_name, shape = teacher_of(model)
     teacher = load_teacher(ws)
     torch.set_num_threads(2)
     data = open_data(DATA, shape[1:], limit=args.examples, workspace=ws)
-    teacher_acc = accuracy(teacher.gm, data)
+    cfg = DistillConfig(data=DATA, limit=args.examples, source="cache", epochs=args.epochs, batch_size=128)
+    return ws, teacher_name, teacher, data, accuracy(teacher.gm, data), cfg
+
+
+def run(model: str, args) -> dict:
+    from ndc.distill import _cache
+
+    ws, teacher_name, teacher, data, teacher_acc, cfg = prepare(model, args)
     log(f"{model}: teacher {teacher_acc:.2%}, {teacher.plan.teacher['params']} params, "
         f"{len(teacher.plan.trainable)} blocks")
-    cfg = DistillConfig(data=DATA, limit=args.examples, source="cache", epochs=args.epochs, batch_size=128)
     t = time.perf_counter()
     _cache(ws, teacher, cfg, data, log, log, None)
     cache_seconds = time.perf_counter() - t
@@ -241,12 +247,18 @@ def plot(results: list[dict]) -> None:
     log(f"wrote {path}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark on these models shares: models, training images, epochs per job, workers."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--models", default="resnet20,resnet14")
     ap.add_argument("--examples", type=int, default=10_000)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
+    return ap
+
+
+def main() -> None:
+    ap = parser(__doc__)
     ap.add_argument("--timing-repeats", type=int, default=3)
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args()

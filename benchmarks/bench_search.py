@@ -24,19 +24,14 @@ fine-tuning), exactly as in ``bench_pareto.py``. Results:
 
 from __future__ import annotations
 
-import argparse
 import time
 
-import torch
-
-from bench_pareto import BUDGETS, EVAL_SIZE, ROUTES, measure, subtable, teacher_of
-from common import DATA, log, median, open_data, write
+from bench_pareto import BUDGETS, EVAL_SIZE, ROUTES, measure, parser, prepare, subtable
+from common import log, median, write
 
 from ndc.backends import make_backend
-from ndc.distill import DistillConfig, run_distill
-from ndc.finetune import accuracy
+from ndc.distill import run_distill
 from ndc.heads import teacher_head
-from ndc.plan import load_teacher
 from ndc.scoring import Divergence
 from ndc.search import Budget, HeldOut, load_candidates, quality_table, solve_budget
 
@@ -48,15 +43,10 @@ OBJECTIVES = {  # label: (held-out examples, objective)
 
 
 def run(model: str, args) -> dict:
-    ws, teacher_name, shape = teacher_of(model)
-    teacher = load_teacher(ws)
-    torch.set_num_threads(2)
-    data = open_data(DATA, shape[1:], limit=args.examples, workspace=ws)
-    teacher_acc = accuracy(teacher.gm, data)
+    ws, teacher_name, teacher, data, teacher_acc, cfg = prepare(model, args)
     specs = ROUTES["separate"]
-    cfg = DistillConfig(data=DATA, limit=args.examples, source="cache", epochs=args.epochs, batch_size=128)
     rows = run_distill(ws, specs, cfg, make_backend("local", args.workers), teacher=teacher)  # skips finished ones
-    assert all(r["status"] == "done" for r in rows), rows
+    assert all(r["status"] in ("done", "skipped") for r in rows), [r["status"] for r in rows]
     candidates = {name: [c for c in opts if c[0] in specs] for name, opts in load_candidates(ws, teacher).items()}
     divergence = Divergence.of(teacher_head(teacher), data)
     tables, quality_seconds = {}, {}
@@ -90,12 +80,7 @@ def run(model: str, args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="resnet20,resnet14")
-    ap.add_argument("--examples", type=int, default=10_000)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=2)
-    args = ap.parse_args()
+    args = parser(__doc__).parse_args()
     results = [run(model, args) for model in args.models.split(",")]
     gains = [g for r in results for g in r["divergence_minus_drop_points"]]
     write("search-objective.json", {"models": results, "median_gain_points": median(gains),
