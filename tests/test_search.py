@@ -199,6 +199,7 @@ def test_budget_objective_is_recorded_and_divergences_are_in_the_table(ws):
     assert r.exit_code == 0 and by_drop["objective"] == "drop" and by_drop["quality_reused"] is True
     r = invoke("search", *DATA, "--eval-size", "300", "-w", ws, "--budget", f"params={teacher_params}")
     assert r.exit_code == 0 and "(least summed divergence)" in r.stdout and " KL " in r.stdout.splitlines()[0] + " "
+    assert "drop 0.00 points; summed KL 0)" in r.stdout  # the whole teacher fits: every neighbourhood keeps its own
 
 
 def test_infeasible_budget_is_one_line_naming_the_smallest_student(ws):

@@ -98,8 +98,10 @@ def command(max_drop, budget_text, objective, data_spec, limit, eval_size, metri
                                  f"{metric.format(measured['accuracy'])} after recalibrating {measured['calibrated_norms']} batch norms")
             else:
                 measured_text = f"measured {metric.format(measured['accuracy'])}"
-            lines.append(f"predicted {metric.format(doc['predicted_accuracy'])} (drop {doc['predicted_drop']:.2f}{' points' if metric.fraction else ''}), "
-                         f"{measured_text}")
+            summed = doc["summed_divergence"] if doc.get("objective") == "divergence" else None  # what --budget minimised
+            divergence = "" if summed is None else f"; summed {DIVERGENCE_TITLES[doc['divergence']]} {summed:.3g}"
+            lines.append(f"predicted {metric.format(doc['predicted_accuracy'])} (drop {doc['predicted_drop']:.2f}"
+                         f"{' points' if metric.fraction else ''}{divergence}), {measured_text}")
             lines.append(f"wrote {payload['selection_file']}; `ndc stitch -o FILE` uses it")
         else:
             lines.append("no rule given: pass --max-drop X or --budget params=N to choose a student")
