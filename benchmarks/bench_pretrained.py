@@ -21,9 +21,10 @@ params=N``), fine-tuned, and KD from scratch of the uniform student's
 architecture. ``search``: on the routes' workspace (candidates distilled
 first if missing), at each budget, ``ndc search --budget params=N
 --objective drop`` and ``--objective divergence``, each student stitched and
-scored by the task metric (no fine-tuning). ``ablation``: width 0.5 with one setting changed at a time
-(steps, learning rate, init, look-ahead, neighbourhood size, running
-statistics), each scored by the task metric after stitching (no fine-tuning).
+scored by the task metric (no fine-tuning). ``ablation``: width 0.5 with one
+setting changed at a time (steps, learning rate, init, look-ahead,
+neighbourhood size, running statistics), each scored by the task metric
+after stitching (no fine-tuning).
 """
 
 from __future__ import annotations
