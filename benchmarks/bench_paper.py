@@ -144,7 +144,8 @@ def table1(args) -> None:
         spec = Spec(width=k)
         selection = uniform_selection(teacher.plan, spec)
         row = {"width": k, "teacher_accuracy": teacher_acc}
-        for loss, rate in (("ce", lr.get("scratch_ce", lr["scratch"])), ("kd", lr["scratch"]))[1 if args.no_ce else 0:]:
+        baselines = [("kd", lr["scratch"])] if args.no_ce else [("ce", lr.get("scratch_ce", lr["scratch"])), ("kd", lr["scratch"])]
+        for loss, rate in baselines:
             model = fresh_student(teacher, selection)
             r = train(model, data, TrainConfig(loss=loss, epochs=args.epochs, lr=rate, compile=args.compile), teacher=teacher.gm,
                       log=lambda e, loss=loss: e.get("event") == "epoch" and log(f"k={k} {loss} epoch {e['epoch']}: {e['accuracy']:.2%}"))

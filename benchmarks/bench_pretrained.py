@@ -101,6 +101,13 @@ class Runner:
         payload, _ = self("eval", metric=True)
         return payload["score"], payload["teacher_score"]
 
+    def search_student(self, params: int, *options: str) -> tuple[dict, float, dict, float]:
+        """``ndc search --budget params=N`` (and ``options``), then its selection stitched and scored:
+        (search payload, search seconds, stitch payload, task metric)."""
+        searched, seconds = self("search", "--budget", f"params={params}", "--calibrate", "20", *options, metric=True)
+        stitched, _ = self("stitch", "-o", str(self.ws / "student.pt"))  # selection.json
+        return searched, seconds, stitched, self.score()[0]
+
 
 def routes(args) -> None:
     run = Runner(args.teacher, CACHE / f"pretrained-{args.teacher}", args.threads)
@@ -117,9 +124,7 @@ def routes(args) -> None:
         nd_score, teacher_score = run.score()
         tuned, s_ft = run("finetune", "--epochs", str(args.ft_epochs), "--no-augment", "--quiet", metric=True)
         budget = stitched["params"]
-        searched, s_search = run("search", "--budget", f"params={budget}", "--calibrate", "20", metric=True)
-        s_stitched, s_stitch2 = run("stitch", "-o", str(run.ws / "student.pt"))  # selection.json
-        search_score, _ = run.score()
+        searched, s_search, s_stitched, search_score = run.search_student(budget)
         search_tuned, s_ft2 = run("finetune", "--epochs", str(args.ft_epochs), "--no-augment", "--quiet", metric=True)
         baseline, s_kd = run("kd", "--width", str(k), "--epochs", str(args.kd_epochs), "--lr", str(args.kd_lr), "--no-augment",
                              "--quiet", metric=True)
@@ -155,10 +160,7 @@ def search(args) -> None:
         row = {"width": k, "params": stitched["params"], "teacher_params": stitched["teacher_params"],
                "teacher": teacher_score, "nd": nd_score}
         for objective in ("drop", "divergence"):
-            searched, seconds = run("search", "--budget", f"params={stitched['params']}", "--objective", objective,
-                                    "--calibrate", "20", metric=True)
-            chosen, _ = run("stitch", "-o", str(run.ws / "student.pt"))  # selection.json
-            score, _ = run.score()
+            searched, seconds, chosen, score = run.search_student(stitched["params"], "--objective", objective)
             row[objective] = {"score": score, "params": chosen["params"], "selection": chosen["selection"],
                               "predicted": searched["predicted_accuracy"], "summed_divergence": searched["summed_divergence"],
                               "divergence": searched["divergence"], "seconds": seconds}

@@ -33,7 +33,7 @@ from ndc.backends import make_backend
 from ndc.distill import run_distill
 from ndc.heads import teacher_head
 from ndc.scoring import Divergence
-from ndc.search import Budget, HeldOut, load_candidates, quality_table, solve_budget
+from ndc.search import Budget, HeldOut, load_candidates, quality_table, selection_key, solve_budget
 
 OBJECTIVES = {  # label: (held-out examples, objective)
     "drop": (EVAL_SIZE, "drop"),
@@ -62,10 +62,9 @@ def run(model: str, args) -> dict:
         points[label] = []
         for fraction in BUDGETS:
             result = solve_budget(tables[examples], Budget("params", int(fraction * params)), objective)
-            selection = result.selection()
-            key = tuple(sorted((k, str(v)) for k, v in selection.items()))
+            key = selection_key(result)
             if key not in measured:
-                measured[key] = measure(ws, teacher, data, selection)
+                measured[key] = measure(ws, teacher, data, result.selection())
             point = {"budget": fraction, "params": measured[key]["params"], "accuracy": measured[key]["accuracy"],
                      "predicted": result.predicted_accuracy, "summed_divergence": result.summed_divergence,
                      "selection": measured[key]["selection"]}
