@@ -83,6 +83,7 @@ def measure(ws, teacher, data, selection: dict) -> dict:
     student, _ = build_student(ws, teacher, selection)
     recalibrate_batchnorm(student, data, CALIBRATION_BATCHES)
     return {"params": sum(p.numel() for p in student.parameters()), "accuracy": accuracy(student, data),
+            "heldout_accuracy": accuracy(student, data, batch_size=EVAL_SIZE, max_batches=1),  # search's held-out set
             "selection": {k: str(v) for k, v in selection.items()}}
 
 

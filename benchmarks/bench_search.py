@@ -18,8 +18,11 @@ by each objective:
 
 Every chosen student is stitched, its batch norms recalibrated on 20
 training batches, and measured on the full 10,000-image test set (no
-fine-tuning), exactly as in ``bench_pareto.py``. Results:
-``benchmarks/results/search-objective.json``.
+fine-tuning), exactly as in ``bench_pareto.py``. Each distinct student's
+drop is also predicted two ways from its quality table and compared with
+its drop measured on the full test set: ``ndc search``'s prediction (the
+summed KL times the table's fitted drop per unit of KL) and the paper's
+(the summed drops). Results: ``benchmarks/results/search-objective.json``.
 """
 
 from __future__ import annotations
@@ -67,6 +70,9 @@ def run(model: str, args) -> dict:
                 measured[key] = measure(ws, teacher, data, result.selection())
             point = {"budget": fraction, "params": measured[key]["params"], "accuracy": measured[key]["accuracy"],
                      "predicted": result.predicted_accuracy, "summed_divergence": result.summed_divergence,
+                     "measured_drop": 100 * (teacher_acc - measured[key]["accuracy"]),
+                     "heldout_measured_drop": tables[EVAL_SIZE].drop_of(measured[key]["heldout_accuracy"]),
+                     "predicted_drop": result.predicted_drop, "additive_drop": result.additive_drop,
                      "selection": measured[key]["selection"]}
             points[label].append(point)
             log(f"{model} {label} params<={fraction:.0%}: {point['params'] / params:.0%} of the teacher, "
@@ -75,16 +81,39 @@ def run(model: str, args) -> dict:
     return {"model": model, "teacher": {"name": teacher_name, "test_accuracy": teacher_acc, "params": params},
             "examples": args.examples, "epochs": args.epochs, "budgets": BUDGETS, "divergence": str(divergence),
             "quality_seconds": quality_seconds, "points": points,
-            "divergence_minus_drop_points": [100 * g for g in gains], "median_gain_points": 100 * median(gains)}
+            "drop_per_divergence": {examples: t.drop_per_divergence for examples, t in tables.items()},
+            "divergence_minus_drop_points": [100 * g for g in gains], "median_gain_points": 100 * median(gains),
+            "prediction_errors": prediction_errors(points)}
+
+
+def prediction_errors(points: dict[str, list[dict]]) -> dict[str, list[float]]:
+    """Predicted minus measured drop (points), per prediction, once per distinct student: against the drop on the full
+    test set, and on the 1,000 held-out images the candidates were scored on (what ``ndc search`` reports)."""
+    out: dict[str, list[float]] = {}
+    seen = set()
+    for p in (p for label in points for p in points[label]):
+        key = tuple(sorted(p["selection"].items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        for prediction, field in (("calibrated divergence", "predicted_drop"), ("summed drops", "additive_drop")):
+            out.setdefault(prediction, []).append(p[field] - p["measured_drop"])
+            out.setdefault(f"{prediction}, held-out", []).append(p[field] - p["heldout_measured_drop"])
+    return out
 
 
 def main() -> None:
     args = parser(__doc__).parse_args()
     results = [run(model, args) for model in args.models.split(",")]
     gains = [g for r in results for g in r["divergence_minus_drop_points"]]
+    errors = {name: [abs(e) for r in results for e in r["prediction_errors"][name]] for name in results[0]["prediction_errors"]}
+    for name, values in errors.items():
+        log(f"predicted drop from {name}: median error {median(values):.2f} points, largest {max(values):.2f} ({len(values)} students)")
     write("search-objective.json", {"models": results, "median_gain_points": median(gains),
                                     "wins": sum(g > 0 for g in gains), "ties": sum(g == 0 for g in gains),
-                                    "losses": sum(g < 0 for g in gains)})
+                                    "losses": sum(g < 0 for g in gains),
+                                    "prediction_median_abs_error_points": {name: median(v) for name, v in errors.items()},
+                                    "prediction_max_abs_error_points": {name: max(v) for name, v in errors.items()}})
 
 
 if __name__ == "__main__":

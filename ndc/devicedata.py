@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from ndc.data import AUGMENT_SHIFT
+from ndc.data import augment_shift
 
 DEVICE_FRACTION = 0.4  # at most this share of the device's free memory goes to the data set
 
@@ -59,7 +59,7 @@ class DeviceData:
             idx = slice(start, stop) if order is None else order[start:stop]
             xb = x[idx]
             if augment and image:
-                xb = translate(xb, AUGMENT_SHIFT, gen, self._zero)
+                xb = translate(xb, augment_shift(*xb.shape[-2:]), gen, self._zero)
             yield xb, y[idx]
 
 

@@ -17,6 +17,7 @@ MODEL forms:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import io
@@ -232,7 +233,11 @@ def _load_pickled_module(path: Path, trust_pickle: bool) -> nn.Module:
             "Pass --trust-pickle if you trust this file, or give MODEL=file.py:factory with --weights (state dict or .safetensors)"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        with _working_folder_importable():
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as e:
+        raise NdcError(f"{path} needs module {e.name!r} to unpickle its classes: run ndc from the folder that holds "
+                       f"{e.name}.py, or add that folder to PYTHONPATH") from None
     except Exception as e:
         raise NdcError(f"{path} is truncated or corrupt: {first_line(e, 160)}") from None
     if isinstance(obj, nn.Module):
@@ -243,6 +248,21 @@ def _load_pickled_module(path: Path, trust_pickle: bool) -> nn.Module:
             f"MODEL=file.py:factory (or package.module:factory) with --weights {path}"
         )
     raise NdcError(f"{path} holds a {type(obj).__name__}, not an nn.Module")
+
+
+@contextlib.contextmanager
+def _working_folder_importable():
+    """Unpickle as ``python`` would from the working folder: its modules importable (the ``ndc`` script's
+    ``sys.path`` starts at the script's own folder instead)."""
+    here = os.getcwd()
+    added = here not in sys.path
+    if added:
+        sys.path.insert(0, here)
+    try:
+        yield
+    finally:
+        if added and here in sys.path:
+            sys.path.remove(here)
 
 
 def _pickle_kind(path: Path) -> str:

@@ -27,7 +27,7 @@ from ndc.ir import Neighbourhood, Plan
 from ndc.load import LoadedModel, check_and_load_state_dict, reload_model
 from ndc.metrics import count_flops, count_params
 from ndc.passes.extract import extract
-from ndc.passes.partition import Partition, partition
+from ndc.passes.partition import Partition, layers_every, partition
 from ndc.passes.inputs import InputSpec
 from ndc.passes.trace import Traced, frontend_of, tensor_shape, trace
 from ndc.passes.verify import verify_recomposition
@@ -161,7 +161,7 @@ def load_teacher(ws: Workspace) -> Teacher:
     return Teacher(plan, traced)
 
 
-def partition_model(loaded: LoadedModel, input_shape, by: str = "auto", depth: int = 1, every: int = 1,
+def partition_model(loaded: LoadedModel, input_shape, by: str = "auto", depth: int = 1, every: int | None = None,
                     cuts: tuple[str, ...] = (), leaves: tuple[str, ...] = (), *, frontend: str = "auto",
                     inputs: InputSpec | None = None, output: str | None = None) -> tuple[Plan, Traced]:
     """Trace and cut ``loaded``: the library form of ``ndc partition``.
@@ -179,7 +179,7 @@ def partition_model(loaded: LoadedModel, input_shape, by: str = "auto", depth: i
     if part.strategy == "module":
         options["depth"] = depth
     elif part.strategy == "layers":
-        options["every"] = every
+        options["every"] = layers_every(by, every)
     elif part.strategy == "cuts":
         options["cuts"] = list(cuts)
     return build_plan(loaded, traced, part, options), traced

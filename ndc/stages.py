@@ -47,7 +47,7 @@ def one_device(device: str) -> str:
 
 
 def partition(ws: Workspace, model: str, *, input_shape: tuple[int, ...] | None = None, by: str = "auto", depth: int = 1,
-              every: int = 1, cuts: tuple[str, ...] = (), leaves: tuple[str, ...] = (), weights: str | None = None,
+              every: int | None = None, cuts: tuple[str, ...] = (), leaves: tuple[str, ...] = (), weights: str | None = None,
               trust_pickle: bool = False, frontend: str = "auto", input_dtype: str | None = None, output: str | None = None,
               warn: Log = _quiet):
     """Load MODEL, trace it, cut it into neighbourhoods and write the plan and the teacher's weights; returns
@@ -124,7 +124,7 @@ def distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, *, source: str
         plan = teacher.plan
         if not plan_candidates(plan, specs, only):
             raise NdcError("the plan has no neighbourhood to distil (all are kept); try ndc partition --by module or --by layers")
-        data = data_for(ws, cfg, plan.input_shape[1:]) if cfg.data else None
+        data = data_for(ws, cfg, plan.input_shape[1:], fresh=True) if cfg.data else None
         chosen, why = choose_source(cfg, source, data, cache_layout(plan, cfg.lookahead), ws, cache_budget)
         if source is None:
             log(f"source: {chosen} ({why})")
@@ -413,7 +413,7 @@ def search(ws: Workspace, *, data: str | None, limit: int | None = None, normali
         head = teacher_head(teacher)
         chosen_metric = pick_metric(metric, source, head, warn=warn)
         heldout = HeldOut.first(source, eval_size, batch_size, device)
-        candidates = load_candidates(ws, teacher, device)
+        candidates = load_candidates(ws, teacher, device, warn)
         if not candidates:
             raise NdcError("no trained candidates in the workspace; run ndc distill first, e.g. ndc distill --width 0.25,0.5,0.75 --data SPEC")
         missing = [nb.name for nb in plan.trainable if nb.name not in candidates]

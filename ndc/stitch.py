@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ndc.distill.config import made_for
 from ndc.distill.store import STUDENT, WEIGHTS, JobStore
 from ndc.errors import NdcError
 from ndc.ir import Spec
@@ -107,7 +108,7 @@ def load_candidate(ws: Workspace, teacher, name: str, spec: Spec) -> tuple[nn.Mo
     store = JobStore(ws)
     if store.metrics(name, spec) is None and spec.is_identity:
         return teacher.part(name), {"teacher": True}
-    record, state, metrics = store.load(name, spec)
+    record, state, metrics = store.load(name, spec, made_for(teacher.sha256, teacher.plan[name].to_json()))
     module = rebuild_student(teacher.part(name), spec, record)
     check_and_load_state_dict(module, state, str(ws.path(f"{store.folder(name, spec)}/{WEIGHTS}")))
     return module.eval(), {"record": record, "key": metrics["key"], "weights_sha256": metrics["weights_sha256"],
@@ -182,7 +183,8 @@ def fresh_student(teacher, selection: dict[str, Spec], seed: int = 0, ws: Worksp
         elif ws is None:
             raise NdcError(f"{name} {spec}: a gated student's widths were learned; its architecture needs the workspace")
         else:
-            parts[name] = rebuild_student(teacher.part(name), spec, JobStore(ws).load(name, spec)[0])
+            record = JobStore(ws).load(name, spec, made_for(teacher.sha256, teacher.plan[name].to_json()))[0]
+            parts[name] = rebuild_student(teacher.part(name), spec, record)
     student = stitch(teacher, parts)
     reset_parameters(student, seed)
     return student.requires_grad_(True).train()

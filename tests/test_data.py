@@ -285,6 +285,18 @@ def test_augmentation_translates_by_at_most_4_pixels(idx_dir):
     assert not torch.equal(flipped, moved)
 
 
+def test_small_images_are_translated_by_an_eighth_of_their_side():
+    from ndc.data import augment_shift
+
+    assert [augment_shift(s, s) for s in (8, 16, 28, 32, 224)] == [1, 2, 4, 4, 4]
+    data = open_data("digits", (1, 8, 8), normalize=False)
+    plain = next(data.batches("train", 50))[0]
+    moved = next(data.batches("train", 50, augment=True, seed=3))[0]
+    padded = torch.nn.functional.pad(plain, (1, 1, 1, 1))
+    for i in range(50):  # 4 px would move half of an 8x8 digit out of view
+        assert any(torch.equal(padded[i, :, dy:dy + 8, dx:dx + 8], moved[i]) for dy in range(3) for dx in range(3))
+
+
 # ---------------------------------------------------------------------------
 # fitting rules
 

@@ -45,6 +45,30 @@ def test_pickled_module_loads_with_trust(tmp_path):
     assert loaded.source["kind"] == "pickle" and len(loaded.source["sha256"]) == 64
 
 
+def test_a_pickled_class_from_the_working_folder_loads_as_python_would(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    (tmp_path / "ndc_test_local_net.py").write_text(
+        "import torch.nn as nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__(); self.fc = nn.Linear(4, 2)\n"
+        "    def forward(self, x):\n        return self.fc(x)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.save(importlib.import_module("ndc_test_local_net").Net(), tmp_path / "net.pt")
+    sys.path.remove(str(tmp_path))
+    del sys.modules["ndc_test_local_net"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the module is not importable from here: say which one, not "corrupt"
+    with pytest.raises(NdcError, match="needs module 'ndc_test_local_net' to unpickle .* PYTHONPATH"):
+        load_model(str(tmp_path / "net.pt"), trust_pickle=True)
+    monkeypatch.chdir(tmp_path)  # `python -m ndc` here would import it; so does the ndc script
+    loaded = load_model("net.pt", trust_pickle=True)
+    assert type(loaded.model).__name__ == "Net" and str(tmp_path) not in sys.path
+    sys.modules.pop("ndc_test_local_net", None)
+
+
 def test_state_dict_given_as_model_says_what_to_do(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save(resnet20().state_dict(), path)

@@ -100,6 +100,76 @@ def test_eval_never_presents_a_student_of_another_teacher(run_cli, ws, tiny_teac
     assert r.exit_code == 1 and "made from another teacher" in r.stderr
 
 
+def test_stitch_and_search_never_use_students_of_another_teacher_or_partition(run_cli, ws, tiny_teacher, tmp_path):
+    other = _perturbed(tiny_teacher, tmp_path / "other.safetensors")
+    assert run_cli("partition", TINY, "--weights", other, "--input-shape", "1,3,16,16").exit_code == 0
+    r = run_cli("stitch", "-o", "s.onnx", "--width", "0.5", *DATA)
+    assert r.exit_code == 1 and one_line_error(r.stderr)
+    assert "was distilled from another teacher or partition than the workspace's now; rerun ndc distill" in r.stderr
+    r = run_cli("search", *DATA, "--max-drop", "5", "--eval-size", "64")
+    assert r.exit_code == 1 and "leaving out 6 candidate(s) distilled from another teacher" in r.stderr
+    assert "no trained candidates" in r.stderr
+    r = run_cli("distill", "--width", "0.5", *FAST, "--format", "json")  # the key changed with the teacher: retrained
+    assert r.exit_code == 0 and all(row["status"] == "done" for row in json_of(r)["candidates"])
+    assert run_cli("stitch", "-o", "s.onnx", "--width", "0.5", *DATA).exit_code == 0
+    # the same teacher cut another way, under the same name (layer2.0 is now one opaque module): stitch says why
+    assert run_cli("partition", TINY, "--weights", other, "--input-shape", "1,3,16,16", "--by", "module", "--depth", "2",
+                   "--leaf", "layer2.0").exit_code == 0
+    (tmp_path / "one.json").write_text(json.dumps({"layer2.0": "width=0.5"}))
+    r = run_cli("stitch", "-o", "s.onnx", "--selection", tmp_path / "one.json")
+    assert r.exit_code == 1 and one_line_error(r.stderr) and "another teacher or partition" in r.stderr
+
+
+def test_changed_files_under_the_same_data_spec_are_never_reused(run_cli, ws, tmp_path):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = (digits.images / 16).astype("float32"), digits.target
+
+    def write(path, labels_shift: int) -> None:
+        import numpy as np
+
+        np.savez(path, x=x[:300], y=y[:300], x_test=x[1500:1600], y_test=(y[1500:1600] + labels_shift) % 10)
+
+    npz = tmp_path / "mine.npz"
+    write(npz, 0)
+    args = ["--data", npz, "--normalize", "none"]
+    fast = [*args, "--steps", "8", "--batch-size", "32", "--val-size", "64", "--quiet", "--format", "json"]
+    r = run_cli("distill", "--width", "0.5", *fast)
+    assert r.exit_code == 0, r.stderr
+    r = run_cli("search", *args, "--max-drop", "5", "--eval-size", "64", "--no-verify", "--format", "json")
+    assert r.exit_code == 0 and json_of(r)["quality_reused"] is False
+    write(npz, 3)  # the same path and spec, other contents
+    time.sleep(0.01)
+    os.utime(npz)
+    r = run_cli("search", *args, "--max-drop", "5", "--eval-size", "64", "--no-verify", "--format", "json")
+    assert r.exit_code == 0 and json_of(r)["quality_reused"] is False  # measured again, not read from the old table
+    r = run_cli("distill", "--width", "0.5", *fast)
+    assert r.exit_code == 0, r.stderr
+    assert "retraining 3 finished job(s): their students were distilled from other files of --data" in r.stderr
+    assert all(row["status"] == "done" for row in json_of(r)["candidates"])
+    r = run_cli("distill", "--width", "0.5", *fast)  # now they are this data's students
+    assert all(row["status"] == "skipped" for row in json_of(r)["candidates"])
+
+
+def test_a_data_function_is_known_by_what_it_returns_not_only_its_file(tmp_path, monkeypatch):
+    import numpy as np
+
+    from ndc.data import open_data
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.py").write_text("import numpy as np\n"
+                                      "def load():\n"
+                                      "    d = np.load('arrays.npz')\n"
+                                      "    return (d['x'], d['y']), (d['x'][:20], d['y'][:20])\n")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "arrays.npz", x=rng.random((60, 8, 8), dtype=np.float32), y=rng.integers(0, 3, 60))
+    first = open_data("mine.py:load", (1, 8, 8)).fingerprint
+    assert open_data("mine.py:load", (1, 8, 8)).fingerprint == first
+    np.savez(tmp_path / "arrays.npz", x=rng.random((60, 8, 8), dtype=np.float32), y=rng.integers(0, 3, 60))
+    assert open_data("mine.py:load", (1, 8, 8)).fingerprint != first  # same file, other arrays
+
+
 def _perturbed(weights: str, path) -> str:
     from safetensors.torch import load_file, save_file
 

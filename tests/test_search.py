@@ -139,7 +139,10 @@ def test_greedy_takes_a_small_candidate_where_it_is_harmless_and_keeps_the_teach
     spoiled = [o for o in out["table"]["block2"] if not o["teacher"]]
     assert all(o["drop"] > 10 for o in spoiled)
     # predicted and measured are both reported, and agree for a student this close to the teacher
-    assert out["predicted_drop"] == pytest.approx(out["candidates"]["block1"]["drop"])
+    chosen = out["candidates"]["block1"]
+    assert out["prediction"] == "divergence" and out["drop_per_divergence"] > 0
+    assert out["predicted_drop"] == pytest.approx(out["drop_per_divergence"] * chosen["divergence"])
+    assert out["additive_drop"] == pytest.approx(chosen["drop"])
     assert out["measured_accuracy"] is not None
     assert abs(out["measured_accuracy"] - out["predicted_accuracy"]) < 0.02
     assert out["calibrated_norms"] == 0 and out["measured_uncalibrated_accuracy"] == out["measured_accuracy"]  # no batch norms
@@ -199,7 +202,7 @@ def test_budget_objective_is_recorded_and_divergences_are_in_the_table(ws):
     assert r.exit_code == 0 and by_drop["objective"] == "drop" and by_drop["quality_reused"] is True
     r = invoke("search", *DATA, "--eval-size", "300", "-w", ws, "--budget", f"params={teacher_params}")
     assert r.exit_code == 0 and "(least summed divergence)" in r.stdout and " KL " in r.stdout.splitlines()[0] + " "
-    assert "drop 0.00 points; summed KL 0)" in r.stdout  # the whole teacher fits: every neighbourhood keeps its own
+    assert "(drop 0.00 points = " in r.stdout and "x summed KL 0; summed drops +0.00)" in r.stdout  # the whole teacher fits
 
 
 def test_infeasible_budget_is_one_line_naming_the_smallest_student(ws):
@@ -368,8 +371,32 @@ def test_budget_minimises_the_divergence_where_drops_saturate():
     result = solve_budget(table, Budget("params", 170))
     assert result.rule["objective"] == "divergence" and result.size("params") == 170
     assert sorted(o.label for o in result.choice.values()) == ["teacher", "width=0.75"]
-    assert result.summed_divergence == pytest.approx(0.01) and result.predicted_drop == 0.0
+    assert result.summed_divergence == pytest.approx(0.01) and result.additive_drop == 0.0
     assert solve_budget(table, Budget("params", 180)).summed_divergence == 0.0
+
+
+def test_the_prediction_calibrates_the_summed_divergence_by_the_candidates_own_drops():
+    rows = {name: [("width=0.25", 10, 0, 2.0, 0.09), ("width=0.5", 20, 0, -0.1, 0.03), ("width=0.75", 30, 0, 0.0, 0.01),
+                   ("teacher", 40, 0, 0.0, 0.0)] for name in ("a", "b")}
+    table = table_of(rows, base=100)
+    # least squares through the origin over the six candidates: Σ drop·div / Σ div²
+    rate = (2 * (2.0 * 0.09 - 0.1 * 0.03)) / (2 * (0.09**2 + 0.03**2 + 0.01**2))
+    assert table.drop_per_divergence == pytest.approx(rate)
+    result = solve_budget(table, Budget("params", 150))
+    assert sorted(o.label for o in result.choice.values()) == ["width=0.5", "width=0.75"] and result.size("params") == 150
+    assert result.additive_drop == pytest.approx(-0.1)  # the summed drops would predict a student better than its teacher
+    assert result.prediction == "divergence" and result.summed_divergence == pytest.approx(0.04)
+    assert result.predicted_drop == pytest.approx(rate * result.summed_divergence) and result.predicted_drop > 0
+    assert result.predicted_accuracy == pytest.approx(0.9 - result.predicted_drop / 100)
+    assert solve_budget(table, Budget("params", 180)).predicted_drop == 0.0  # the teacher itself
+    # drops that show no loss predict none (never a negative rate); no divergences: the summed drops
+    flat = table_of({"a": [("width=0.5", 10, 0, -0.5, 0.02), ("teacher", 40, 0, 0.0, 0.0)]})
+    assert flat.drop_per_divergence == 0.0 and greedy(flat, 1.0).predicted_drop == 0.0
+    plain = table_of({"a": [("width=0.5", 10, 0, 1.5), ("teacher", 40, 0, 0.0)]})
+    chosen = greedy(plain, 2.0)
+    assert plain.drop_per_divergence is None and chosen.prediction == "additive" and chosen.predicted_drop == 1.5
+    same = table_of({"a": [("width=1.0", 40, 0, 0.0, 0.0), ("teacher", 40, 0, 0.0, 0.0)]})
+    assert same.drop_per_divergence is None  # nothing to fit: no candidate moved the output
 
 
 def test_tables_without_divergences_are_solved_by_drop():

@@ -24,7 +24,9 @@ from ndc.passes.extract import compose, extract
 from ndc.passes.partition import GraphFacts, partition
 from ndc.passes.trace import trace
 from ndc.passes.verify import verify_segments
-from ndc.plan import partition_model
+from ndc.ir import Spec
+from ndc.passes.rewrite import preview
+from ndc.plan import Teacher, partition_model
 from tests import models_for_tests as m
 
 DIM = 16
@@ -152,9 +154,14 @@ def test_mha_encoder_cuts_at_the_residual_stream():
 
 
 def test_auto_cuts_a_plain_chain_by_layers_and_says_so():
+    # two weight layers per neighbourhood, so the channels between them can narrow (one layer has only boundaries)
     plan, _ = partition_model(LoadedModel(m.chain().eval(), {"kind": "test"}), (1, 3, 8, 8))
-    assert plan.partition == {"by": "auto", "chose": "layers", "every": 1, "boundaries": plan.partition["boundaries"]}
-    assert len(plan.trainable) == 4 and any("no residual blocks" in n for n in plan.notes)
+    assert plan.partition == {"by": "auto", "chose": "layers", "every": 2, "boundaries": plan.partition["boundaries"]}
+    assert len(plan.trainable) == 2 and any("cut every 2 weight layers" in n for n in plan.notes)
+    teacher = Teacher(plan, _)
+    assert all(preview(teacher.part(nb.name), Spec(width=0.5), nb.name, nb.input_shape)["shrunk_dims"] for nb in plan.trainable)
+    ones, _ = partition_model(LoadedModel(m.chain().eval(), {"kind": "test"}), (1, 3, 8, 8), every=1)
+    assert ones.partition["every"] == 1 and len(ones.trainable) == 4
     resnet, _ = partition_model(LoadedModel(m.tiny_resnet().eval(), {"kind": "test"}), (1, 3, 16, 16))
     assert resnet.partition["chose"] == "residual" and len(resnet.trainable) == 3
     kept, _ = partition_model(LoadedModel(m.chain().eval(), {"kind": "test"}), (1, 3, 8, 8), by="residual")

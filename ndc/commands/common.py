@@ -258,7 +258,9 @@ def model_options(prefix: str = ""):
                          help=f"{prefix}Partition strategy: auto (residual blocks where the model has them, else layers), "
                               "residual, module, layers or cuts."),
             click.option("--depth", type=int, default=1, show_default=True, help=f"{prefix}--by module: cut after every submodule at this depth."),
-            click.option("--every", type=int, default=1, show_default=True, help=f"{prefix}--by layers: cut after every N weight layers."),
+            click.option("--every", type=click.IntRange(min=1), default=None,
+                         help=f"{prefix}--by layers: cut after every N weight layers [default: 1; 2 where --by auto cuts a "
+                              "plain chain, so that --width has channels to narrow]."),
             click.option("--cut", "cuts", multiple=True, metavar="NAME", help=f"{prefix}--by cuts: cut at this node or module (repeatable)."),
             click.option("--leaf", "leaves", multiple=True, metavar="MODULE", help=f"{prefix}Keep this submodule opaque when tracing (repeatable)."),
             click.option("--weights", default=None, type=click.Path(dir_okay=False),

@@ -12,7 +12,7 @@ from ndc.commands.common import common_options, device_option, emit, human, tabl
               help="Data set [default: fashion-mnist if Debian's dataset-fashion-mnist is installed, else digits].")
 @click.option("--limit", type=click.IntRange(min=1), default=10_000, show_default=True, help="Training (and test) examples used.")
 @click.option("--width", type=float, default=0.5, show_default=True, help="Width of the student's neighbourhoods.")
-@click.option("--workers", type=int, default=2, show_default=True, help="Distillation jobs in parallel.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Distillation jobs in parallel.")
 @click.option("--quick", is_flag=True, help="Tiny settings (600 examples, one epoch per stage) to check that everything runs.")
 @device_option
 @common_options

@@ -76,7 +76,7 @@ def parse_size(text: str) -> int:
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Autocast the students' forward passes (fp16 with loss scaling); fp32 was faster for small blocks (measured).")
 @compile_option
-@click.option("--workers", type=int, default=1, show_default=True,
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Units at a time: processes, one torch thread each (fused: one process per GPU by default).")
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--address", default=None, help="--backend ray: join this cluster instead of starting a local one.")

@@ -51,8 +51,10 @@ def command(max_drop, budget_text, objective, data_spec, limit, eval_size, metri
     exactly; the teacher's own neighbourhood is always an option).
     Without a rule, the table of candidates is printed and nothing is chosen.
     The selected student is stitched, its batch norms recalibrated, and its
-    measured score reported beside the predicted one (teacher minus summed
-    drops). `ndc stitch` then uses selection.json by default.
+    measured score reported beside the predicted one: the teacher's minus
+    the summed divergence times the drop per unit of divergence fitted on
+    all candidates (the summed drops when no divergence was measured).
+    `ndc stitch` then uses selection.json by default.
 
     \b
       ndc search --max-drop 1 --data fashion-mnist
@@ -98,10 +100,14 @@ def command(max_drop, budget_text, objective, data_spec, limit, eval_size, metri
                                  f"{metric.format(measured['accuracy'])} after recalibrating {measured['calibrated_norms']} batch norms")
             else:
                 measured_text = f"measured {metric.format(measured['accuracy'])}"
-            summed = doc["summed_divergence"] if doc.get("objective") == "divergence" else None  # what --budget minimised
-            divergence = "" if summed is None else f"; summed {DIVERGENCE_TITLES[doc['divergence']]} {summed:.3g}"
-            lines.append(f"predicted {metric.format(doc['predicted_accuracy'])} (drop {doc['predicted_drop']:.2f}"
-                         f"{' points' if metric.fraction else ''}{divergence}), {measured_text}")
+            points = " points" if metric.fraction else ""
+            if doc["prediction"] == "divergence":
+                basis = (f"{doc['drop_per_divergence']:.3g} x summed {DIVERGENCE_TITLES[doc['divergence']]} "
+                         f"{doc['summed_divergence']:.3g}; summed drops {doc['additive_drop']:+.2f}")
+            else:
+                basis = "summed drops"
+            lines.append(f"predicted {metric.format(doc['predicted_accuracy'])} (drop {doc['predicted_drop']:.2f}{points} "
+                         f"= {basis}), {measured_text}")
             lines.append(f"wrote {payload['selection_file']}; `ndc stitch -o FILE` uses it")
         else:
             lines.append("no rule given: pass --max-drop X or --budget params=N to choose a student")

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ndc.data.batches import AUGMENT_SHIFT, DataSource, flip, to_tensor, translate
+from ndc.data.batches import AUGMENT_SHIFT, DataSource, augment_shift, flip, to_tensor, translate
 from ndc.data.fit import PAD_LIMIT, Fit, plan_fit
 from ndc.data.folders import IMAGE_SUFFIXES
 from ndc.data.idx import FASHION_MNIST_DIR, read_idx
@@ -71,7 +71,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AUGMENT_SHIFT", "DATA_SPEC_HELP", "FASHION_MNIST_DIR", "IMAGE_SUFFIXES", "LABELS", "PAD_LIMIT", "SOURCES",
-    "STATS_DIR", "STATS_VERSION", "VALIDATION_FRACTION", "DataSource", "Fit", "SourceEntry", "flip", "load_npz",
+    "STATS_DIR", "STATS_VERSION", "VALIDATION_FRACTION", "DataSource", "Fit", "SourceEntry", "augment_shift", "flip", "load_npz",
     "open_data", "parse_normalize", "plan_fit", "read_idx", "resolve", "to_tensor", "training_statistics", "translate",
 ]
 

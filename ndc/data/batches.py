@@ -17,6 +17,12 @@ from ndc.errors import NdcError
 AUGMENT_SHIFT = 4
 
 
+def augment_shift(height: int, width: int) -> int:
+    """The largest translation for images of this size: 4 px from 28 px up (the CIFAR setup), an eighth of the
+    shorter side below (1 px for 8x8 digits, where 4 px would move half the image out of view)."""
+    return max(1, min(AUGMENT_SHIFT, round(min(height, width) / 8)))
+
+
 def to_tensor(x: np.ndarray) -> torch.Tensor:
     """Raw batch -> float32 tensor; uint8 pixels are scaled to [0, 1], floats are taken as they are."""
     # np.array always copies: a float32 memory map would otherwise reach torch read-only (and torch warns).
@@ -133,7 +139,7 @@ class DataSource:
         t = fit.spatial(to_tensor(x))
         if augment and fit.image:
             # Augment before the channel repeat: one grey channel costs a third of three.
-            t = translate(t, AUGMENT_SHIFT, rng)
+            t = translate(t, augment_shift(*t.shape[-2:]), rng)
             if flip_:
                 t = flip(t, rng)
         t = fit.channel(t)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ndc.data.folders import GREY_MODES
-from ndc.data.splits import (ArraySplit, LazySplit, Raw, array_classes, array_split, binary_targets, file_stamp,
+from ndc.data.splits import (ArraySplit, LazySplit, Raw, array_classes, array_split, binary_targets, content_digest, file_stamp,
                              first_nonfinite, layout_of, same_examples)
 from ndc.errors import NdcError, fmt_shape, one_line
 from ndc.usercode import find_function
@@ -39,7 +39,8 @@ def open_function(spec: str, arg: str) -> Raw:
         same_examples(train, test, f"{spec} train", "test")
     classes = _user_classes(result[0], train, test, result[1])
     arrays = [s for s in (train, test) if isinstance(s, ArraySplit)]
-    return Raw("function", spec, train, test, classes, fingerprint={"target": spec, "file": stamp},
+    return Raw("function", spec, train, test, classes,
+               fingerprint={"target": spec, "file": stamp, "content": [content_digest(train), content_digest(test)]},
                binary=_binary(train, test, arrays))
 
 

@@ -14,6 +14,7 @@ The pipeline of ``ndc distill``::
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -114,15 +115,21 @@ def run_distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, backend: "
     keys = {job: key_of(teacher.sha256, nb_json[job.neighbourhood], job, cfg) for job in jobs}
     rows: dict[Candidate, dict] = {}
     pending = []
+    data = data_for(ws, cfg, plan.input_shape[1:]) if cfg.data else None
+    files = None if data is None else json.loads(json.dumps(getattr(data, "fingerprint", None)))  # as metrics.json holds it
+    other_files = 0
     for job in jobs:
         done = [None if force else store.finished(job.neighbourhood, spec, keys[job]) for spec in job.members]
+        if files is not None and any(d is not None and d.get("data_files") not in (None, files) for d in done):
+            done, other_files = [None] * len(done), other_files + 1  # the same --data spec, other files under it
         if all(d is not None for d in done):
             rows.update({Candidate(job.neighbourhood, spec): {**d, "status": "skipped"} for spec, d in zip(job.members, done)})
         else:
             pending.append(job)
+    if other_files:
+        (warn or log)(f"retraining {other_files} finished job(s): their students were distilled from other files of --data {cfg.data}")
 
     if pending:
-        data = data_for(ws, cfg, plan.input_shape[1:]) if cfg.data else None
         cache_dir, moments = None, {}
         if cfg.source == "cache":
             cache_dir = _cache(ws, teacher, cfg, data, log, warn or log, on_progress)
@@ -135,6 +142,7 @@ def run_distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, backend: "
             i = plan.names.index(job.neighbourhood)
             cost = float(nb.flops) * (1 + cfg.lookahead) * (cfg.steps or cfg.epochs) * sum(s.width ** 2 for s in job.members)
             extra = {"moments": moments[i]} if i in moments else {}
+            extra["data_files"] = files
             if job.spec.slim is not None:
                 extra["members"] = [str(s) for s in job.members]
             items.append(Item(job.neighbourhood, str(job.spec), keys[job], cost, extra))

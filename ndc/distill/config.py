@@ -145,6 +145,17 @@ def job_key(teacher_sha: str, neighbourhood: dict, spec: Spec, config: DistillCo
     })
 
 
+def made_for(teacher_sha: str, neighbourhood: dict) -> str:
+    """Hash of the teacher's weights and the neighbourhood (name, boundaries, nodes) a candidate was distilled from.
+
+    Recorded in each candidate's ``metrics.json``; ``stitch`` and ``search``
+    refuse a candidate whose value is not the workspace's now (the teacher's
+    weights changed, or the model was partitioned another way).
+    """
+    return sha256_json({"teacher": teacher_sha,
+                        "neighbourhood": {k: neighbourhood[k] for k in ("name", "input", "output", "nodes")}})
+
+
 def expand_specs(widths: list[float], sparsities: list[float], specs: list[str]) -> list[Spec]:
     """The specs of a run: every width × every sparsity, plus explicit ``--spec`` strings, deduplicated in order."""
     out: list[Spec] = []

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ndc.distill.config import DistillConfig
+from ndc.distill.config import DistillConfig, made_for
 from ndc.distill.sources import (NOISE_EPOCH, CachedArrays, CacheFeed, Feed, NoiseFeed, RecomputeFeed, TeacherChain)
 from ndc.distill.store import Fenced, JobStore
 from ndc.distill.trainer import CandidateFailed, CandidateTrainer, heldout_errors
@@ -140,12 +140,13 @@ def teacher_for(ws: Workspace):
     return _TEACHERS[key]
 
 
-def data_for(ws: Workspace, cfg: DistillConfig, shape):
-    """The run's data source, opened once per process."""
+def data_for(ws: Workspace, cfg: DistillConfig, shape, fresh: bool = False):
+    """The run's data source, opened once per process (``fresh``: opened again, as each command does, so files
+    changed since the last opening are seen)."""
     from ndc.data import open_data
 
     key = (str(ws.root), cfg.data, tuple(shape), cfg.limit, cfg.normalize)
-    if key not in _DATA:
+    if fresh or key not in _DATA:
         _DATA[key] = open_data(cfg.data, shape, limit=cfg.limit, workspace=ws, normalize=cfg.normalize)
     return _DATA[key]
 
@@ -332,10 +333,13 @@ class _Run:
 
     def _publish(self, t: CandidateTrainer, final: dict) -> None:
         nb = self.plan.neighbourhoods[t.index]
+        item = next(i for i in self.unit.items if i.key == t.key)
         for result in t.results(final):  # one candidate, or one per width of a slimmable job
             model = result.model
             metrics = {
                 "key": t.key,
+                "made_for": made_for(self.plan.teacher["sha256"], nb.to_json()),
+                "data_files": item.extra.get("data_files"),
                 "neighbourhood": t.name,
                 "spec": str(result.spec),
                 "status": "done",

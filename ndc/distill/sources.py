@@ -95,6 +95,7 @@ def cache_key(teacher_sha: str, data, layout: CacheLayout, augment_passes: int, 
     return sha256_json({
         "teacher": teacher_sha,
         "data": data.name,
+        "files": getattr(data, "fingerprint", None),  # the same spec over changed files is other data
         "limit": data.limit,
         "mean": data.mean,
         "std": data.std,

@@ -58,6 +58,10 @@ def folder_name(name: str) -> str:
     return f"{prefix}-{digest}" if prefix else digest
 
 
+class StaleStudent(NdcError):
+    """A finished candidate distilled from another teacher or partition than the workspace's now."""
+
+
 class Fenced(Exception):
     """The command that started this work no longer holds the workspace: nothing may be written."""
 
@@ -99,8 +103,14 @@ class JobStore:
                 return None
         return metrics
 
-    def load(self, neighbourhood: str, spec: Spec) -> tuple[dict, dict[str, torch.Tensor], dict]:
-        """``(record, state_dict, metrics)`` of a finished candidate; one clear line when there is none."""
+    def load(self, neighbourhood: str, spec: Spec, made_for: str | None = None) -> tuple[dict, dict[str, torch.Tensor], dict]:
+        """``(record, state_dict, metrics)`` of a finished candidate; one clear line when there is none.
+
+        ``made_for`` (see :func:`ndc.distill.config.made_for`): the teacher and
+        neighbourhood the candidate must have been distilled from; a candidate
+        that recorded others raises :class:`StaleStudent` (candidates from before
+        ndc recorded it are taken as they are).
+        """
         folder = self.folder(neighbourhood, spec)
         metrics = self.metrics(neighbourhood, spec)
         if metrics is None:
@@ -111,6 +121,9 @@ class JobStore:
         if self.finished(neighbourhood, spec) is None:
             raise NdcError(f"the student files of {neighbourhood} {spec} do not verify (corrupt or changed); "
                            f"rerun ndc distill --force --only {neighbourhood}")
+        if made_for is not None and metrics.get("made_for") not in (None, made_for):
+            raise StaleStudent(f"the student of {neighbourhood} {spec} was distilled from another teacher or partition "
+                               f"than the workspace's now; rerun ndc distill --spec {spec} (it retrains exactly those)")
         info = read_json(self.ws.path(f"{folder}/{STUDENT}"))
         if not isinstance(info, dict) or "record" not in info:
             raise NdcError(f"{self.ws.path(f'{folder}/{STUDENT}')}: not a student record; rerun ndc distill --force --only {neighbourhood}")

@@ -8,7 +8,8 @@ Strategies (``--by``):
 
 * ``auto`` (the default): ``residual`` where the model has residual blocks,
   else ``layers`` (a plain chain such as VGG, cut every ``every`` weight
-  layers); :attr:`Partition.strategy` says which it chose.
+  layers, 2 by default: see :func:`layers_every`); :attr:`Partition.strategy`
+  says which it chose.
 * ``residual``: one neighbourhood per region that merges a skip path (a
   residual block, a dense layer); a node that keeps the shape and holds no
   weight layer (the ReLU after the add, a post-norm transformer's LayerNorm)
@@ -153,7 +154,22 @@ class GraphFacts:
 # ------------------------------------------------------------------ strategies
 
 
-def partition(traced: Traced, by: str = "auto", depth: int = 1, every: int = 1, cuts: tuple[str, ...] = ()) -> Partition:
+AUTO_EVERY = 2  # a plain chain under --by auto: two weight layers per neighbourhood
+
+
+def layers_every(by: str, every: int | None) -> int:
+    """``--every`` as given; by default 2 when ``--by auto`` cuts a plain chain, 1 for ``--by layers``.
+
+    A neighbourhood of one weight layer has no channel inside it, only its
+    boundaries, so ``--width`` could narrow nothing; two layers per
+    neighbourhood leave the channels between them free to narrow (and
+    ``--sparsity`` prunes either way).
+    """
+    return every if every is not None else (AUTO_EVERY if by == "auto" else 1)
+
+
+def partition(traced: Traced, by: str = "auto", depth: int = 1, every: int | None = None,
+              cuts: tuple[str, ...] = ()) -> Partition:
     """Cut ``traced`` with strategy ``by``; see the module docstring.
 
     The segments returned are verified (:func:`~ndc.passes.verify.verify_segments`):
@@ -163,6 +179,7 @@ def partition(traced: Traced, by: str = "auto", depth: int = 1, every: int = 1, 
 
     if by not in STRATEGIES:
         raise NdcError(f"unknown partition strategy {by!r}; valid strategies: {', '.join(STRATEGIES)}")
+    every = layers_every(by, every)
     facts = GraphFacts(traced)
     notes: list[str] = []
     chosen = by

@@ -32,10 +32,16 @@ always among them with drop 0, minimising the summed divergence from the
 teacher's outputs (:class:`~ndc.scoring.Divergence`, measured in the same
 pass; or with ``objective="drop"`` the summed drop) with the whole student's
 parameters (or FLOPs) within the budget, solved exactly by
-:func:`mckp_frontier`. The predicted accuracy of a student is the teacher's
-minus the summed drops (errors taken as additive, which the paper's appendix
-B.1 finds holds, or errs on the safe side, while each drop is small); search
-then stitches the student and measures it.
+:func:`mckp_frontier`.
+
+**Prediction.** A student's predicted score is the teacher's minus its
+predicted drop: with divergences measured, the summed divergence times the
+table's drop per unit of divergence (:attr:`QualityTable.drop_per_divergence`,
+a least-squares fit through the origin over every candidate's own drop and
+divergence); otherwise the summed drops (the paper's additive estimate,
+appendix B.1). On the benchmarks the summed drops were far too optimistic
+(candidates that tie with or beat the teacher on the held-out set add no
+drop; docs/benchmarks.md). Search then stitches the student and measures it.
 
 Sizes: a candidate's parameters are counted on its rebuilt module (non-zero
 weights for sparse specs, since pruned weights are not stored in a sparse

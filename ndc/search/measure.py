@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -127,19 +127,32 @@ def measure_quality(parts: Sequence[nn.Module], names: Sequence[str],
 # ------------------------------------------------------------------ workspace side
 
 
-def load_candidates(ws: Workspace, teacher, device: str = "cpu") -> dict[str, list[tuple[Spec, nn.Module, dict]]]:
-    """Every finished candidate of the workspace, rebuilt with its weights: ``{neighbourhood: [(spec, module, info)]}``."""
+def load_candidates(ws: Workspace, teacher, device: str = "cpu",
+                    warn: Callable[[str], None] = lambda message: None) -> dict[str, list[tuple[Spec, nn.Module, dict]]]:
+    """Every finished candidate of the workspace, rebuilt with its weights: ``{neighbourhood: [(spec, module, info)]}``.
+
+    Candidates distilled from another teacher or partition are left out, and ``warn`` hears which.
+    """
+    from ndc.distill.store import StaleStudent
     from ndc.stitch import load_candidate, trained_specs
 
     plan = teacher.plan
     trainable = {nb.name for nb in plan.trainable}
     out: dict[str, list[tuple[Spec, nn.Module, dict]]] = {}
+    stale = []
     for name, specs in trained_specs(ws, plan).items():
         if name not in trainable:
             continue
         for spec in specs:
-            module, info = load_candidate(ws, teacher, name, spec)
+            try:
+                module, info = load_candidate(ws, teacher, name, spec)
+            except StaleStudent:
+                stale.append(f"{name} {spec}")
+                continue
             out.setdefault(name, []).append((spec, module.eval().to(device), info))
+    if stale:
+        warn(f"leaving out {len(stale)} candidate(s) distilled from another teacher or partition than the workspace's "
+             f"now ({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}); rerun ndc distill to retrain them")
     return {nb.name: out[nb.name] for nb in plan.trainable if nb.name in out}
 
 
@@ -152,7 +165,7 @@ def quality_key(teacher, candidates: Mapping[str, Sequence[tuple[Spec, nn.Module
         "teacher": teacher.sha256,
         "candidates": {name: [[str(spec), info.get("key"), info.get("weights_sha256")] for spec, _, info in opts]
                        for name, opts in candidates.items()},
-        "data": [data.name, data.limit, data.mean, data.std, list(data.shape)],
+        "data": [data.name, getattr(data, "fingerprint", None), data.limit, data.mean, data.std, list(data.shape)],
         "examples": heldout.size,
         "batch_size": heldout.batch_size,
         "metric": [metric.name, metric.threshold],

@@ -67,7 +67,8 @@ def plot_pareto(points: Sequence[SweepPoint], frontier: Sequence[SearchResult], 
         xs = [r.size("params") for r in frontier] + [table.teacher_size["params"]]
         ys = [unit * r.predicted_accuracy for r in frontier]
         ys.append(ys[-1])
-        ax.step(xs, ys, where="post", linestyle="--", color="0.6", linewidth=1, label="search, predicted by summed drops (exact frontier)")
+        basis = "summed divergence" if frontier[0].prediction == "divergence" else "summed drops"
+        ax.step(xs, ys, where="post", linestyle="--", color="0.6", linewidth=1, label=f"search, predicted from {basis} (exact frontier)")
     uniform = sorted((p for p in points if p.kind == "uniform"), key=lambda p: p.params)
     if uniform:
         ax.plot([p.params for p in uniform], [unit * p.measured_accuracy for p in uniform], "o-", color="tab:blue",

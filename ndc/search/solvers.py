@@ -244,17 +244,19 @@ def solve_budget(table: QualityTable, budget: Budget, objective: str | None = No
                                         "objective": objective})
 
 
-def pareto_choices(table: QualityTable, kind: str = "params") -> list[SearchResult]:
-    """Every student on the exact predicted frontier (size against summed drop), smallest first."""
+def pareto_choices(table: QualityTable, kind: str = "params", objective: str | None = None) -> list[SearchResult]:
+    """Every student on the exact frontier of size against the summed ``objective`` (see :func:`objective_of`),
+    smallest first; with divergences measured, that is also the frontier of the predicted score."""
+    objective = objective_of(table, objective)
     names = list(table.options)
-    frontier = mckp_frontier(_groups(table, names, kind, "drop"))
+    frontier = mckp_frontier(_groups(table, names, kind, objective))
     out = []
     for k in range(len(frontier)):
         picks = frontier.choice(k)
         choice = {name: table.options[name][i] for name, i in zip(names, picks)}
         limit = table.base[kind] + int(frontier.costs[k])
         out.append(SearchResult(table, choice, {"rule": "budget", "budget": {"kind": kind, "limit": limit},
-                                                "objective": "drop"}))
+                                                "objective": objective}))
     return out
 
 
