@@ -50,6 +50,30 @@ def test_groups_whose_channels_are_mixed_keep_their_width():
     assert [GatedStudent(part).an.name(g) for g in GatedStudent(part).groups] == ["blocks.0.mlp.fc1.out_features"]
 
 
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_exported_graphs_gate_their_linear_layers_as_fx_graphs_do(frontend):
+    # torch.export graphs (every Hugging Face model) call aten.linear with the weight as an attribute, not a module
+    from ndc.load import LoadedModel
+    from ndc.plan import Teacher, partition_model
+    from tests import models_for_tests as m
+
+    plan, traced = partition_model(LoadedModel(m.mha_encoder().eval(), {"kind": "test"}), (1, 6, 8), by="residual",
+                                   frontend=frontend)
+    part = Teacher(plan, traced).part("layers.0.fc1")
+    gated = GatedStudent(part)
+    assert [gated.an.name(g) for g in gated.groups] == ["layers.0.fc1.out_features"]
+    with torch.no_grad():
+        gated.log_alpha[0].copy_(torch.linspace(-3, 3, len(gated.log_alpha[0])))  # the first half closed
+    gated.fix()
+    spec = Spec(gates=0.5)
+    module, record, _ = gated.eval().student(part, spec, "teacher", 1, 0)
+    rebuilt = rebuild_student(part, spec, record)
+    rebuilt.load_state_dict(module.state_dict())
+    x = torch.randn(3, *plan["layers.0.fc1"].input_shape[1:])
+    assert torch.allclose(rebuilt.eval()(x), gated(x), atol=1e-5)
+    assert count_params(rebuilt) < count_params(part)
+
+
 def test_the_penalty_sets_the_size_and_the_students_stitch_and_search(run_cli, ws, tmp_path):
     r, doc = distill_json(run_cli, "--gates", "--gate-penalty", "0,1,3", *FAST)
     assert r.exit_code == 0, r.stderr

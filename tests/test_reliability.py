@@ -137,6 +137,7 @@ def test_changed_files_under_the_same_data_spec_are_never_reused(run_cli, ws, tm
     fast = [*args, "--steps", "8", "--batch-size", "32", "--val-size", "64", "--quiet", "--format", "json"]
     r = run_cli("distill", "--width", "0.5", *fast)
     assert r.exit_code == 0, r.stderr
+    assert "replacing 3 finished student(s) distilled with other settings" in r.stderr  # those of --data digits
     r = run_cli("search", *args, "--max-drop", "5", "--eval-size", "64", "--no-verify", "--format", "json")
     assert r.exit_code == 0 and json_of(r)["quality_reused"] is False
     write(npz, 3)  # the same path and spec, other contents
@@ -147,6 +148,7 @@ def test_changed_files_under_the_same_data_spec_are_never_reused(run_cli, ws, tm
     r = run_cli("distill", "--width", "0.5", *fast)
     assert r.exit_code == 0, r.stderr
     assert "retraining 3 finished job(s): their students were distilled from other files of --data" in r.stderr
+    assert "replacing" not in r.stderr
     assert all(row["status"] == "done" for row in json_of(r)["candidates"])
     r = run_cli("distill", "--width", "0.5", *fast)  # now they are this data's students
     assert all(row["status"] == "skipped" for row in json_of(r)["candidates"])

@@ -117,7 +117,7 @@ def run_distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, backend: "
     pending = []
     data = data_for(ws, cfg, plan.input_shape[1:]) if cfg.data else None
     files = None if data is None else json.loads(json.dumps(getattr(data, "fingerprint", None)))  # as metrics.json holds it
-    other_files = 0
+    other_files = other_settings = 0
     for job in jobs:
         done = [None if force else store.finished(job.neighbourhood, spec, keys[job]) for spec in job.members]
         if files is not None and any(d is not None and d.get("data_files") not in (None, files) for d in done):
@@ -126,8 +126,13 @@ def run_distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, backend: "
             rows.update({Candidate(job.neighbourhood, spec): {**d, "status": "skipped"} for spec, d in zip(job.members, done)})
         else:
             pending.append(job)
+            other_settings += not force and any(d is None and store.finished(job.neighbourhood, spec) is not None
+                                                for spec, d in zip(job.members, done))
     if other_files:
         (warn or log)(f"retraining {other_files} finished job(s): their students were distilled from other files of --data {cfg.data}")
+    if other_settings - other_files > 0:
+        (warn or log)(f"replacing {other_settings - other_files} finished student(s) distilled with other settings (data, "
+                      "training options or teacher) by this run's")
 
     if pending:
         cache_dir, moments = None, {}

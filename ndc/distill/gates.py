@@ -77,9 +77,15 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # Operations that pass a channel group on but mix its channels (statistics over channels, a softmax over them).
 _MIXING_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.Softmax, nn.LogSoftmax, nn.Softmin)
+_aten = torch.ops.aten
 _MIXING_FUNCTIONS = {F.layer_norm, F.group_norm, F.local_response_norm, F.softmax, F.log_softmax, F.softmin, F.normalize,
-                     torch.softmax, torch.log_softmax, torch.norm}
+                     torch.softmax, torch.log_softmax, torch.norm,
+                     # the same in exported graphs (torch.export, every Hugging Face model)
+                     _aten.layer_norm.default, _aten.native_layer_norm.default, _aten.group_norm.default,
+                     _aten.native_group_norm.default, _aten.softmax.int, _aten._softmax.default, _aten.log_softmax.int,
+                     _aten._log_softmax.default, _aten.rms_norm.default, _aten.linalg_vector_norm.default}
 _MIXING_METHODS = {"softmax", "log_softmax", "norm"}
+_LINEAR_FUNCTIONS = {F.linear, _aten.linear.default}
 
 
 # ------------------------------------------------------------------ analysis
@@ -87,6 +93,11 @@ _MIXING_METHODS = {"softmax", "log_softmax", "norm"}
 
 def consumer(an: Analysis, node: fx.Node) -> tuple[str, int, Layout] | None:
     """``(weight name, axis, layout)`` when ``node`` consumes channels through a weight axis a gate can scale."""
+    if node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:  # a linear layer of an exported graph
+        x, w = (list(node.args) + [None, None])[:2]
+        if an.is_tensor(x) and isinstance(w, fx.Node) and w.op == "get_attr":
+            return str(w.target), 1, an.axes(x)[-1]
+        return None
     if node.op != "call_module":
         return None
     m = an.module(node)
