@@ -21,9 +21,12 @@ import contextlib
 import importlib
 import importlib.util
 import io
+import logging
 import os
 import pickletools
+import re
 import sys
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,11 +102,51 @@ def _load_program(path: Path):
 
     if not path.is_file():
         raise NdcError(f"{path}: no such file")
-    try:
-        program = torch.export.load(str(path))
-    except Exception as e:
-        raise NdcError(f"{path} is not a readable torch.export archive: {first_line(e, 160)}") from None
+    program = _read_program(path)
+    if isinstance(program, str) and _import_outputs_of(program):
+        program = _read_program(path)  # a Hugging Face ModelOutput: defining its class registers it
+    if isinstance(program, str):
+        raise NdcError(f"{path} returns a {program}, which is not registered with torch's pytree here, so the archive "
+                       "cannot be read; export a wrapper whose forward returns a tensor "
+                       "(forward(self, x): return self.model(x).logits)")
     return load_program(program, str(path))
+
+
+def _read_program(path: Path):
+    """``torch.export.load`` without its log lines: the program, or the name of the output class it could
+    not rebuild; any other failure is one line."""
+    logger = logging.getLogger("torch.export")  # torch logs the real cause (with a traceback), then raises a vaguer one
+    errors: list[BaseException] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: errors.append(record.exc_info[1]) if record.exc_info else None
+    saved = logger.handlers, logger.propagate
+    logger.handlers, logger.propagate = [handler], False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.load(str(path))
+    except Exception as e:
+        causes = [m for m in map(_UNREGISTERED.search, map(str, errors)) if m]
+        if causes:
+            return causes[0].group(1)
+        raise NdcError(f"{path} is not a readable torch.export archive: {first_line(e, 160)}") from None
+    finally:
+        logger.handlers, logger.propagate = saved
+
+
+_UNREGISTERED = re.compile(r"Deserializing (\S+) in pytree is not registered")
+
+
+def _import_outputs_of(name: str) -> bool:
+    """Import the transformers module that defines the class ``name`` (defining a ModelOutput registers it)."""
+    module = name.rpartition(".")[0]
+    if not module.startswith("transformers.") or importlib.util.find_spec("transformers") is None:
+        return False
+    try:
+        importlib.import_module(module)
+    except Exception:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------ factories
@@ -196,6 +239,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
 
 def check_and_load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     expected = model.state_dict()
+    state = _with_tied_keys(model, state)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -209,6 +253,21 @@ def check_and_load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], 
         if tuple(state[k].shape) != tuple(v.shape):
             raise NdcError(f"weights {what} do not match the model: {k} has shape {list(state[k].shape)} in the file, the model expects {list(v.shape)}")
     model.load_state_dict(state, strict=True)
+
+
+def _with_tied_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every key it lacks only because its tensor is tied to one it has (a language model's
+    embedding and output layer share one Parameter; files keep one of the names)."""
+    names: dict[int, list[str]] = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(v), []).append(k)
+    state = dict(state)
+    for tied in names.values():
+        present = next((k for k in tied if k in state), None)
+        if present is not None:
+            for k in tied:
+                state.setdefault(k, state[present])
+    return state
 
 
 # ------------------------------------------------------------- pickled modules

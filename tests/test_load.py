@@ -155,3 +155,89 @@ def test_corrupt_safetensors(tmp_path):
     path.write_bytes(os.urandom(64))
     with pytest.raises(NdcError, match="not a readable safetensors file"):
         load_model("ndc.zoo:resnet20", weights=str(path))
+
+
+class Tied(torch.nn.Module):
+    """A language model's embedding and output layer sharing one Parameter (two names in its state dict)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4)
+        self.head = torch.nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(self.emb(x))
+
+
+@pytest.mark.parametrize("kept", ["emb.weight", "head.weight"])
+def test_tied_weights_saved_under_one_name_load(kept):
+    from ndc.load import check_and_load_state_dict
+
+    source, model = Tied(), Tied()
+    state = {k: v for k, v in source.state_dict().items() if k == kept}  # what Hugging Face or safetensors keep
+    check_and_load_state_dict(model, state, "w.safetensors")
+    assert torch.equal(model.emb.weight, source.emb.weight) and model.head.weight is model.emb.weight
+
+
+def test_a_key_missing_without_a_tied_twin_is_still_refused():
+    from ndc.load import check_and_load_state_dict
+
+    with pytest.raises(NdcError, match=r"missing 2 key\(s\) \(emb.weight, head.weight\)"):
+        check_and_load_state_dict(Tied(), {}, "w.safetensors")
+    state = {k: v for k, v in resnet20().state_dict().items() if k != "fc.weight"}
+    with pytest.raises(NdcError, match=r"missing 1 key\(s\) \(fc.weight\)"):
+        check_and_load_state_dict(resnet20(), state, "w.pt")
+
+
+def _save_program(model, x, path):
+    program = torch.export.export(model.eval(), (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(path))
+
+
+class ReshapedIds(torch.nn.Module):
+    """Token ids reshaped, copied and sliced before the embedding (GPT-2 reads ``input_ids.view(-1, L)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(7, 4)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.emb(x.view(-1, x.shape[-1]).contiguous().to(torch.int32)[:, 1:]))
+
+
+def test_pt2_token_range_is_read_through_reshapes(tmp_path):
+    _save_program(ReshapedIds(), torch.randint(0, 7, (2, 5)), tmp_path / "m.pt2")
+    loaded = load_model(str(tmp_path / "m.pt2"))
+    assert loaded.input_shape == (1, 5) and loaded.inputs.dtype == "int64" and loaded.inputs.high == 7
+
+
+class _Out:
+    def __init__(self, logits):
+        self.logits = logits
+
+
+class ReturnsOut(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return _Out(self.fc(x))
+
+
+def test_pt2_returning_an_unregistered_class_is_one_line(tmp_path, capfd):
+    import torch.utils._pytree as pytree
+
+    pytree.register_pytree_node(_Out, lambda o: ([o.logits], None), lambda xs, _: _Out(xs[0]),
+                                serialized_type_name="mypackage.outputs.Out")
+    try:
+        _save_program(ReturnsOut(), torch.randn(2, 4), tmp_path / "m.pt2")
+    finally:
+        pytree._deregister_pytree_node(_Out)  # as in a fresh process that never defined it
+    capfd.readouterr()
+    with pytest.raises(NdcError) as e:
+        load_model(str(tmp_path / "m.pt2"))
+    assert "returns a mypackage.outputs.Out" in str(e.value) and "returns a tensor" in str(e.value)
+    assert capfd.readouterr().err == ""  # torch's log lines and traceback are not dumped

@@ -79,3 +79,12 @@ def test_wrong_input_shape_is_one_line():
 def test_bad_input_shape_values():
     with pytest.raises(NdcError, match="bad input shape"):
         trace(m.OptionalArg(), (0, 8))
+
+
+def test_an_input_the_model_itself_rejects_is_reported_before_tracing_failures():
+    with pytest.raises(NdcError) as e:  # fx cannot trace RootBranch, and the model cannot run on 4 channels either
+        trace(m.RootBranch(), (1, 4, 4, 4), frontend="auto")
+    msg = str(e.value)
+    assert msg.startswith("the model does not run on the example input [1, 4, 4, 4] (float32)")
+    assert "in module conv (Conv2d)" in msg and "check --input-shape / --input-dtype" in msg
+    assert "torch.where" not in msg and "\n" not in msg

@@ -100,3 +100,89 @@ def test_width_half_is_a_smaller_valid_onnx_model(workspace):
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         assert got.shape == tuple(_logits(_teacher(name)(x)).shape)
+
+
+# ------------------------------------------------------------- loading and errors (no distillation)
+
+
+def _hf(name: str) -> torch.nn.Module:
+    from ndc.load import load_model
+
+    model = load_model(f"{HF}:{name}").model
+    model.config.use_cache = False
+    return model
+
+
+def test_tied_weights_saved_by_hugging_face_load(tmp_path):
+    from safetensors.torch import save_model
+
+    from ndc.load import load_model
+
+    source = _hf("gpt2")
+    source.save_pretrained(tmp_path / "hf")  # keeps transformer.wte.weight, drops the tied lm_head.weight
+    save_model(source, str(tmp_path / "st.safetensors"))  # keeps lm_head.weight instead
+    x = torch.randint(0, 100, (2, 8))
+    for weights in (tmp_path / "hf" / "model.safetensors", tmp_path / "st.safetensors"):
+        model = load_model(f"{HF}:gpt2", weights=str(weights)).model
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, source(x).logits)
+
+
+def _save_program(model, path):
+    program = torch.export.export(model.eval(), (torch.randint(0, 100, (2, 8)),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(path))
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, x):
+        return self.m(x).logits
+
+
+def test_gpt2_archive_reads_ids_through_a_view(tmp_path):
+    from ndc.load import load_model
+
+    _save_program(_Logits(_hf("gpt2")), tmp_path / "gpt2.pt2")  # GPT-2 embeds input_ids.view(-1, L)
+    loaded = load_model(str(tmp_path / "gpt2.pt2"))
+    assert loaded.inputs.dtype == "int64" and loaded.inputs.high == 100
+
+
+def test_archive_exported_straight_from_hugging_face_loads(tmp_path):
+    import subprocess
+    import sys
+
+    _save_program(_hf("gpt2"), tmp_path / "raw.pt2")  # returns a CausalLMOutputWithCrossAttentions
+    # A fresh process, where transformers' output classes are not imported (so not registered with pytree) yet.
+    code = (f"from ndc.load import load_model; l = load_model({str(tmp_path / 'raw.pt2')!r}); "
+            "print(l.input_shape, l.inputs.dtype, l.inputs.high)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split() == ["(1,", "8)", "int64", "100"], r.stderr
+    assert r.stderr == ""
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["vit", "--input-shape", "1,3,32,32"], "Input image size (32*32) doesn't match model (16*16) in module vit.embeddings"),
+    (["gpt2", "--input-dtype", "float32"], ("in module transformer.wte (Embedding); check --input-shape / --input-dtype "
+                                            "(token ids? pass --input-dtype int64)")),
+])
+def test_an_input_a_hugging_face_model_rejects_is_said_first(args, expected, tmp_path):
+    r = CliRunner().invoke(main, ["partition", f"{HF}:{args[0]}", *args[1:], "-w", str(tmp_path / "ws")])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    error = r.stderr.strip().splitlines()[-1]
+    assert error.startswith("Error: the model does not run on the example input") and expected in error
+    assert "rewrite" not in error and "torch.fx" not in error
+
+
+def test_fx_failing_inside_transformers_does_not_advise_rewriting_it():
+    from ndc.errors import NdcError
+    from ndc.passes.trace import trace
+
+    with pytest.raises(NdcError) as e:
+        trace(_hf("vit"), (1, 3, 16, 16), frontend="fx")
+    msg = str(e.value)
+    assert "at generic.py:" in msg and "installed package transformers" in msg and "--frontend export" in msg
+    assert "rewrite that line" not in msg

@@ -32,6 +32,7 @@ from __future__ import annotations
 import inspect
 import linecache
 import os
+import sys
 import traceback
 from dataclasses import dataclass, field
 
@@ -127,16 +128,21 @@ def trace(model: nn.Module, input_shape: tuple[int, ...] | list[int], leaves: li
     model.eval()
     _no_cache(model)
     if frontend == "export" or is_exported(model):
-        return _finish(_export_frontend(model, input_shape, leaves, inputs), input_shape, inputs, output)
+        try:
+            made = _export_frontend(model, input_shape, leaves, inputs)
+        except NdcError as export_error:
+            raise _input_or(export_error, model, input_shape, inputs) from None
+        return _finish(made, input_shape, inputs, output)
     try:
         made = _fx_frontend(model, input_shape, leaves)
     except NdcError as fx_error:
         if frontend == "fx":
-            raise
+            raise _input_or(fx_error, model, input_shape, inputs) from None
         try:
             made = _export_frontend(model, input_shape, leaves, inputs)
         except NdcError as export_error:
-            raise NdcError(f"{fx_error} (torch.export failed too: {export_error})") from None
+            both = NdcError(f"{fx_error} (torch.export failed too: {export_error})")
+            raise _input_or(both, model, input_shape, inputs) from None
         traced = _finish(made, input_shape, inputs, output)
         traced.notes.insert(0, f"frontend: torch.export (torch.fx failed: {str(fx_error).split('. torch.fx')[0]})")
         return traced
@@ -226,6 +232,36 @@ def _run(traced: Traced):
                        f"({traced.inputs.dtype}): {type(e).__name__}: {_one_line(e)}; check --input-shape") from None
 
 
+def _input_or(error: NdcError, model: nn.Module, input_shape: tuple[int, ...], inputs: InputSpec) -> NdcError:
+    """Why the model itself refuses the example input, when it does (run as it is, no tracing): that is the
+    problem to report, not the frontends' failures that follow from it; else ``error``."""
+    if is_exported(model):
+        return error
+    try:
+        _bound_arguments(model)  # one input tensor, or that is the clearer error
+    except NdcError as e:
+        return e
+    entered: list[str] = []  # modules whose forward started and did not return: the innermost is where it failed
+
+    def leave(_module, _args, _output):
+        entered.pop()  # and return None: the output stays as it is
+
+    hooks = [h for name, m in model.named_modules() if name for h in (
+        m.register_forward_pre_hook(lambda _m, _args, name=name: entered.append(name)), m.register_forward_hook(leave))]
+    try:
+        with torch.no_grad():
+            model(inputs.sample(input_shape, torch.Generator().manual_seed(0)))
+        return error
+    except Exception as e:
+        where = f" in module {entered[-1]} ({type(model.get_submodule(entered[-1])).__name__})" if entered else ""
+        return NdcError(f"the model does not run on the example input {list(input_shape)} ({inputs.dtype}): "
+                        f"{type(e).__name__}: {_one_line(e).rstrip('.')}{where}; check --input-shape / --input-dtype"
+                        + _dtype_hint(e))
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def is_exported(model: nn.Module) -> bool:
     """True for a graph loaded from a torch.export archive (:func:`ndc.load.load_model`): it is traced as it is."""
     return bool(getattr(model, "_ndc_exported", False))
@@ -287,7 +323,7 @@ class _ShapeInterpreter(fx.Interpreter):
 def _dtype_hint(e: BaseException) -> str:
     """An embedding fed floats fails with a message about integer indices: say how to feed token ids."""
     text = str(e)
-    return " (token ids? pass --input-dtype int64)" if "indices" in text and "Float" in text else ""
+    return " (token ids? pass --input-dtype int64)" if "indices" in text and "float" in text.lower() else ""
 
 
 def _tensor_meta(result):
@@ -357,20 +393,41 @@ def _drop_bound_placeholders(graph: fx.Graph) -> None:
 
 def _trace_failure(model: nn.Module, failed: str | None, e: Exception) -> str:
     what = f"module {failed} ({type(model.get_submodule(failed)).__name__})" if failed else f"{type(model).__name__}.forward"
-    advice = ("torch.fx cannot trace Python control flow on tensor values or shapes: rewrite that line "
-              "(e.g. with torch.where), or wrap the model so its forward takes one tensor")
+    frame = _frame(e)
+    package = _package_of(frame.filename if frame else getattr(sys.modules.get(type(model).__module__), "__file__", None))
+    if package:  # not the user's code: nothing to rewrite
+        advice = (f"torch.fx cannot trace this code of the installed package {package} (not yours to rewrite): "
+                  "such models need --frontend export")
+    else:
+        advice = ("torch.fx cannot trace Python control flow on tensor values or shapes: rewrite that line "
+                  "(e.g. with torch.where), or wrap the model so its forward takes one tensor")
     return f"cannot trace {what}: {_one_line(e)}{_where(e)}. {advice}"
 
 
-def _where(e: BaseException) -> str:
-    """' at file.py:12: `code`' for the innermost frame of the user's code, or ''."""
+def _frame(e: BaseException) -> traceback.FrameSummary | None:
+    """The innermost frame outside torch and ndc (the model's code, or a library it calls), if any."""
     frames = [f for f in traceback.extract_tb(e.__traceback__)
               if not f.filename.startswith((_TORCH_DIR, _NDC_DIR + os.sep, "<"))]
-    if not frames:
+    return frames[-1] if frames else None
+
+
+def _where(e: BaseException) -> str:
+    """' at file.py:12: `code`' for the innermost frame of the model's code, or ''."""
+    f = _frame(e)
+    if f is None:
         return ""
-    f = frames[-1]
     code = (f.line or linecache.getline(f.filename, f.lineno)).strip()
     return f" at {os.path.basename(f.filename)}:{f.lineno}: `{code}`"
+
+
+def _package_of(filename: str | None) -> str | None:
+    """The installed package (under site-packages) that ``filename`` belongs to, or None for the user's own code."""
+    parts = os.path.normpath(os.path.abspath(filename)).split(os.sep) if filename else []
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts[:-1]:
+            rest = parts[parts.index(marker) + 1:]
+            return rest[0].removesuffix(".py") if rest else None
+    return None
 
 
 def _one_line(e: BaseException) -> str:

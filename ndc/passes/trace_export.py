@@ -145,15 +145,40 @@ def plain_codegen(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+_SHAPE_ONLY = {"view", "_unsafe_view", "reshape", "unsqueeze", "squeeze", "expand", "contiguous", "clone", "alias",
+               "detach", "flatten", "slice", "select", "narrow", "to", "_to_copy"}
+
+
 def graph_vocabulary(gm: fx.GraphModule) -> int | None:
-    """Rows of the embedding table that reads the graph's input directly (token ids), if any."""
+    """Rows of the embedding table that reads the graph's input (token ids), if any.
+
+    The ids may be reshaped, sliced or copied on the way (GPT-2 reads
+    ``input_ids.view(-1, L)``): ops that move ids without changing them are followed.
+    """
     placeholder = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
-    for user in placeholder.users if placeholder is not None else ():
-        if user.op == "call_function" and _op_name(user.target) == "embedding" and isinstance(user.args[0], fx.Node):
-            weight = user.args[0]
-            if weight.op == "get_attr":
-                return int(gm.get_parameter(str(weight.target)).shape[0])
-    return None
+    ids, rows = [placeholder] if placeholder is not None else [], []
+    for node in ids:  # grows as ids flow on
+        for user in node.users:
+            name = _op_name(user.target) if user.op == "call_function" else ""
+            if name == "embedding" and len(user.args) > 1 and user.args[1] is node and isinstance(user.args[0], fx.Node) \
+                    and user.args[0].op == "get_attr":
+                rows.append(int(_attr(gm, str(user.args[0].target)).shape[0]))
+            elif name in _SHAPE_ONLY and user.args and user.args[0] is node and _stays_integer(user) and user not in ids:
+                ids.append(user)
+    return min(rows) if rows else None
+
+
+def _stays_integer(node: fx.Node) -> bool:
+    """A node that keeps ids integers: any op but a cast to a floating dtype."""
+    dtypes = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, torch.dtype)]
+    return not any(d.is_floating_point or d.is_complex for d in dtypes)
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 @contextlib.contextmanager
