@@ -142,10 +142,9 @@ def _onnx_sigmoid(path: Path) -> bool:
 
 
 def _load_pt2(path: Path) -> Predictor:
-    try:
-        program = torch.export.load(path)
-    except Exception as e:
-        raise NdcError(f"{path} is not a readable torch.export archive: {first_line(e)}") from None
+    from ndc.load import read_program
+
+    program = read_program(path)
     module = program.module()
     return Predictor(_torch_outputs(module), "pt2", path, _program_input_shape(program), module, module)
 

@@ -102,6 +102,12 @@ def _load_program(path: Path):
 
     if not path.is_file():
         raise NdcError(f"{path}: no such file")
+    return load_program(read_program(path), str(path))
+
+
+def read_program(path: Path):
+    """The ``ExportedProgram`` in a ``.pt2`` archive (a Hugging Face ModelOutput's class imported when it needs
+    one), without torch's log lines; every failure is one :class:`NdcError` line."""
     program = _read_program(path)
     if isinstance(program, str) and _import_outputs_of(program):
         program = _read_program(path)  # a Hugging Face ModelOutput: defining its class registers it
@@ -109,7 +115,7 @@ def _load_program(path: Path):
         raise NdcError(f"{path} returns a {program}, which is not registered with torch's pytree here, so the archive "
                        "cannot be read; export a wrapper whose forward returns a tensor "
                        "(forward(self, x): return self.model(x).logits)")
-    return load_program(program, str(path))
+    return program
 
 
 def _read_program(path: Path):
