@@ -186,3 +186,12 @@ def test_fx_failing_inside_transformers_does_not_advise_rewriting_it():
     msg = str(e.value)
     assert "at generic.py:" in msg and "installed package transformers" in msg and "--frontend export" in msg
     assert "rewrite that line" not in msg
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_cuts_by_layers_keep_only_the_embedding_lookup_with_the_teacher(name, tmp_path):
+    # a cut right after the token lookup: the first attention block is distilled, not kept in the stem with the table
+    out = _cli("partition", MODELS[name][0], "--input-shape", MODELS[name][1], "--by", "layers", "-w", tmp_path)
+    stem, first = out["neighbourhoods"][:2]
+    assert stem["kept"] and stem["params"] == 100 * 32  # the vocabulary's table alone
+    assert not first["kept"] and first["input_shape"] == [1, 8, 32]

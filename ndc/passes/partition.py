@@ -194,7 +194,7 @@ def partition(traced: Traced, by: str = "auto", depth: int = 1, every: int | Non
             segs = _by_positions(facts, [])  # no weight layer anywhere: one neighbourhood
         else:
             chosen = "layers"
-            segs = _by_positions(facts, _layer_cuts(facts, every, notes))
+            segs = _by_positions(facts, _layer_cuts(facts, every, notes) + _after_token_lookup(facts))
             notes.append(f"--by auto: no residual blocks; cut every {every} weight layer{'s' if every > 1 else ''} as --by layers")
     elif by == "residual":
         segs = _residual(facts)
@@ -202,9 +202,9 @@ def partition(traced: Traced, by: str = "auto", depth: int = 1, every: int | Non
             notes.append("--by residual found no residual block, so every neighbourhood is kept; "
                          "use --by auto or --by layers to distil a plain chain")
     elif by == "module":
-        segs = _by_positions(facts, _module_cuts(facts, depth, notes))
+        segs = _by_positions(facts, _module_cuts(facts, depth, notes) + _after_token_lookup(facts))
     elif by == "layers":
-        segs = _by_positions(facts, _layer_cuts(facts, every, notes))
+        segs = _by_positions(facts, _layer_cuts(facts, every, notes) + _after_token_lookup(facts))
     else:
         if not cuts:
             raise NdcError("--by cuts needs at least one --cut NAME (a node or module name)")
@@ -249,6 +249,31 @@ def _keep_integer_inputs(facts: GraphFacts, segs: list[Segment], notes: list[str
             seg.kept = True
             notes.append(f"the neighbourhood after {facts.order[seg.start].name} reads integer inputs (token ids); "
                          "it stays with the teacher")
+
+
+def _after_token_lookup(facts: GraphFacts) -> list[int]:
+    """The first boundary after every use of the integer input (token ids: their embedding lookups), as a cut.
+
+    The neighbourhood that reads the ids stays with the teacher
+    (:func:`_keep_integer_inputs`); cutting right after the lookups keeps only
+    the tables there, where a layer cut could otherwise come after the first
+    attention block and keep it too.
+    """
+    start = facts.order[facts.boundary_positions[0]]
+    if _floating(start):
+        return []
+    integer, last = {start}, facts.index[start]
+    for n in facts.order[facts.index[start] + 1:]:
+        if any(a in integer for a in n.all_input_nodes):
+            last = facts.index[n]
+            if not _floating(n):
+                integer.add(n)  # still ids (a reshape, a slice): its users read them too
+    return [p for p in facts.boundary_positions if p >= last][:1]
+
+
+def _floating(n: fx.Node) -> bool:
+    meta = n.meta.get("tensor_meta")
+    return meta is None or not hasattr(meta, "dtype") or meta.dtype.is_floating_point
 
 
 def _is_tail(facts: GraphFacts, seg: Segment) -> bool:
