@@ -195,3 +195,10 @@ def test_cuts_by_layers_keep_only_the_embedding_lookup_with_the_teacher(name, tm
     stem, first = out["neighbourhoods"][:2]
     assert stem["kept"] and stem["params"] == 100 * 32  # the vocabulary's table alone
     assert not first["kept"] and first["input_shape"] == [1, 8, 32]
+
+
+def test_cut_at_a_module_of_an_exported_graph(tmp_path):
+    # an exported graph keeps no submodules, only each node's module path: a module name is still a cut
+    out = _cli("partition", MODELS["gpt2"][0], "--input-shape", "1,8", "--by", "cuts", "--cut", "transformer.drop",
+               "--cut", "transformer.h.0", "-w", tmp_path)
+    assert [nb["name"] for nb in out["neighbourhoods"]][:2] == ["stem", "transformer.h.0"]

@@ -380,13 +380,14 @@ def _explicit_cuts(facts: GraphFacts, cuts: tuple[str, ...]) -> list[int]:
     boundary_set = set(facts.boundary_positions)
     positions = []
     for name in cuts:
+        # a module by the nodes traced inside it (an exported graph keeps no submodules, only each node's module path)
+        inside = [facts.index[n] for n in facts.order if name and name in _enclosing(n)]
         if name in by_name:
             pos = facts.index[by_name[name]]
-        elif name in modules and name:
-            inside = [facts.index[n] for n in facts.order if name in _enclosing(n)]
-            if not inside:
-                raise NdcError(f"--cut {name}: the module does not appear in the traced graph")
+        elif inside:
             pos = inside[-1]
+        elif name in modules and name:
+            raise NdcError(f"--cut {name}: the module does not appear in the traced graph")
         else:
             raise NdcError(f"--cut {name}: no node or module of that name; `ndc partition --format json` lists the boundaries")
         if pos not in boundary_set:
