@@ -33,8 +33,37 @@ class Head:
         them (B, L, K: a language model's next-token scores, scored position by position); None otherwise."""
         return self.shape[-1] if len(self.shape) in (1, 2) else None
 
+    @property
+    def positions(self) -> tuple[int, ...]:
+        """Where the output has a vector of scores: ``()`` once per example (B, K), ``(L,)`` per position (B, L, V)."""
+        return self.shape[:-1]
+
     def describe(self) -> str:
         return f"Bx{fmt_shape(self.shape)}" + (" (sigmoid)" if self.sigmoid else "")
+
+
+def label_kind(head: Head, data: Any) -> str:
+    """``data.labels`` as ``head`` sees them: ``none`` for the next-token labels ndc makes up for unlabelled token
+    ids (``data.next_tokens``) when the output is not a score per position; they are a language model's alone."""
+    kind = getattr(data, "labels", "none")
+    if kind == "classes" and getattr(data, "next_tokens", False) and not labels_fit(head, data):
+        return "none"
+    return kind
+
+
+def labels_fit(head: Head, data: Any) -> bool:
+    """Whether ``data``'s class labels are where ``head`` has scores: one per example for (B, K) scores, one per
+    position for a language model's (B, L, V). (Whether each is below K is ``data.check_classes``'s job.)"""
+    return head.scores is not None and tuple(getattr(data, "label_shape", ())) == head.positions
+
+
+def label_misfit(head: Head, data: Any) -> str:
+    """Why ``data``'s class labels do not fit ``head``, naming both shapes (for labels where :func:`labels_fit` fails)."""
+    shape = tuple(getattr(data, "label_shape", ()))
+    each = "one class per example" if not shape else "one class per position"
+    where = "per position" if head.positions else "per example"
+    return (f"the labels of {getattr(data, 'name', 'the data')} have shape {'x'.join(['B', *map(str, shape)])} ({each}), "
+            f"which does not fit the teacher's output {head.describe()} (class scores {where})")
 
 
 def head_of(model: Any, output_shape: Sequence[int]) -> Head:

@@ -13,8 +13,10 @@ neighbourhood's outputs the same way) for a model of any kind. ``bce``
 matches the teacher's probabilities; when the model computes the sigmoid
 itself (``probabilities=True``), its outputs are used as they are. The label
 term is added only where the data has labels of the loss's kind (class
-indices for kd, values of the output's size for mse, 0/1 targets for bce)
-and λ > 0; unlabelled data trains on the teacher alone.
+indices for kd, one per row of scores: per example, or per position for a
+language model; values of the output's size for mse; 0/1 targets for bce)
+and λ > 0; unlabelled data, and labels that do not fit, train on the
+teacher alone.
 
 The paper's eq. 3 has no τ² factor; we follow Hinton et al. (2015) and scale
 the soft term by τ², which keeps its gradients the same size as the hard
@@ -32,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from ndc.errors import NdcError, fmt_shape
+from ndc.heads import Head, label_kind, label_misfit, labels_fit
 from ndc.metrics import per_position
-from ndc.heads import Head
 
 LOSSES = ("kd", "ce", "mse", "bce")
 LOSS_CHOICES = ("auto", *LOSSES)
@@ -46,6 +48,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 
     Token logits ``(B, L, V)`` count every position (labels ``(B, L)``; -100 is ignored).
     """
+    if labels is not None and lam != 0:
+        _class_labels(labels, student_logits)
     student_logits, teacher_logits, *rest = per_position(student_logits, teacher_logits, *([labels] if labels is not None else []))
     labels = rest[0] if rest else None
     soft_targets = F.softmax(teacher_logits / tau, dim=1)
@@ -83,6 +87,13 @@ def bce_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor
     return loss + lam * bce(_like(targets, student))
 
 
+def _class_labels(labels: torch.Tensor, logits: torch.Tensor) -> None:
+    """Refuse class labels that are not one per row of scores: (B,) for (B, K), (B, L) for a language model's (B, L, V)."""
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise NdcError(f"class labels of shape {fmt_shape(labels.shape)} do not fit scores of shape "
+                       f"{fmt_shape(logits.shape)}: one label per row of scores is needed")
+
+
 def _like(targets: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
     if targets.numel() != outputs.numel():
         raise NdcError(f"targets of shape {fmt_shape(targets.shape)} do not fit outputs of shape {fmt_shape(outputs.shape)}")
@@ -117,6 +128,7 @@ class Loss:
         if self.name == "ce":
             if y is None:
                 raise NdcError("--loss ce needs class labels")
+            _class_labels(y, student)
             return F.cross_entropy(*per_position(student, y))
         if teacher is None:
             raise NdcError(f"--loss {self.name} needs the teacher's outputs")
@@ -142,7 +154,7 @@ def choose_loss(requested: str, head: Head, data: Any) -> tuple[str, bool, str]:
     """
     if requested not in LOSS_CHOICES:
         raise NdcError(f"unknown --loss {requested!r}; valid: {', '.join(LOSS_CHOICES)}")
-    kinds = getattr(data, "labels", "none")
+    kinds = label_kind(head, data)
     binary = kinds == "targets" and bool(getattr(data, "binary", False)) and _per_example(data) == head.scores
     regression = kinds == "targets" and not binary
     if requested == "auto":
@@ -162,10 +174,17 @@ def choose_loss(requested: str, head: Head, data: Any) -> tuple[str, bool, str]:
         if name == "ce" and kinds != "classes":
             raise NdcError(f"--loss ce trains on class labels alone, but {data.name} has "
                            f"{'no labels' if kinds == 'none' else 'targets, not class labels'}; use --loss mse or kd")
+        if name == "ce" and not labels_fit(head, data):
+            raise NdcError(f"--loss ce trains on class labels alone, but {label_misfit(head, data)}; use --loss kd")
     labels = _labels_usable(name, kinds, data, head, binary)
-    tail = "" if labels or kinds == "none" else f"; the labels of {data.name} do not fit it, so only the teacher is matched"
-    if kinds == "none" and name != "ce":
-        tail = f"; {data.name} has no labels, so only the teacher is matched"
+    if kinds == "none":
+        tail = "" if name == "ce" else f"; {data.name} has no labels, so only the teacher is matched"
+    elif labels:
+        tail = ""
+    elif kinds == "classes" and head.scores is not None and not labels_fit(head, data):
+        tail = f"; {label_misfit(head, data)}, so only the teacher is matched"
+    else:
+        tail = f"; the labels of {data.name} do not fit it, so only the teacher is matched"
     return name, labels, f"loss {name}: {why}{tail}"
 
 
@@ -176,6 +195,8 @@ def _per_example(data: Any) -> int | None:
 
 def _labels_usable(name: str, kinds: str, data: Any, head: Head, binary: bool) -> bool:
     if kinds == "classes":
+        if not labels_fit(head, data):
+            return False
         if name in ("kd", "ce"):
             return True  # labels the model has no output for are refused by DataSource.check_classes
         return name == "bce" and head.scores == 1 and data.classes is not None and data.classes <= 2

@@ -46,7 +46,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
 from ndc.errors import NdcError, first_line, fmt_shape
-from ndc.heads import Head
+from ndc.heads import Head, label_kind, label_misfit, labels_fit
 from ndc.losses import _EPS, choose_loss
 from ndc.metrics import per_position
 from ndc.usercode import find_function, is_function_spec
@@ -175,7 +175,7 @@ def choose_metric(requested: str, data: Any, head: Head) -> tuple[Metric, str | 
     multilabel = _multilabel(data, head)
     threshold = (0.5 if head.sigmoid else 0.0) if multilabel else None
     fits = _labels_fit(data, head, multilabel)
-    regression = getattr(data, "labels", "none") == "targets" and not multilabel
+    regression = label_kind(head, data) == "targets" and not multilabel
     class_scores = head.scores is not None and (head.scores > 1 or multilabel) and not regression
     if requested == "auto":
         if fits:
@@ -205,7 +205,8 @@ def pick_metric(requested: str, data: Any, head: Head, *, labels_must_fit: bool 
     settles for less than accuracy. ``labels_must_fit``: class labels that a classifier has no output for are an
     error naming the example, rather than a reason for auto to measure agreement. ``without_teacher``: there is no
     teacher to compare with, and this says how to give one."""
-    if labels_must_fit and requested == "auto" and head.scores and head.scores > 1 and not head.sigmoid:
+    if (labels_must_fit and requested == "auto" and head.scores and head.scores > 1 and not head.sigmoid
+            and label_kind(head, data) == "classes" and labels_fit(head, data)):
         data.check_classes(head.scores, "score by agreement with the teacher instead with --metric agreement")
     metric, why = choose_metric(requested, data, head)
     if without_teacher and metric.needs_teacher:
@@ -219,28 +220,34 @@ def _multilabel(data: Any, head: Head) -> bool:
     """A sigmoid head, or 0/1 target rows with one value per output."""
     if head.scores is None:
         return False
-    targets = getattr(data, "labels", None) == "targets" and getattr(data, "binary", False)
+    targets = label_kind(head, data) == "targets" and getattr(data, "binary", False)
     return head.sigmoid or (targets and math.prod(data.target_shape or ()) == head.scores)
 
 
 def _labels_fit(data: Any, head: Head, multilabel: bool) -> bool:
-    labels = getattr(data, "labels", "none")
+    labels = label_kind(head, data)
     if head.scores is None or labels == "none":
         return False
+    if labels == "targets":
+        return multilabel and bool(data.binary) and math.prod(data.target_shape or ()) == head.scores
+    if not labels_fit(head, data) or data.classes is None:
+        return False
     if multilabel:
-        if labels == "targets":
-            return bool(data.binary) and math.prod(data.target_shape or ()) == head.scores
-        return head.scores == 1 and data.classes is not None and data.classes <= 2  # 0/1 labels, one sigmoid
-    return labels == "classes" and data.classes is not None and data.classes <= head.scores
+        return head.scores == 1 and data.classes <= 2  # 0/1 labels, one sigmoid
+    return data.classes <= head.scores
 
 
 def _why_not_accuracy(data: Any, head: Head) -> str:
-    labels = getattr(data, "labels", "none")
+    labels = label_kind(head, data)
     name = getattr(data, "name", "the data")
     if labels == "none":
+        if getattr(data, "labels", "none") == "classes":  # token ids whose labels ndc made up: the next tokens
+            return f"{name} has no labels (the next tokens ndc makes from its ids fit a language model's scores only)"
         return f"{name} has no labels"
     if head.scores is None:
         return f"the teacher's output {head.describe()} is not class scores"
+    if labels == "classes" and not labels_fit(head, data):
+        return label_misfit(head, data)
     if labels == "targets" and data.binary:
         return (f"the labels of {name} are 0/1 targets of shape {fmt_shape(data.target_shape)}, which do not fit "
                 f"the teacher's output {head.describe()}")
@@ -280,11 +287,16 @@ class _ClassTally(Tally):
         self.k, self.against_teacher, self.hits, self.n = k, against_teacher, 0, 0
 
     def add(self, out, teacher_out, y):
+        if self.against_teacher:
+            y = None  # agreement reads the teacher, whatever the labels
         if out.dim() == 3:  # token logits (B, L, V): one classification per position, label -100 unknown
+            if y is not None and tuple(y.shape) != tuple(out.shape[:2]):
+                raise NdcError(f"labels of shape {fmt_shape(y.shape)} do not fit scores of shape {fmt_shape(out.shape)}: "
+                               "scores per position need a label per position; use --metric agreement")
             out, *rest = per_position(out, *(t for t in (teacher_out, y) if t is not None))
             teacher_out = rest.pop(0) if teacher_out is not None else None
             y = rest.pop(0) if y is not None else None
-            if y is not None and not self.against_teacher:
+            if y is not None:
                 known = y >= 0
                 out, y = out[known], y[known]
         if out.dim() != 2:

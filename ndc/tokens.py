@@ -6,7 +6,8 @@ Two specs, both read from local files (nothing is downloaded):
   optional labels ``y`` (``(N,)``, for a sequence classifier) and optional
   ``x_test`` / ``y_test``. Without labels, the labels are the next tokens
   (``(N, L)``: ``x`` shifted by one, -100 at the last position), what a
-  language model predicts.
+  language model predicts; a model whose output is not per position
+  treats such data as unlabelled (:func:`ndc.heads.label_kind`).
 * ``text:FILE`` or ``text:FILE,TOKENIZER``: a UTF-8 text file tokenised with
   a Hugging Face ``tokenizer.json`` (the ``tokenizers`` library; by default
   the ``tokenizer.json`` beside FILE), cut into consecutive sequences of the
@@ -28,6 +29,7 @@ from __future__ import annotations
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,13 +39,30 @@ from ndc.errors import NdcError, first_line
 HELD_OUT = 0.2
 
 
-def token_source(spec: str, input_shape: Sequence[int] | None = None, *, limit: int | None = None) -> "TokenData | None":
-    """The token data of ``spec``, or None when ``spec`` is not token data (an image .npz, another spec)."""
+def token_source(spec: str, input_shape: Sequence[int] | None = None, *, limit: int | None = None,
+                 inputs: Any = None) -> "TokenData | None":
+    """The token data of ``spec``, or None when ``spec`` is not token data (an image .npz, another spec).
+
+    ``inputs``: the model's :class:`~ndc.passes.inputs.InputSpec`, when known. For a model reading token ids, ids at
+    or above its vocabulary and data that is not ids (a float .npz, images) are one line each; for a model reading
+    floats, an integer .npz is image or vector data and text is refused.
+    """
+    integer = getattr(inputs, "is_integer", None)
     if spec.startswith("text:"):
-        return _text(spec, input_shape, limit)
-    if spec.endswith(".npz") and _integer_npz(Path(spec).expanduser()):
-        return _npz(spec, input_shape, limit)
-    return None
+        if integer is False:
+            raise NdcError(f"{spec}: text is read as token ids, but the model reads floats (its plan was not traced "
+                           "with --input-dtype int64)")
+        data = _text(spec, input_shape, limit)
+    elif spec.endswith(".npz") and (integer or (integer is None and _integer_npz(Path(spec).expanduser()))):
+        data = _npz(spec, input_shape, limit)
+    elif integer:
+        raise NdcError(f"{spec}: the model reads integer token ids, and this is not token data; give an .npz whose x "
+                       "holds integer ids (N, L), or text:FILE")
+    else:
+        return None
+    if integer:
+        data.check_vocabulary(inputs.high)
+    return data
 
 
 class TokenData:
@@ -64,11 +83,15 @@ class TokenData:
             train, test = tuple(a[:limit] for a in train), tuple(a[:limit] for a in test)
         self._splits = {"train": train, "test": test}
         self.shape = self.raw_shape = tuple(int(d) for d in train[0].shape[1:])
-        self.mean, self.std = [0.0], [1.0]
+        self.mean, self.std = [0.0], [1.0]  # never applied: ids are not normalised
         self.train_size, self.test_size = len(train[0]), len(test[0])
         self.max_id = int(max(train[0].max(initial=0), test[0].max(initial=0)))
+        # () one class per sequence (the user's y); (L,) the next token per position, which ndc made up from the ids
+        # and which only a language model's per-position output uses (ndc.heads.label_kind)
+        self.label_shape = tuple(int(d) for d in train[1].shape[1:])
+        self.next_tokens = bool(self.label_shape)
         labels = np.concatenate([train[1].ravel(), test[1].ravel()])
-        self.classes = int(labels.max(initial=0)) + 1 if train[1].ndim == 1 else self.max_id + 1
+        self.classes = int(labels.max(initial=0)) + 1 if not self.next_tokens else self.max_id + 1
 
     def __repr__(self) -> str:
         return f"TokenData({self.name!r}, train={self.train_size}, test={self.test_size}, shape={self.shape})"
@@ -99,7 +122,18 @@ class TokenData:
         return [self.where, h.hexdigest()]
 
     def check(self) -> None:
-        """Everything is in memory and was checked when read."""
+        """Everything was checked when read."""
+
+    def check_vocabulary(self, vocabulary: int) -> None:
+        """Refuse ids the model has no embedding for: one line naming the largest id and the vocabulary size."""
+        if self.max_id < vocabulary:
+            return
+        for split, (x, _) in self._splits.items():
+            rows = np.flatnonzero((x == self.max_id).any(axis=1))
+            if len(rows):
+                raise NdcError(f"{self.name}: token id {self.max_id} ({split} example {int(rows[0])}) is the largest id, "
+                               f"but the model's vocabulary has {vocabulary} ids (0..{vocabulary - 1}); "
+                               "tokenise with the model's own tokenizer")
 
     def check_classes(self, outputs: int, hint: str = "") -> None:
         """Refuse labels (token ids) the model has no output for: one line naming the first such example."""
@@ -111,10 +145,13 @@ class TokenData:
                                f"the model's {outputs} classes (0..{outputs - 1})" + (f"; {hint}" if hint else ""))
 
     def describe(self) -> dict:
+        """The JSON of ``ndc data``: the keys of :meth:`ndc.data.DataSource.describe` (mean and std null: ids are not
+        normalised), then ``max_token_id`` and ``label_shape`` ([] a class per sequence, [L] the next tokens)."""
         return {"train": self.train_size, "test": self.test_size, "classes": self.classes, "shape": list(self.shape),
-                "mean": self.mean, "std": self.std, "spec": self.name, "source": self.where, "raw_shape": list(self.shape),
+                "mean": None, "std": None, "spec": self.name, "source": self.where, "raw_shape": list(self.shape),
                 "fit": "none", "split": self.split, "normalization": self.normalization, "limit": self.limit,
-                "statistics": None, "max_token_id": self.max_id}
+                "statistics": None, "labels": self.labels, "target_shape": None, "binary": self.binary,
+                "max_token_id": self.max_id, "label_shape": list(self.label_shape)}
 
 
 # ------------------------------------------------------------------ npz
@@ -130,24 +167,32 @@ def _integer_npz(path: Path) -> bool:
 
 
 def _npz(spec: str, input_shape, limit) -> TokenData:
+    from ndc.data.npz import load_npz
+
+    # load_npz memory-maps what np.savez stored uncompressed, and a broken file is one line
     path = Path(spec).expanduser()
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    x = arrays["x"]
+    arrays = load_npz(path)
+    if "x" not in arrays:
+        raise NdcError(f"{path} has no array 'x' (found: {', '.join(sorted(arrays)) or 'nothing'}); "
+                       "save token ids with np.savez(path, x=ids)")
+    x = _ids(arrays["x"], f"{path}: x")
     y = _labels(arrays.get("y"), x, f"{path}: y")
     if "x_test" in arrays:
-        test = (_ids(arrays["x_test"], f"{path}: x_test"), _labels(arrays.get("y_test"), arrays["x_test"], f"{path}: y_test"))
+        x_test = _ids(arrays["x_test"], f"{path}: x_test")
+        test = (x_test, _labels(arrays.get("y_test"), x_test, f"{path}: y_test"))
         split = "the source's own test set"
     else:
         x, y, test, split = _hold_out(x, y)
-    train = (_ids(x, f"{path}: x"), y)
-    _check_length(train[0], input_shape, spec)
+    _check_length(x, input_shape, spec)
     _check_length(test[0], input_shape, spec)
-    return TokenData(spec, str(path), train, test, split, limit)
+    return TokenData(spec, str(path), (x, y), test, split, limit)
 
 
 def _ids(x: np.ndarray, what: str) -> np.ndarray:
-    if not np.issubdtype(x.dtype, np.integer) or x.ndim != 2:
+    if not np.issubdtype(x.dtype, np.integer):
+        raise NdcError(f"{what} holds {x.dtype} values, but the model reads integer token ids; "
+                       "save the ids as integers (x.astype(np.int64))")
+    if x.ndim != 2:
         raise NdcError(f"{what} must be integer token ids of shape (N, L), got {x.dtype} {list(x.shape)}")
     if x.size and x.min() < 0:
         raise NdcError(f"{what} holds negative token ids")

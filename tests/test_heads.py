@@ -216,11 +216,17 @@ def test_unlabelled_data_trains_and_scores_against_the_teacher(heads):
 
 
 class Fake:
-    """What choose_loss and choose_metric read of a data source."""
+    """What choose_loss and choose_metric read of a data source (``label_shape``: where the class labels are, () per
+    example, (L,) per position; ``next_tokens``: labels ndc made up from unlabelled token ids)."""
 
-    def __init__(self, labels="classes", classes=10, target_shape=None, binary=False):
+    def __init__(self, labels="classes", classes=10, target_shape=None, binary=False, label_shape=(), next_tokens=False):
         self.name, self.labels, self.classes = "fake", labels, classes
         self.target_shape, self.binary = target_shape, binary
+        self.label_shape, self.next_tokens = label_shape, next_tokens
+
+    def check_classes(self, outputs, hint=""):
+        if self.classes > outputs:
+            raise NdcError(f"fake: a label is outside the model's {outputs} classes")
 
 
 @pytest.mark.parametrize("head, data, loss, labels", [
@@ -344,3 +350,52 @@ def test_divergence_is_computed_in_pieces_of_bounded_size(monkeypatch):
     monkeypatch.setattr(_DivergenceTally, "CHUNK", 10)  # one position's 7 scores per piece
     assert divergence("kl", s, t, batch=4) == pytest.approx(whole, rel=1e-12)
     assert divergence("squared-error", s, t, batch=4) == pytest.approx(float(((s - t) ** 2).sum() / (t * t).sum()))
+
+
+# ------------------------------------------------------------------ labels that do not fit the head's positions
+
+LM = Head((16, 100))  # a language model: next-token scores (B, L, V)
+PER_SEQUENCE = {"classes": 3}  # one class per sequence, (N,)
+NEXT_TOKENS = {"classes": 100, "label_shape": (16,), "next_tokens": True}  # made up by ndc from unlabelled ids
+
+
+def test_labels_one_per_sequence_do_not_fit_a_language_model():
+    data = Fake(**PER_SEQUENCE)
+    metric, why = choose_metric("auto", data, LM)
+    assert metric.name == "agreement" and "have shape B (one class per example)" in why and "Bx16x100" in why
+    with pytest.raises(NdcError, match="cannot measure accuracy: the labels of fake have shape B .*Bx16x100"):
+        choose_metric("accuracy", data, LM)
+    name, labels, why = choose_loss("auto", LM, data)
+    assert (name, labels) == ("kd", False) and "so only the teacher is matched" in why and "Bx16x100" in why
+    with pytest.raises(NdcError, match="--loss ce trains on class labels alone, but the labels of fake have shape B"):
+        choose_loss("ce", LM, data)
+    # next tokens do fit it
+    assert choose_metric("auto", Fake(**NEXT_TOKENS), LM)[0].name == "accuracy"
+    assert choose_loss("auto", LM, Fake(**NEXT_TOKENS))[:2] == ("kd", True)
+
+
+def test_next_token_labels_are_no_labels_for_a_classifier():
+    from ndc.scoring import pick_metric
+
+    data, head = Fake(**NEXT_TOKENS), Head((3,))
+    metric = pick_metric("auto", data, head, labels_must_fit=True)  # ids 0..99 are not refused as classes
+    assert metric.name == "agreement"
+    assert "fake has no labels" in choose_metric("auto", data, head)[1]
+    name, labels, why = choose_loss("auto", head, data)
+    assert (name, labels) == ("kd", False) and why.endswith("fake has no labels, so only the teacher is matched")
+    with pytest.raises(NdcError, match="--loss ce trains on class labels alone, but fake has no labels"):
+        choose_loss("ce", head, data)
+
+
+def test_labels_of_the_wrong_shape_are_one_line_in_scores_and_losses():
+    from ndc.losses import kd_loss
+
+    out, y = torch.randn(4, 16, 100), torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(NdcError, match="labels of shape 4 do not fit scores of shape 4x16x100"):
+        score(lambda v: out, [(torch.zeros(4, 16), y)], Metric("accuracy"))
+    assert score(lambda v: out, [(torch.zeros(4, 16), y)], Metric("agreement"), teacher=lambda v: out) == 1.0
+    with pytest.raises(NdcError, match="class labels of shape 4 do not fit scores of shape 4x16x100"):
+        kd_loss(out, out, y)
+    with pytest.raises(NdcError, match="class labels of shape 4 do not fit"):
+        Loss("ce")(out, None, y)
+    assert float(kd_loss(out, out, y, lam=0)) > 0  # no label term: the labels are not looked at

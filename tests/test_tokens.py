@@ -102,3 +102,72 @@ def test_a_language_model_goes_through_the_end_to_end_stages(run_cli, tmp_path):
         assert r.exit_code == 0, (metric, r.stderr)
         doc = json.loads(r.stdout)
         assert doc["metric"] == ("accuracy" if metric == "auto" else metric) and 0 <= doc["score"] <= 1
+
+
+def test_ids_are_checked_against_the_models_input(tmp_path):
+    """The vocabulary and the dtype the plan records (its InputSpec) are checked when the data is opened."""
+    from ndc.passes.inputs import InputSpec
+
+    ids = InputSpec("int64", 100)
+    x = np.random.default_rng(0).integers(0, 100, size=(20, 8))
+    x[13, 2] = 149
+    np.savez(tmp_path / "bad.npz", x=x)
+    with pytest.raises(NdcError, match=r"bad.npz: token id 149 \(train example 13\) is the largest id, but the "
+                                       r"model's vocabulary has 100 ids \(0..99\)"):
+        open_data(str(tmp_path / "bad.npz"), (8,), inputs=ids)
+    assert open_data(str(tmp_path / "bad.npz"), (8,), inputs=InputSpec("int64", 150)).max_id == 149
+    np.savez(tmp_path / "float.npz", x=x.astype(np.float32))
+    with pytest.raises(NdcError, match="float.npz: x holds float32 values, but the model reads integer token ids"):
+        open_data(str(tmp_path / "float.npz"), (8,), inputs=ids)
+    with pytest.raises(NdcError, match="the model reads integer token ids, and this is not token data"):
+        open_data("digits", (8,), inputs=ids)
+    # a model reading floats: integer pixels are image data, text is refused
+    np.savez(tmp_path / "pixels.npz", x=x.astype(np.uint8))
+    assert open_data(str(tmp_path / "pixels.npz"), (8,), inputs=InputSpec()).kind == "npz"
+    path = _corpus(tmp_path)
+    with pytest.raises(NdcError, match="text is read as token ids, but the model reads floats"):
+        open_data(f"text:{path}", (16,), inputs=InputSpec())
+
+
+def test_token_data_describes_its_labels_and_largest_id(tmp_path):
+    x = np.random.default_rng(0).integers(0, 50, size=(30, 8))
+    np.savez(tmp_path / "ids.npz", x=x)
+    np.savez(tmp_path / "labelled.npz", x=x, y=np.arange(30) % 3)
+    doc = open_data(str(tmp_path / "ids.npz"), (8,)).describe()
+    assert {k: doc[k] for k in ("labels", "target_shape", "binary", "mean", "std", "label_shape", "max_token_id")} == {
+        "labels": "classes", "target_shape": None, "binary": False, "mean": None, "std": None, "label_shape": [8],
+        "max_token_id": int(x.max())}
+    assert open_data(str(tmp_path / "labelled.npz"), (8,)).describe()["label_shape"] == []
+
+
+def test_labels_that_do_not_fit_the_model_are_measured_by_agreement(run_cli, tmp_path):
+    """Next-token labels made up for a classifier, one label per sequence for a language model, and ids the model
+    cannot read: agreement, or one line, never a traceback."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 100, (60, 16))
+    np.savez(tmp_path / "labelled.npz", x=x, y=x[:, 0] % 3)
+    np.savez(tmp_path / "ids.npz", x=x)
+    np.savez(tmp_path / "badid.npz", x=x + 50)
+    np.savez(tmp_path / "float.npz", x=x.astype(np.float32))
+    assert run_cli("partition", f"{HF}:bert", "-w", "bert").exit_code == 0
+    for args in (["data", "ids.npz"], ["eval", "--data", "ids.npz"]):
+        r = run_cli(*args, "-w", "bert", "--format", "json")
+        assert r.exit_code == 0, (args, r.stderr)
+    assert json.loads(r.stdout)["metric"] == "agreement" and "ids.npz has no labels" in r.stderr
+    r = run_cli("data", "ids.npz", "-w", "bert")
+    assert "max token id   99" in r.stdout and "mean" not in r.stdout
+    for args, message in ((["data", "badid.npz"], "badid.npz: token id 149 (train example "),
+                          (["data", "badid.npz"], "is the largest id, but the model's vocabulary has 100 ids (0..99)"),
+                          (["distill", "--width", "0.5", "--data", "float.npz"],
+                           "float.npz: x holds float32 values, but the model reads integer token ids")):
+        r = run_cli(*args, "-w", "bert")
+        assert r.exit_code == 1 and r.stderr.startswith("Error: ") and message in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert run_cli("partition", f"{HF}:gpt2", "-w", "gpt2").exit_code == 0
+    r = run_cli("eval", "--data", "labelled.npz", "-w", "gpt2", "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["metric"] == "agreement" and "labels of labelled.npz have shape B" in r.stderr
+    r = run_cli("kd", "--width", "0.5", "--data", "labelled.npz", "--epochs", "1", "--batch-size", "16", "-w", "gpt2",
+                "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    assert "so only the teacher is matched" in r.stderr

@@ -29,7 +29,8 @@ def command(spec, input_shape, limit, normalize, workspace, fmt):
     folders and user datasets are read in full once, so a broken file shows up
     here rather than in the middle of training. A non-finite value, an empty
     split, or (with a workspace plan) a class label the teacher has no output
-    for is one line naming the file and the first bad example, and exit
+    for, a token id beyond its vocabulary or floats for a model that reads
+    token ids is one line naming the file and the first bad example, and exit
     status 1.
 
     \b
@@ -38,6 +39,7 @@ def command(spec, input_shape, limit, normalize, workspace, fmt):
       ndc data imagefolder:photos --limit 100
     """
     from ndc.data import open_data
+    from ndc.heads import Head, label_kind, labels_fit
     from ndc.workspace import PLAN, Workspace
 
     ws = Workspace(workspace)
@@ -53,9 +55,11 @@ def command(spec, input_shape, limit, normalize, workspace, fmt):
     data = open_data(spec, shape, limit=limit, workspace=ws, normalize=normalize)
     data.check()
     output = plan.neighbourhoods[-1].output_shape if plan is not None and plan.neighbourhoods else []
-    if len(output) == 2:  # the plan's teacher scores classes: its labels must be among them
-        data.check_classes(output[1], f"the teacher of {ws.root} scores {output[1]} classes (search and probe can "
-                                      "still measure agreement with --metric agreement)")
+    head = Head(tuple(int(d) for d in output[1:]))
+    if len(output) in (2, 3) and label_kind(head, data) == "classes" and labels_fit(head, data):
+        # the plan's teacher scores classes (per example, or per position): the labels must be among them
+        data.check_classes(head.scores, f"the teacher of {ws.root} scores {head.scores} classes (search and probe can "
+                                        "still measure agreement with --metric agreement)")
     payload = data.describe()
 
     def text() -> str:
@@ -67,10 +71,12 @@ def command(spec, input_shape, limit, normalize, workspace, fmt):
             ["test", f"{data.test_size}  ({data.split})"],
             ["labels", _labels(data)],
             ["example", f"{raw} -> {dims}  (fit: {payload['fit']}; shape from {shape_from})"],
-            ["mean", " ".join(f"{m:.4f}" for m in data.mean)],
-            ["std", " ".join(f"{s:.4f}" for s in data.std)],
-            ["normalisation", data.normalization],
         ]
+        if payload.get("max_token_id") is not None:  # token ids: never normalised, so no mean and std
+            rows.append(["max token id", payload["max_token_id"]])
+        else:
+            rows += [["mean", " ".join(f"{m:.4f}" for m in data.mean)], ["std", " ".join(f"{s:.4f}" for s in data.std)]]
+        rows.append(["normalisation", data.normalization])
         if data.stats_path is not None:
             rows.append(["statistics", str(data.stats_path)])
         return f"{spec}\n" + table(["", ""], rows, "ll").split("\n", 2)[2]
@@ -79,8 +85,10 @@ def command(spec, input_shape, limit, normalize, workspace, fmt):
 
 
 def _labels(data) -> str:
+    if getattr(data, "next_tokens", False):
+        return "the next token at each position (made from the ids; only a language model uses them)"
     if data.labels == "classes":
-        return f"{data.classes} classes"
+        return f"{data.classes} classes" + (", one per sequence" if data.kind == "tokens" else "")
     if data.labels == "targets":
         what = "0/1 multi-label targets" if data.binary else "real-valued targets"
         return f"{what}, {'x'.join(map(str, data.target_shape)) or 'one'} per example"

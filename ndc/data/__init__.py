@@ -51,7 +51,7 @@ Every problem a user can cause raises :class:`~ndc.errors.NdcError` with one lin
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -82,7 +82,7 @@ VALIDATION_FRACTION = 0.2
 
 def open_data(spec: str, input_shape: Sequence[int] | None = None, *, limit: int | None = None,
               workspace: Workspace | None = None, normalize: bool | tuple[Sequence[float], Sequence[float]] = True,
-              seed: int = 0) -> DataSource:
+              seed: int = 0, inputs: Any = None) -> DataSource:
     """Resolve ``spec`` into a :class:`DataSource` fitted to ``input_shape``.
 
     ``input_shape`` is the model's **per-example** shape, without the batch
@@ -92,7 +92,11 @@ def open_data(spec: str, input_shape: Sequence[int] | None = None, *, limit: int
     ``workspace/data/<hash>.json`` when a workspace is given), False none, a
     pair ``(mean, std)`` those values (one per channel, or one for all).
     ``seed`` draws the validation split of a source without a test set; keep
-    the default so that every stage holds out the same examples.
+    the default so that every stage holds out the same examples. ``inputs``
+    is the model's :class:`~ndc.passes.inputs.InputSpec`; by default the
+    workspace plan's, when ``input_shape`` is its input's. For a model that
+    reads token ids, data that is not ids (a float .npz, images) and ids at
+    or above its vocabulary are refused here, in one line.
 
     >>> data = open_data("fashion-mnist", (3, 32, 32), limit=512)  # doctest: +SKIP
     >>> x, y = next(data.batches("train", 256, shuffle=True, augment=True))  # doctest: +SKIP
@@ -103,7 +107,9 @@ def open_data(spec: str, input_shape: Sequence[int] | None = None, *, limit: int
         raise NdcError(f"--limit must be a positive number of examples, not {limit}")
     from ndc.tokens import token_source  # token ids (an integer .npz, text:FILE): see ndc.tokens
 
-    tokens = token_source(spec, input_shape, limit=limit)
+    if inputs is None:
+        inputs = _plan_inputs(workspace, input_shape)
+    tokens = token_source(spec, input_shape, limit=limit, inputs=inputs)
     if tokens is not None:
         return tokens
     raw = resolve(spec)
@@ -133,6 +139,16 @@ def open_data(spec: str, input_shape: Sequence[int] | None = None, *, limit: int
         mean, std = explicit_statistics(normalize, channels)
         normalization = "given"
     return DataSource(spec, raw, train, test, fit, mean, std, normalization, split, limit, stats_path)
+
+
+def _plan_inputs(workspace: Workspace | None, input_shape: Sequence[int] | None) -> Any:
+    """The InputSpec of the workspace's plan when the data is opened for its model (``input_shape`` is the plan's)."""
+    from ndc.workspace import PLAN
+
+    if workspace is None or input_shape is None or not workspace.exists(PLAN):
+        return None
+    plan = workspace.load_plan()
+    return plan.inputs if tuple(plan.input_shape[1:]) == tuple(input_shape) else None
 
 
 def _validation_split(train: Split, seed: int, spec: str) -> tuple[Split, Split]:
