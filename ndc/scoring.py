@@ -199,6 +199,23 @@ def choose_metric(requested: str, data: Any, head: Head) -> tuple[Metric, str | 
     return Metric(requested, threshold if kind in ("accuracy", "agreement") else None), None
 
 
+def teacher_doubt(metric: Metric, teacher_score: float | None, data: Any) -> str | None:
+    """A warning when the teacher classifies ``data`` barely better than chance (one class per example): the data,
+    or how it is prepared, is almost surely not what the teacher was trained on. None when the score is plausible."""
+    classes = getattr(data, "classes", None)
+    if (metric.kind != "accuracy" or teacher_score is None or not classes or classes < 2
+            or tuple(getattr(data, "label_shape", ())) != ()):
+        return None
+    chance = 1 / classes
+    if teacher_score >= chance + 0.25 * (1 - chance):
+        return None
+    hint = ""
+    if getattr(data, "normalization", "none") == "training statistics":
+        hint = "; ndc standardises inputs by their training statistics by default: a teacher trained on raw inputs needs --normalize none"
+    return (f"the teacher scores {teacher_score:.1%} accuracy on {data.name} (chance {chance:.0%}): it was probably "
+            f"trained on other data or other preprocessing{hint}")
+
+
 def pick_metric(requested: str, data: Any, head: Head, *, labels_must_fit: bool = False, without_teacher: str = "",
                 warn: Callable[[str], None] | None = None) -> Metric:
     """The :class:`Metric` for ``requested`` on ``data`` and the teacher's ``head``; ``warn`` hears why when auto

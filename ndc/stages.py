@@ -164,7 +164,7 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
     from ndc.metrics import count_flops, count_params
     from ndc.passes.export import check_output_path, export_model
     from ndc.plan import load_teacher
-    from ndc.scoring import pick_metric
+    from ndc.scoring import pick_metric, teacher_doubt
     from ndc.stitch import build_student, recalibrate_batchnorm, resolve_selection, save_student
 
     device = one_device(device)
@@ -201,6 +201,9 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
             summary.update({k: scores.get(k) for k in ("accuracy", "teacher_accuracy", "agreement")})
             summary.update(metric=metric.name, score=scores["score"],
                            teacher_score=scores.get("teacher_score", 0.0 if metric.kind == "output-error" else 1.0))
+            doubt = teacher_doubt(metric, scores.get("teacher_score"), source)
+            if doubt and warn:
+                warn(doubt)
         ws.write_json("student/report.json", summary)
         teacher.gm.cpu()
         return StitchResult(summary, model.cpu(), metric)
@@ -392,7 +395,7 @@ def search(ws: Workspace, *, data: str | None, limit: int | None = None, normali
     from ndc.data import open_data
     from ndc.heads import teacher_head
     from ndc.plan import load_teacher
-    from ndc.scoring import Divergence, pick_metric
+    from ndc.scoring import Divergence, pick_metric, teacher_doubt
     from ndc.search import (HeldOut, greedy, load_candidates, measure_selection, parse_budget, quality_table, run_sweep,
                             solve_budget, write_pareto, write_selection)
 
@@ -420,6 +423,9 @@ def search(ws: Workspace, *, data: str | None, limit: int | None = None, normali
         if missing:
             warn(f"no trained candidates for {', '.join(missing)}: they keep the teacher's neighbourhood")
         quality, reused = quality_table(ws, teacher, candidates, heldout, chosen_metric, Divergence.of(head, source))
+        doubt = teacher_doubt(chosen_metric, quality.teacher_accuracy, source)
+        if doubt:
+            warn(doubt)
         result = None
         if max_drop is not None:
             result = greedy(quality, max_drop, fallback)

@@ -219,3 +219,20 @@ def test_input_shape_mismatch_with_teacher(run_cli, workspace, tmp_path):
     export_model(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), tmp_path / "small.onnx", (1, 1, 8, 8), latency_runs=0)
     r = run_cli("eval", "small.onnx", "-w", workspace, *DATA)
     assert r.exit_code == 1 and "takes inputs of shape 1x8x8 but the workspace's teacher takes 3x32x32" in r.stderr
+
+
+def test_a_teacher_near_chance_is_doubted_with_a_hint():
+    from types import SimpleNamespace
+
+    from ndc.scoring import Metric, teacher_doubt
+
+    data = SimpleNamespace(classes=10, name="mine.npz", normalization="training statistics")
+    accuracy = Metric("accuracy")
+    doubt = teacher_doubt(accuracy, 0.27, data)  # standardised inputs for a teacher trained on raw pixels: 27%
+    assert doubt.startswith("the teacher scores 27.0% accuracy on mine.npz (chance 10%)")
+    assert doubt.endswith("by default: a teacher trained on raw inputs needs --normalize none")
+    assert teacher_doubt(accuracy, 0.9, data) is None
+    assert "--normalize" not in teacher_doubt(accuracy, 0.2, SimpleNamespace(classes=10, name="x", normalization="none"))
+    assert teacher_doubt(Metric("agreement"), 0.2, data) is None
+    language_model = SimpleNamespace(classes=100, name="text", label_shape=(16,), normalization="none")
+    assert teacher_doubt(accuracy, 0.05, language_model) is None  # next-token accuracy is low for any model

@@ -63,8 +63,9 @@ def command(model, data_spec, limit, batch_size, trust_pickle, device, metric, n
             warn(f"no plan in workspace {ws.root}: reporting accuracy only (no teacher to compare with)")
         payload = _evaluate_file(model, ws if has_plan else None, data_spec, limit, normalize, batch_size, device,
                                  trust_pickle, metric)
-    if payload.get("note"):
-        warn(payload["note"])
+    for message in (payload.get("note"), payload.pop("doubt", None)):
+        if message:
+            warn(message)
     emit(fmt, payload, lambda: _text(payload))
 
 
@@ -145,6 +146,8 @@ def _input_shape(predictor, teacher, model: str) -> tuple[int, ...]:
 
 def _payload(evaluated: str, label: str, metric, result: dict, data, ws, note) -> dict:
     """The JSON of ``ndc eval``; ``accuracy`` and ``teacher_accuracy`` are the scores when the metric is accuracy."""
+    from ndc.scoring import teacher_doubt
+
     accuracy = metric.kind == "accuracy"
     teacher_score = result["score"] if evaluated == "teacher" else result.get("teacher_score")
     return {
@@ -165,6 +168,7 @@ def _payload(evaluated: str, label: str, metric, result: dict, data, ws, note) -
         "labels": data.labels,
         "workspace": str(ws.root) if ws is not None else None,
         "note": note,
+        "doubt": teacher_doubt(metric, teacher_score, data),  # warned, not part of the JSON
     }
 
 
