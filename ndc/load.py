@@ -17,7 +17,6 @@ MODEL forms:
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import io
@@ -35,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from ndc.errors import NdcError, first_line
+from ndc.usercode import working_folder_importable
 from ndc.workspace import load_tensors, sha256_file
 
 @dataclass
@@ -175,6 +175,7 @@ def _load_factory(spec: str) -> tuple[nn.Module, dict]:
         module = _import_file(path)
         file, resolved = path.resolve(), f"{path.resolve()}:{attr}"
     else:
+        working_folder_importable()
         try:
             module = importlib.import_module(target)
         except ImportError as e:
@@ -297,9 +298,9 @@ def _load_pickled_module(path: Path, trust_pickle: bool) -> nn.Module:
             f"refusing to unpickle {path}: loading a pickled module can run arbitrary code. "
             "Pass --trust-pickle if you trust this file, or give MODEL=file.py:factory with --weights (state dict or .safetensors)"
         )
+    working_folder_importable()  # its classes' modules, as python would find them
     try:
-        with _working_folder_importable():
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=False)
     except ModuleNotFoundError as e:
         raise NdcError(f"{path} needs module {e.name!r} to unpickle its classes: run ndc from the folder that holds "
                        f"{e.name}.py, or add that folder to PYTHONPATH") from None
@@ -313,21 +314,6 @@ def _load_pickled_module(path: Path, trust_pickle: bool) -> nn.Module:
             f"MODEL=file.py:factory (or package.module:factory) with --weights {path}"
         )
     raise NdcError(f"{path} holds a {type(obj).__name__}, not an nn.Module")
-
-
-@contextlib.contextmanager
-def _working_folder_importable():
-    """Unpickle as ``python`` would from the working folder: its modules importable (the ``ndc`` script's
-    ``sys.path`` starts at the script's own folder instead)."""
-    here = os.getcwd()
-    added = here not in sys.path
-    if added:
-        sys.path.insert(0, here)
-    try:
-        yield
-    finally:
-        if added and here in sys.path:
-            sys.path.remove(here)
 
 
 def _pickle_kind(path: Path) -> str:

@@ -108,7 +108,7 @@ def threshold(eps: Sequence[float], drops: Sequence[float], tolerance: float) ->
     """
     best = None
     for e, d in zip(eps, drops):
-        if d >= tolerance:
+        if round(d, 9) >= tolerance:  # a drop that prints as the tolerance counts as reaching it
             return (0.0 if best is None else best), False
         best = e
     return (0.0 if best is None else best), True

@@ -193,7 +193,10 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
             "flops": count_flops(model, plan.input_shape, plan.inputs), "teacher_flops": plan.teacher["flops"],
             "bytes": report.get("bytes"), "max_abs_diff": report.get("max_abs_diff"), "latency_ms": report.get("latency_ms"),
             "selection": {k: str(v) for k, v in selection.items()}, "calibrated_norms": calibrated,
+            **{k: report[k] for k in ("checked_batch_sizes", "folded_bn", "trusted_only") if k in report},
         }
+        if report.get("warning") and warn:
+            warn(report["warning"])  # a .pt is a pickle
         metric = None
         if source is not None:
             metric = pick_metric("auto", source, teacher_head(teacher), warn=warn)
@@ -323,7 +326,7 @@ def finetune(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str
                       "finetuned": {k: payload[k] for k in ("metric", "score", "initial_score", "epochs", "best_epoch", "lr")}},
                      folder="finetune")
         if output:
-            _export(ws, model, output, plan, "finetune", payload)
+            _export(ws, model, output, plan, "finetune", payload, warn)
         ws.write_json("finetune/report.json", payload)
         return TrainResult(payload, model, cfg.metric)
 
@@ -364,7 +367,7 @@ def kd(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str = "au
         save_student(ws, model, selection, {}, {"baseline": cfg.loss, "data_free": data_free, "teacher": teacher.sha256},
                      folder=folder)
         if output:
-            _export(ws, model, output, plan, folder, payload)
+            _export(ws, model, output, plan, folder, payload, warn)
         ws.write_json(f"{folder}/report.json", payload)
         return TrainResult(payload, model, cfg.metric)
 
@@ -508,9 +511,11 @@ def _check_output(output: str | None) -> None:
         check_output_path(output)
 
 
-def _export(ws: Workspace, model, output: str, plan, folder: str, payload: dict) -> None:
+def _export(ws: Workspace, model, output: str, plan, folder: str, payload: dict, warn: Log | None = None) -> None:
     from ndc.passes.export import export_model
 
     payload["export"] = export_model(model, output, plan.input_shape, report_dir=ws.path(f"{folder}/export-failure"),
                                      inputs=plan.inputs)
     payload["output"] = payload["export"]["output"]
+    if payload["export"].get("warning") and warn:
+        warn(payload["export"]["warning"])  # a .pt is a pickle

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from ndc.errors import NdcError
+
+
+def working_folder_importable() -> None:
+    """Let user code import modules from the working folder, as under ``python -m ndc`` (the ``ndc`` script's
+    ``sys.path`` starts at the script's own folder instead). Appended, so an installed module of the same name wins."""
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.append(here)
 
 
 def is_function_spec(spec: str) -> bool:
@@ -32,6 +41,7 @@ def find_function(spec: str, example: str, alternatives: str = "") -> tuple[Call
             raise NdcError(f"{target}: no such file")
         module, file = _import_file(path), path
     else:
+        working_folder_importable()
         try:
             module = importlib.import_module(target)
         except ImportError as e:

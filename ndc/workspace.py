@@ -231,7 +231,8 @@ class Workspace:
         if not create and not self.root.is_dir():
             raise NdcError(f"no plan in workspace {self.root}; run `ndc partition MODEL -w {self.root}` first")
         self.ensure()
-        with _hold(self.root, "write", command or command_line()) as held:
+        full = command_line()  # the user's command line when this process is that command (``ndc distill --width 0.5``)
+        with _hold(self.root, "write", full if command is None or full.startswith(command) else command) as held:
             if held.count == 1:
                 remove_temporaries(self.root)
             yield held.token

@@ -634,3 +634,21 @@ def test_cli_usage_errors(run_cli, idx_dir):
     assert "cannot fit" in error_line(run_cli("data", f"mnist:{idx_dir}", "--input-shape", "1,100"))
     assert run_cli("data", f"mnist:{idx_dir}", "--normalize", "bogus").exit_code == 2
     assert run_cli("data", f"mnist:{idx_dir}", "--limit", "0").exit_code == 2
+
+
+def test_a_data_function_in_a_package_of_the_working_folder(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])  # as under the ndc script
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ndc_test_pkg").mkdir()
+    (tmp_path / "ndc_test_pkg" / "__init__.py").write_text("")
+    (tmp_path / "ndc_test_pkg" / "mydata.py").write_text(
+        "import numpy as np\n"
+        "def load():\n"
+        "    x = np.random.default_rng(0).random((40, 8, 8), dtype=np.float32)\n"
+        "    return (x, np.arange(40) % 4), None\n")
+    data = open_data("ndc_test_pkg.mydata:load", (1, 8, 8))
+    assert data.classes == 4 and data.train_size + data.test_size == 40
+    sys.modules.pop("ndc_test_pkg.mydata", None)
+    sys.modules.pop("ndc_test_pkg", None)

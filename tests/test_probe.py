@@ -204,3 +204,10 @@ def test_probe_user_errors_are_one_line(model, args, message):
 def test_probe_without_a_plan_says_what_to_do(tmp_path):
     r = invoke("probe", *DATA, "-w", tmp_path / "empty")
     assert r.exit_code == 1 and "ndc partition" in r.output
+
+
+def test_a_drop_that_prints_as_the_tolerance_reaches_it():
+    from ndc.probe import threshold
+
+    assert threshold([0, 1, 10], [0.0, 0.49999999999999906, 3.0], 0.5) == (0, False)  # shown as 0.50: not below 0.5
+    assert threshold([0, 1, 10], [0.0, 0.4999, 3.0], 0.5) == (1, False)

@@ -278,6 +278,7 @@ def test_a_failed_rerun_keeps_the_finished_student(run_cli, ws):
     r = run_cli("distill", "--width", "0.5", *FAST, "--force", "--lr", "1e30", "--format", "json")
     assert r.exit_code == 1
     assert "the earlier student is kept" in r.stderr
+    assert "width=0.5: layer" not in r.stderr  # the candidate is named once
     assert {p: sha256_file(p) for p in before} == before
     assert run_cli("stitch", "-o", "s.onnx", "--width", "0.5").exit_code == 0
 
@@ -379,7 +380,7 @@ def test_stitch_during_a_forced_distill_is_refused(ws, tmp_path):
         while time.time() < deadline and '"ndc distill' not in (ws / ".ndc-lock").read_text():
             time.sleep(0.05)
         r = ndc("stitch", "-o", tmp_path / "s.onnx", "--width", "0.5", "-w", ws)
-        assert r.returncode == 1 and "in use by `ndc distill" in r.stderr
+        assert r.returncode == 1 and "in use by `ndc distill --width 0.5 ...` (pid" in r.stderr  # the holder's command line
         assert not (tmp_path / "s.onnx").exists()
     finally:
         proc.kill()

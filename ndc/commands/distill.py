@@ -154,7 +154,7 @@ def command(widths, sparsities, specs, slim_widths, assistant, gates, gate_penal
             planned["finished"].add(m.get("key"))
             progress.advance(max(0, planned.get("steps", 0) - m.get("steps", planned.get("steps", 0))))
         if m.get("status") == "failed":
-            progress.log(f"{m['neighbourhood']} {m['spec']}: FAILED: {m.get('error')}")
+            progress.log(f"{m['neighbourhood']} {m['spec']}: FAILED: {_reason(m)}")
         else:
             progress.log(f"{m['neighbourhood']} {m['spec']}: error {m['initial_error']:.3g} -> {m['final_error']:.3g} "
                          f"({m['steps']} steps)")
@@ -190,7 +190,13 @@ def command(widths, sparsities, specs, slim_widths, assistant, gates, gate_penal
         first = failed[0]
         kept = " (the earlier student is kept)" if first.get("kept") else ""
         raise NdcError(f"{len(failed)} of {len(rows)} jobs failed; first: {first['neighbourhood']} {first['spec']}: "
-                       f"{first.get('error')}{kept}")
+                       f"{_reason(first)}{kept}")
+
+
+def _reason(metrics: dict) -> str:
+    """A failed job's error without the candidate's name in front (the line names it already)."""
+    error, name = str(metrics.get("error")), f"{metrics['neighbourhood']} {metrics['spec']}: "
+    return error[len(name):] if error.startswith(name) else error
 
 
 def _slimmable_specs(widths: list[float], assistant: str | None) -> list[str]:

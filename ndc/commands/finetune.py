@@ -111,7 +111,7 @@ def command(data_spec, limit, normalize, loss, metric, epochs, lr, batch_size, t
             rows.append([f"fine-tuned (epoch {payload['best_epoch']})", metric.format(payload["score"])])
         tail = "" if payload["best_epoch"] else "\nno epoch beat the stitched student: it is kept unchanged"
         tail += f"\nwrote {payload['output']}" if output else ""
-        return (table(["model", metric.title], rows, "lr") + f"\n\n{payload['epochs']} epochs of --loss {payload['loss']} in "
+        return (table(["model", metric.title], rows, "lr") + f"\n\n{payload['epochs']} epoch{'s' if payload['epochs'] != 1 else ''} of --loss {payload['loss']} in "
                 f"{payload['seconds']:.0f}s" + tail)
 
     emit(fmt, payload, text)

@@ -47,6 +47,6 @@ def command(width, spec_text, selection_file, data_spec, limit, normalize, loss,
     def text() -> str:
         rows = [["teacher", human(payload["teacher_params"]), metric.format(payload["teacher_score"])],
                 [f"student ({payload['loss']}, from scratch)", human(payload["params"]), metric.format(payload["score"])]]
-        return table(["model", "params", metric.title], rows, "lrr") + f"\n\n{payload['epochs']} epochs in {payload['seconds']:.0f}s"
+        return table(["model", "params", metric.title], rows, "lrr") + f"\n\n{payload['epochs']} epoch{'s' if payload['epochs'] != 1 else ''} in {payload['seconds']:.0f}s"
 
     emit(fmt, payload, text)
