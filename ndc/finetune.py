@@ -79,6 +79,8 @@ class TrainConfig:
             raise NdcError(f"unknown --loss {self.loss!r}; valid: {', '.join(LOSSES)}")
         if self.epochs < 1:
             raise NdcError("--epochs must be at least 1")
+        if self.seed < 0:
+            raise NdcError("--seed must be 0 or more")
         # `not x > 0` (rather than `x <= 0`) also refuses NaN.
         if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.tau) and self.tau > 0):
             raise NdcError("--lr and --tau must be positive finite numbers")

@@ -292,6 +292,33 @@ def test_options_that_are_not_numbers_are_refused_before_any_work(run_cli, ws, o
         assert r.exit_code == 1 and one_line_error(r.stderr) and "--lr must be a positive" in r.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--augment-passes", "-1"], "--augment-passes must be 0 or more"),  # hung before
+    (["--seed", "-1"], "--seed must be 0 or more"),  # a numpy traceback before
+    (["--round-to", "0"], "--round-to must be at least 1"),  # failed every job before
+    (["--lookahead", "1", "--alpha", "-1"], "--alpha must be finite numbers, 0 or more"),
+    (["--cache-budget", "-1"], "bad size '-1'"),
+])
+def test_bad_distill_options_are_refused_before_any_work_dry_run_included(run_cli, ws, args, message):
+    for dry in ([], ["--dry-run"]):
+        r = run_cli("distill", "--width", "0.5", *FAST, *args, *dry)
+        assert r.exit_code == 1 and one_line_error(r.stderr) and message in r.stderr, (dry, r.stderr)
+
+
+def test_the_dry_run_refuses_what_the_run_refuses(run_cli, ws):
+    r = run_cli("distill", "--slimmable", "1.0", "--dry-run")
+    assert r.exit_code == 1 and "a slimmable job needs a width below 1.0" in r.stderr
+
+
+def test_options_that_do_not_apply_are_said_and_change_nothing(run_cli, ws):
+    # --noise and --calibration shape noise inputs; with real data they are ignored, and the students stand
+    r = run_cli("distill", "--width", "0.5", *FAST, "--noise", "matched", "--calibration", "100", "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    assert "warning: --noise applies to noise inputs (--data-free or --source noise); ignored" in r.stderr
+    assert "warning: --calibration applies to --noise matched; ignored" in r.stderr
+    assert all(row["status"] == "skipped" for row in json_of(r)["candidates"])  # the fixture's students, not retrained
+
+
 # ------------------------------------------------------------ 5. one line, never a traceback
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
 from ndc.commands.common import (common_options, compile_option, data_options, device_option, emit, human, normalize_option,
-                                 table, user_errors)
+                                 table, user_errors, warn)
 from ndc.errors import NdcError
 
 
@@ -24,15 +26,18 @@ def parse_size(text: str) -> int:
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     unit = t[-1] if t and t[-1] in units else ""
     try:
-        return int(float(t[: len(t) - len(unit)]) * units[unit])
+        size = float(t[: len(t) - len(unit)])
     except ValueError:
         raise NdcError(f"bad size {text!r}: expected e.g. 500M or 16G") from None
+    if not (math.isfinite(size) and size >= 0):
+        raise NdcError(f"bad size {text!r}: a size is 0 or more, e.g. 500M or 16G")
+    return int(size * units[unit])
 
 
 @click.command("distill")
 @click.option("--width", "widths", default=None, metavar="K[,K...]", help="Width multipliers: every internal channel dimension times K.")
 @click.option("--sparsity", "sparsities", default=None, metavar="S[,S...]", help="Fractions of conv/linear weights pruned (combined with every --width).")
-@click.option("--spec", "specs", multiple=True, metavar="SPEC", help="An explicit spec such as width=0.5,sparsity=0.3 (repeatable).")
+@click.option("--spec", "specs", multiple=True, metavar="SPEC", help="An explicit spec such as width=0.5,sparsity=0.3 or nm=2:4 (repeatable).")
 @click.option("--slimmable", "slim_widths", default=None, metavar="K[,K...]",
               help="One weight-shared job per neighbourhood trains all these widths at once; each width is a candidate "
                    "of its own (spec width=K,slim=chain or slim=teacher).")
@@ -116,28 +121,32 @@ def command(widths, sparsities, specs, slim_widths, assistant, gates, gate_penal
     ws = Workspace(workspace)
     extra = _slimmable_specs(parse_floats(slim_widths, "--slimmable"), assistant) + _gate_specs(gates, gate_penalties)
     spec_list = expand_specs(parse_floats(widths, "--width"), parse_floats(sparsities, "--sparsity"), list(specs) + extra)
+    if data_free:
+        if source not in (None, "noise"):
+            raise NdcError(f"--data-free trains on noise; it cannot be combined with --source {source}")
+        source = "noise"
+    if source is None and not data_spec and not dry_run:
+        raise NdcError("give --data SPEC (e.g. --data fashion-mnist) or --data-free")
+    # Validated before any work, a dry run's included: a bad option costs nothing.
+    cfg = DistillConfig(data=data_spec, limit=limit, normalize=normalize, source=source or ("recompute" if data_spec else "noise"),
+                        noise=noise, calibration=calibration, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr,
+                        lookahead=lookahead, alpha=tuple(parse_floats(alpha, "--alpha")), init=init, round_to=round_to,
+                        augment_passes=augment_passes, val_size=val_size, evals=evals, patience=patience, bn_stats=bn_stats,
+                        seed=seed, engine="jobs" if engine == "auto" else engine, precision=precision,
+                        compile=compile_mode)
+    budget = parse_size(cache_budget)
     if dry_run:
+        from ndc.distill.slimmable import jobs_of
+
         with ws.reading():
             teacher = load_teacher(ws)
             candidates = plan_candidates(teacher.plan, spec_list, tuple(only))
             if not candidates:
                 raise NdcError("the plan has no neighbourhood to distil (all are kept); try ndc partition --by module or --by layers")
+            jobs_of(candidates)  # refuses what the run would (a slimmable width 1.0 alone)
             return _dry_run(teacher, candidates, round_to, fmt)
-
-    if data_free:
-        if source not in (None, "noise"):
-            raise NdcError(f"--data-free trains on noise; it cannot be combined with --source {source}")
-        source = "noise"
-    if source is None and not data_spec:
-        raise NdcError("give --data SPEC (e.g. --data fashion-mnist) or --data-free")
-    # Validated before any work: a bad option costs nothing.
-    cfg = DistillConfig(data=data_spec, limit=limit, normalize=normalize, source=source or "recompute", noise=noise,
-                        calibration=calibration, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, lookahead=lookahead,
-                        alpha=tuple(parse_floats(alpha, "--alpha")), init=init, round_to=round_to,
-                        augment_passes=augment_passes, val_size=val_size, evals=evals, patience=patience, bn_stats=bn_stats,
-                        seed=seed, engine="jobs" if engine == "auto" else engine, precision=precision,
-                        compile=compile_mode)
-    budget = parse_size(cache_budget)
+    for message in cfg.ignored():
+        warn(f"{message}; ignored")
     progress = Progress(0, "distill", quiet=quiet, bar=fmt != "json")
     planned = {}
 
@@ -156,8 +165,9 @@ def command(widths, sparsities, specs, slim_widths, assistant, gates, gate_penal
         if m.get("status") == "failed":
             progress.log(f"{m['neighbourhood']} {m['spec']}: FAILED: {_reason(m)}")
         else:
+            resumed = f", resumed from its checkpoint at step {m['resumed_from']}" if m.get("resumed_from") else ""
             progress.log(f"{m['neighbourhood']} {m['spec']}: error {m['initial_error']:.3g} -> {m['final_error']:.3g} "
-                         f"({m['steps']} steps)")
+                         f"({m['steps']} steps{resumed})")
 
     with progress:
         result = stages.distill(ws, spec_list, cfg, source=source, engine=engine, backend=backend, workers=workers,

@@ -70,12 +70,17 @@ class DistillConfig:
                 raise NdcError(f"--{name.replace('_', '-')} must be at least 1")
         if self.steps is not None and self.steps < 1:
             raise NdcError("--steps must be at least 1")
+        for name in ("augment_passes", "seed", "patience"):
+            if getattr(self, name) < 0:
+                raise NdcError(f"--{name.replace('_', '-')} must be 0 or more")
+        if self.round_to < 1:
+            raise NdcError("--round-to must be at least 1")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise NdcError(f"--lr must be a positive number, not {self.lr}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise NdcError(f"--weight-decay must be 0 or a positive number, not {self.weight_decay}")
-        if not all(math.isfinite(a) for a in self.alpha):
-            raise NdcError(f"--alpha must be finite numbers, not {','.join(str(a) for a in self.alpha)}")
+        if not all(math.isfinite(a) and a >= 0 for a in self.alpha):
+            raise NdcError(f"--alpha must be finite numbers, 0 or more, not {','.join(str(a) for a in self.alpha)}")
         if self.lookahead < 0:
             raise NdcError("--lookahead must be 0 or more")
         if self.alpha and len(self.alpha) not in (1, self.lookahead):
@@ -109,13 +114,36 @@ class DistillConfig:
         return list(self.alpha) * self.lookahead if len(self.alpha) == 1 else list(self.alpha)
 
     def key_fields(self) -> dict:
-        """The settings that change a trained student (not where or how fast it runs)."""
+        """The settings that change a trained student (not where or how fast it runs); a setting that does not
+        apply to this run (``noise`` and ``calibration`` without noise inputs, ``augment_passes`` with them, α
+        without look-ahead) counts as its default, so giving it changes nothing."""
         d = asdict(self)
         d.pop("device")
         d.pop("compile")  # the same training, compiled
         d["alpha"] = self.alphas()
         d["bn_stats"] = "frozen" if self.frozen_bn else "batch"
+        defaults = DistillConfig.__dataclass_fields__
+        if self.source != "noise":
+            d["noise"], d["calibration"] = defaults["noise"].default, defaults["calibration"].default
+        elif self.noise != "matched":
+            d["calibration"] = defaults["calibration"].default
+        if self.source == "noise":
+            d["augment_passes"] = defaults["augment_passes"].default
         return d
+
+    def ignored(self) -> list[str]:
+        """Options given that this run does not use (a warning, not an error: they change nothing)."""
+        defaults = DistillConfig.__dataclass_fields__
+        out = []
+        if self.source != "noise" and self.noise != defaults["noise"].default:
+            out.append("--noise applies to noise inputs (--data-free or --source noise)")
+        if (self.source != "noise" or self.noise != "matched") and self.calibration != defaults["calibration"].default:
+            out.append("--calibration applies to --noise matched")
+        if self.source == "noise" and self.augment_passes:
+            out.append("--augment-passes translates real images; noise inputs have none")
+        if self.alpha and not self.lookahead:
+            out.append("--alpha weighs look-ahead terms; it needs --lookahead")
+        return out
 
 
 @dataclass(frozen=True)
