@@ -125,3 +125,10 @@ def test_stitch_errors_are_one_line_and_leave_nothing(run_cli, ws, tmp_path):
         assert r.exit_code == 1, (args, r.stdout)
         assert needle in r.stderr and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, (args, r.stderr)
     assert not list(tmp_path.glob("s.*"))
+
+
+def test_calibrate_without_data_is_said_to_do_nothing(run_cli, ws):
+    r = run_cli("stitch", "-o", "s.onnx", "--width", "0.5", "--calibrate", "3")
+    assert r.exit_code == 0 and "--calibrate recalibrates batch norms on --data; without --data it is ignored" in r.stderr
+    r = run_cli("stitch", "-o", "s.onnx", "--width", "0.5")  # the default alone says nothing
+    assert r.exit_code == 0 and "--calibrate" not in r.stderr

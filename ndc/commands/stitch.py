@@ -13,7 +13,7 @@ from ndc.commands.common import (common_options, data_options, device_option, em
 @selection_options
 @data_options
 @normalize_option
-@click.option("--calibrate", type=int, default=20, show_default=True, help="Batches used to recalibrate batch-norm statistics (needs --data; 0: off).")
+@click.option("--calibrate", type=click.IntRange(min=0), default=20, show_default=True, help="Batches used to recalibrate batch-norm statistics (needs --data; 0: off).")
 @click.option("--fold-bn", is_flag=True, help="Fold batch norms into the convolutions before export.")
 @device_option
 @common_options
@@ -35,6 +35,9 @@ def command(output, width, spec_text, selection_file, data_spec, limit, normaliz
     from ndc import stages
     from ndc.workspace import Workspace
 
+    given = click.get_current_context().get_parameter_source("calibrate") is click.core.ParameterSource.COMMANDLINE
+    if given and calibrate and not data_spec:
+        warn("--calibrate recalibrates batch norms on --data; without --data it is ignored")
     result = stages.stitch(Workspace(workspace), output, width=width, spec=spec_text, selection_file=selection_file,
                            data=data_spec, limit=limit, normalize=normalize, calibrate=calibrate, fold_bn=fold_bn,
                            device=device, warn=warn)
