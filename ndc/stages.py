@@ -297,12 +297,16 @@ def finetune(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str
              restart: bool = False, device: str = "cpu", log: Log | None = None, warn: Log | None = None,
              on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
     """End-to-end training of the stitched student (``student/``) against the teacher; the best epoch is saved in
-    ``finetune/`` and exported. ``loss`` and ``metric`` (or ``auto``) are resolved against the teacher's head."""
+    ``finetune/`` and exported. ``loss`` and ``metric`` (or ``auto``) are resolved against the teacher's head.
+
+    As ``ndc finetune``: the stitched student is kept when no epoch beats it (``keep_initial``), and on noise
+    inputs (``data_free``) the batch norms keep their statistics (``freeze_bn``), whatever ``cfg`` says."""
     from ndc.finetune import epoch_score, train
     from ndc.plan import load_teacher
     from ndc.stitch import STUDENT_DIR, load_student, save_student, student_document
 
     _check_output(output)
+    cfg = replace(cfg, keep_initial=True, freeze_bn=cfg.freeze_bn or data_free)
     device = one_device(device)
     with ws.writing("ndc finetune"):
         teacher = load_teacher(ws)

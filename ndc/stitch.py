@@ -45,7 +45,8 @@ def uniform_selection(plan, spec: Spec) -> dict[str, Spec]:
 
 
 def read_selection(path: str | Path, plan) -> dict[str, Spec]:
-    """A selection file: ``{"selection": {name: spec}}`` (as ``ndc search`` writes it) or a plain ``{name: spec}``."""
+    """A selection file: ``{"selection": {name: spec}}`` (as ``ndc search`` writes it) or a plain ``{name: spec}``;
+    ``"teacher"`` for a spec keeps the teacher's part."""
     path = Path(path)
     doc = read_json(path)
     mapping = doc.get("selection", doc) if isinstance(doc, dict) else None
@@ -54,6 +55,8 @@ def read_selection(path: str | Path, plan) -> dict[str, Spec]:
     selection = {}
     for name, text in mapping.items():
         nb = plan[name]  # unknown names are one clear error
+        if text == "teacher":
+            continue  # the teacher's own part (as search's pareto.csv writes it): a neighbourhood not selected keeps it
         if nb.kept:
             raise NdcError(f"{path}: neighbourhood {name} is kept with the teacher and has no students")
         selection[name] = Spec.parse(text)

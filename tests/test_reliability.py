@@ -452,3 +452,14 @@ def test_a_publish_killed_between_its_two_renames_is_put_back(run_cli, ws):
     assert run_cli("stitch", "-o", "s.onnx", "--width", "0.5").exit_code == 0
     assert sha256_file(folder / "weights.safetensors") == before
     assert not aside.exists() and not staging.exists()
+
+
+def test_the_python_finetune_keeps_the_stitched_student_as_the_command_does(ws):
+    from ndc import stages
+    from ndc.finetune import TrainConfig
+    from ndc.workspace import Workspace
+
+    # a learning rate that can only make it worse: the stitched student is what comes back (and what is saved)
+    out = stages.finetune(Workspace(ws), TrainConfig(loss="kd", epochs=1, lr=5.0, augment=False), data="digits",
+                          limit=300).payload
+    assert out["best_epoch"] == 0 and out["score"] == out["initial_score"]

@@ -397,6 +397,7 @@ def test_the_prediction_calibrates_the_summed_divergence_by_the_candidates_own_d
     assert plain.drop_per_divergence is None and chosen.prediction == "additive" and chosen.predicted_drop == 1.5
     same = table_of({"a": [("width=1.0", 40, 0, 0.0, 0.0), ("teacher", 40, 0, 0.0, 0.0)]})
     assert same.drop_per_divergence is None  # nothing to fit: no candidate moved the output
+    assert table.predicted(500.0) == 0.0 and table.predicted(-500.0) == 1.0  # an accuracy stays within [0, 1]
 
 
 def test_tables_without_divergences_are_solved_by_drop():

@@ -109,6 +109,10 @@ def test_selection_file(run_cli, ws, tmp_path):
     r = run_cli("stitch", "-o", "s.pt2", "--selection", "sel.json", "--format", "json")
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["selection"]["layer2.0"] == "width=1.0"
+    # "teacher", as search's pareto.csv names the teacher's own part, keeps it
+    (tmp_path / "csv.json").write_text(json.dumps({"layer1.0": "width=0.5", "layer2.0": "teacher", "layer3.0": "width=0.5"}))
+    r = run_cli("stitch", "-o", "s.pt2", "--selection", "csv.json", "--format", "json")
+    assert r.exit_code == 0 and "layer2.0" not in json.loads(r.stdout)["selection"]
     loaded = torch.export.load(str(tmp_path / "s.pt2")).module()
     assert loaded(torch.randn(5, 3, 16, 16)).shape == (5, 10)
 

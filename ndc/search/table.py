@@ -80,9 +80,10 @@ class QualityTable:
         return 100.0 if self.as_metric().fraction else 1.0
 
     def predicted(self, drop: float) -> float:
-        """The score a student whose summed drop is ``drop`` is predicted to reach."""
+        """The score a student whose predicted drop is ``drop`` is predicted to reach (within [0, 1] for fractions)."""
         step = drop / self._unit
-        return self.teacher_accuracy - step if self.higher_is_better else self.teacher_accuracy + step
+        value = self.teacher_accuracy - step if self.higher_is_better else self.teacher_accuracy + step
+        return min(1.0, max(0.0, value)) if self.as_metric().fraction else value
 
     def drop_of(self, value: float) -> float:
         """How much worse ``value`` is than the teacher's score, in the drops' unit (points for fractions)."""
