@@ -111,11 +111,16 @@ def load_candidate(ws: Workspace, teacher, name: str, spec: Spec) -> tuple[nn.Mo
     store = JobStore(ws)
     if store.metrics(name, spec) is None and spec.is_identity:
         return teacher.part(name), {"teacher": True}
-    record, state, metrics = store.load(name, spec, made_for(teacher.sha256, teacher.plan[name].to_json()))
+    record, state, metrics = store.load(name, spec, _made_for(teacher, name))
     module = rebuild_student(teacher.part(name), spec, record)
     check_and_load_state_dict(module, state, str(ws.path(f"{store.folder(name, spec)}/{WEIGHTS}")))
     return module.eval(), {"record": record, "key": metrics["key"], "weights_sha256": metrics["weights_sha256"],
                            "final_error": metrics.get("final_error")}
+
+
+def _made_for(teacher, name: str) -> str:
+    """What a student of neighbourhood ``name`` must have been distilled from to fit this teacher now."""
+    return made_for(teacher.sha256, teacher.plan[name].to_json())
 
 
 def stitch(teacher, replacements: dict[str, nn.Module]) -> fx.GraphModule:
@@ -186,7 +191,7 @@ def fresh_student(teacher, selection: dict[str, Spec], seed: int = 0, ws: Worksp
         elif ws is None:
             raise NdcError(f"{name} {spec}: a gated student's widths were learned; its architecture needs the workspace")
         else:
-            record = JobStore(ws).load(name, spec, made_for(teacher.sha256, teacher.plan[name].to_json()))[0]
+            record = JobStore(ws).load(name, spec, _made_for(teacher, name))[0]
             parts[name] = rebuild_student(teacher.part(name), spec, record)
     student = stitch(teacher, parts)
     reset_parameters(student, seed)

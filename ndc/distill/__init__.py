@@ -122,16 +122,17 @@ def run_distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, backend: "
         done = [None if force else store.finished(job.neighbourhood, spec, keys[job]) for spec in job.members]
         if files is not None and any(d is not None and d.get("data_files") not in (None, files) for d in done):
             done, other_files = [None] * len(done), other_files + 1  # the same --data spec, other files under it
+        elif not force and any(d is None and store.finished(job.neighbourhood, spec) is not None
+                               for spec, d in zip(job.members, done)):
+            other_settings += 1  # finished under another key: this run's student will replace it
         if all(d is not None for d in done):
             rows.update({Candidate(job.neighbourhood, spec): {**d, "status": "skipped"} for spec, d in zip(job.members, done)})
         else:
             pending.append(job)
-            other_settings += not force and any(d is None and store.finished(job.neighbourhood, spec) is not None
-                                                for spec, d in zip(job.members, done))
     if other_files:
         (warn or log)(f"retraining {other_files} finished job(s): their students were distilled from other files of --data {cfg.data}")
-    if other_settings - other_files > 0:
-        (warn or log)(f"replacing {other_settings - other_files} finished student(s) distilled with other settings (data, "
+    if other_settings:
+        (warn or log)(f"replacing {other_settings} finished student(s) distilled with other settings (data, "
                       "training options or teacher) by this run's")
 
     if pending:

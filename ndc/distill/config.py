@@ -166,7 +166,7 @@ def job_key(teacher_sha: str, neighbourhood: dict, spec: Spec, config: DistillCo
     """Hash of everything that made a trained candidate."""
     return sha256_json({
         "teacher": teacher_sha,
-        "neighbourhood": {k: neighbourhood[k] for k in ("name", "input", "output", "nodes")},
+        "neighbourhood": _identity(neighbourhood),
         "spec": str(spec),
         "config": config.key_fields(),
         "format": 2,
@@ -180,8 +180,12 @@ def made_for(teacher_sha: str, neighbourhood: dict) -> str:
     refuse a candidate whose value is not the workspace's now (the teacher's
     weights changed, or the model was partitioned another way).
     """
-    return sha256_json({"teacher": teacher_sha,
-                        "neighbourhood": {k: neighbourhood[k] for k in ("name", "input", "output", "nodes")}})
+    return sha256_json({"teacher": teacher_sha, "neighbourhood": _identity(neighbourhood)})
+
+
+def _identity(neighbourhood: dict) -> dict:
+    """What makes a neighbourhood the same one: its name, boundaries and nodes (not its measured sizes)."""
+    return {k: neighbourhood[k] for k in ("name", "input", "output", "nodes")}
 
 
 def expand_specs(widths: list[float], sparsities: list[float], specs: list[str]) -> list[Spec]:
