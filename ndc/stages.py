@@ -392,6 +392,9 @@ class SearchOutcome:
     budget: Any
 
 
+UNSEEN_TIMES = 4  # search confirms its choice on up to this many times --eval-size test examples that chose nothing
+
+
 def search(ws: Workspace, *, data: str | None, limit: int | None = None, normalize: Any = True, max_drop: float | None = None,
            budget: str | None = None, objective: str | None = None, eval_size: int | None = 1000, metric: str = "auto",
            fallback: str = "teacher", calibrate: int = 20, verify: bool = True, plot: bool = False, batch_size: int = 256,
@@ -442,7 +445,8 @@ def search(ws: Workspace, *, data: str | None, limit: int | None = None, normali
             warn(note)
         measured = None
         if result is not None and verify:
-            measured = measure_selection(ws, teacher, result.selection(), source, heldout, chosen_metric, calibrate)
+            measured = measure_selection(ws, teacher, result.selection(), source, heldout, chosen_metric, calibrate,
+                                         heldout.unseen(UNSEEN_TIMES * heldout.size))
         doc = write_selection(ws, result, measured, data) if result is not None else None
         files = {}
         if plot:

@@ -146,6 +146,7 @@ def test_greedy_takes_a_small_candidate_where_it_is_harmless_and_keeps_the_teach
     assert out["measured_accuracy"] is not None
     assert abs(out["measured_accuracy"] - out["predicted_accuracy"]) < 0.02
     assert out["calibrated_norms"] == 0 and out["measured_uncalibrated_accuracy"] == out["measured_accuracy"]  # no batch norms
+    assert out["unseen"] is None  # --eval-size 300 takes every test example of --limit 300: none left to confirm on
     assert out["params"] == out["teacher_params"] - 2112 + 552
     on_disk = json.loads((ws / "selection.json").read_text())
     assert on_disk["selection"] == out["selection"] and on_disk["rule"] == "max-drop"
@@ -233,6 +234,40 @@ def test_quality_is_measured_once_and_reused(ws):
     assert second["table"] == first["table"]
     r, third = search(ws, "--max-drop", "5", "--no-verify", "--eval-size", "100")  # another held-out set: remeasured
     assert third["quality_reused"] is False and third["eval_size"] == 100
+
+
+def test_the_choice_is_confirmed_on_test_examples_that_did_not_choose_it(ws):
+    r = invoke("search", *DATA, "--eval-size", "100", "-w", ws, "--max-drop", "1", "--format", "json")
+    assert r.exit_code == 0, r.output
+    unseen = json.loads(r.stdout)["unseen"]
+    assert unseen["examples"] == 200  # the 300 test examples of --limit 300 after the 100 held out
+    assert unseen["drop"] == pytest.approx(100 * (unseen["teacher_accuracy"] - unseen["accuracy"]), abs=1e-5)
+    assert 0.5 < unseen["accuracy"] <= 1
+    from ndc.data import open_data
+    from ndc.plan import load_teacher
+    from ndc.workspace import Workspace
+
+    data = open_data("digits", (1, 8, 8), limit=300)
+    x, y = next(data.batches("test", 300))
+    with torch.no_grad():
+        right = (load_teacher(Workspace(ws)).gm(x[100:]).argmax(1) == y[100:]).float().mean().item()
+    assert unseen["teacher_accuracy"] == pytest.approx(right)
+    r = invoke("search", *DATA, "--eval-size", "100", "-w", ws, "--max-drop", "1")
+    assert "on 200 test examples that chose nothing" in r.stdout
+
+
+def test_unseen_examples_are_the_test_examples_after_the_held_out_set():
+    from ndc.data import open_data
+
+    data = open_data("digits", (1, 8, 8), limit=300)
+    heldout = HeldOut.first(data, 100, batch_size=64)
+    unseen = heldout.unseen(150)
+    everything = torch.cat([x for x, _ in data.batches("test", 300)])
+    labels = torch.cat([y for _, y in data.batches("test", 300)])
+    xs, ys = zip(*unseen.batches())
+    assert unseen.size == 150 and torch.equal(torch.cat(xs), everything[100:250]) and torch.equal(torch.cat(ys), labels[100:250])
+    assert sum(len(x) for x, _ in heldout.batches()) == 100
+    assert heldout.unseen(1000).size == 200 and HeldOut.first(data, 300).unseen(10) is None
 
 
 def test_text_output_reports_predicted_and_measured(ws):

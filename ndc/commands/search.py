@@ -53,7 +53,8 @@ def command(max_drop, budget_text, objective, data_spec, limit, eval_size, metri
     The selected student is stitched, its batch norms recalibrated, and its
     measured score reported beside the predicted one: the teacher's minus
     the summed divergence times the drop per unit of divergence fitted on
-    all candidates (the summed drops when no divergence was measured).
+    all candidates (the summed drops when no divergence was measured), and
+    again on test examples after the held-out set, which chose nothing.
     `ndc stitch` then uses selection.json by default.
 
     \b
@@ -108,6 +109,10 @@ def command(max_drop, budget_text, objective, data_spec, limit, eval_size, metri
                 basis = "summed drops"
             lines.append(f"predicted {metric.format(doc['predicted_accuracy'])} (drop {doc['predicted_drop']:.2f}{points} "
                          f"= {basis}), {measured_text}")
+            unseen = doc.get("unseen")
+            if unseen:
+                lines.append(f"on {unseen['examples']} test examples that chose nothing: {metric.format(unseen['accuracy'])} "
+                             f"against the teacher's {metric.format(unseen['teacher_accuracy'])} (drop {unseen['drop']:.2f}{points})")
             lines.append(f"wrote {payload['selection_file']}; `ndc stitch -o FILE` uses it")
         else:
             lines.append("no rule given: pass --max-drop X or --budget params=N to choose a student")

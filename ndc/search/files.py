@@ -36,6 +36,7 @@ def selection_document(result: SearchResult, measured: dict | None, data_spec: s
         "measured_uncalibrated_accuracy": None if measured is None else measured["uncalibrated_accuracy"],
         "calibrated_norms": None if measured is None else measured["calibrated_norms"],
         "measured_drop": None if measured is None else round(table.drop_of(measured["accuracy"]), 6),
+        "unseen": None if measured is None else measured.get("unseen"),
         "params": result.size("params"),
         "flops": result.size("flops"),
         "teacher_params": table.teacher_size["params"],

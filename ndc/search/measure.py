@@ -22,17 +22,20 @@ QUALITY = f"{SEARCH_DIR}/quality.json"
 
 @dataclass(frozen=True)
 class HeldOut:
-    """The held-out set: the first ``size`` examples of ``data``'s test split, in its fixed order.
+    """The held-out set: ``size`` examples of ``data``'s test split from ``start`` (the first ones by default), in its
+    fixed order.
 
     Every measurement of search and probe (teacher, candidates, stitched
     students, noise) runs on exactly these examples in these batches, so their
-    scores compare example by example.
+    scores compare example by example. :meth:`unseen` is the test examples
+    after them, which chose nothing.
     """
 
     data: Any
     size: int
     batch_size: int = 256
     device: str = "cpu"  # where batches are delivered (and the models measured on them run)
+    start: int = 0
 
     @classmethod
     def first(cls, data: Any, eval_size: int | None, batch_size: int = 256, device: str = "cpu") -> "HeldOut":
@@ -43,9 +46,20 @@ class HeldOut:
             raise NdcError(f"the data {data.name} has no test examples to measure on")
         return cls(data, size, batch_size, device)
 
+    def unseen(self, most: int) -> "HeldOut | None":
+        """Up to ``most`` test examples after these (None when the test split has no more)."""
+        start = self.start + self.size
+        size = min(most, self.data.test_size - start)
+        return HeldOut(self.data, size, self.batch_size, self.device, start) if size > 0 else None
+
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        seen = 0
+        skip, seen = self.start, 0
         for x, y in self.data.batches("test", self.batch_size):
+            if skip >= len(x):
+                skip -= len(x)
+                continue
+            x, y = x[skip:], None if y is None else y[skip:]
+            skip = 0
             keep = self.size - seen
             x, y = x[:keep].to(self.device), None if y is None else y[:keep].to(self.device)
             if not len(x):
@@ -201,7 +215,7 @@ def quality_table(ws: Workspace, teacher, candidates: Mapping[str, Sequence[tupl
 
 
 def measure_selection(ws: Workspace, teacher, selection: Mapping[str, Spec], data, heldout: HeldOut,
-                      metric: Metric | str, calibrate: int = 20) -> dict:
+                      metric: Metric | str, calibrate: int = 20, unseen: HeldOut | None = None) -> dict:
     """Stitch ``selection`` and score it on the held-out set, as stitched and after recalibrating its batch norms.
 
     ``uncalibrated_accuracy`` is the student exactly as the drops predict it
@@ -209,6 +223,11 @@ def measure_selection(ws: Workspace, teacher, selection: Mapping[str, Spec], dat
     ``accuracy`` is after ``calibrate`` training batches re-estimate every
     batch norm, as ``ndc stitch --data`` does (equal to the former when there
     is nothing to recalibrate). Both are values of ``metric``.
+
+    The held-out examples chose the selection, so its score there flatters it
+    a little (the candidates that did well on them by chance were kept).
+    ``unseen`` (examples that chose nothing) gives the honest figure: the
+    recalibrated student's and the teacher's scores there, under ``unseen``.
     """
     from ndc.devicedata import on_device
     from ndc.metrics import count_params
@@ -221,5 +240,11 @@ def measure_selection(ws: Workspace, teacher, selection: Mapping[str, Spec], dat
     before = score(model, heldout.batches(), metric, teacher.gm)
     norms = recalibrate_batchnorm(model, on_device(data, heldout.device), calibrate) if calibrate > 0 else 0
     after = score(model, heldout.batches(), metric, teacher.gm) if norms else before
+    confirmed = None
+    if unseen is not None:
+        theirs = score(teacher.gm, unseen.batches(), metric, teacher.gm)
+        ours = score(model, unseen.batches(), metric, teacher.gm)
+        confirmed = {"examples": unseen.size, "accuracy": ours, "teacher_accuracy": theirs,
+                     "drop": round(metric.drop(theirs, ours), 6)}
     return {"accuracy": after, "uncalibrated_accuracy": before, "calibrated_norms": norms,
-            "stitched_params": count_params(model)}
+            "stitched_params": count_params(model), "unseen": confirmed}
