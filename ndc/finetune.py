@@ -82,8 +82,10 @@ class TrainConfig:
         if self.seed < 0:
             raise NdcError("--seed must be 0 or more")
         # `not x > 0` (rather than `x <= 0`) also refuses NaN.
-        if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.tau) and self.tau > 0):
-            raise NdcError("--lr and --tau must be positive finite numbers")
+        for name in ("lr", "tau"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise NdcError(f"--{name} must be a positive finite number, not {value}")
         if not math.isfinite(self.lam) or self.lam < 0:
             raise NdcError("--lambda must be a finite number, 0 or more")
         if self.time_budget is not None and not self.time_budget > 0:

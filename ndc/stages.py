@@ -222,24 +222,32 @@ class TrainResult:
     metric: Any = None  # the ndc.scoring.Metric of every score in the payload
 
 
-def training_setup(teacher, data, loss: str, metric: str, lam: float, data_free: bool, warn: Log | None = None) -> dict:
+def training_setup(teacher, data, loss: str, metric: str, cfg, data_free: bool, warn: Log | None = None) -> dict:
     """The :class:`~ndc.finetune.TrainConfig` fields that depend on the teacher and the data: the loss (``warn`` hears
-    auto's choice), whether its label term applies, the per-epoch metric. Labels the teacher has no output for are
-    refused here, naming the example, before any training."""
+    auto's choice), whether its label term applies (never on noise: ``lam`` becomes 0), the per-epoch metric. Labels
+    the teacher has no output for are refused here, naming the example, before any training; ``warn`` hears of a
+    ``cfg.tau`` or ``cfg.lam`` the loss does not use."""
+    from ndc.finetune import TrainConfig
     from ndc.heads import teacher_head
     from ndc.losses import choose_loss
     from ndc.scoring import pick_metric
 
     head = teacher_head(teacher)
     name, labels, why = choose_loss(loss, head, data)
-    labels = labels and not data_free and lam > 0
+    labels = labels and not data_free and cfg.lam > 0
     if name == "ce" or labels and data.labels == "classes":
         hint = "train on the teacher's outputs alone with --lambda 0" if name == "kd" else "use --loss kd --lambda 0"
         data.check_classes(head.scores, hint)
-    if warn is not None and (loss == "auto" or ";" in why):  # say what auto chose, and when the labels go unused
-        warn(why)
+    if warn is not None:
+        if loss == "auto" or ";" in why:  # say what auto chose, and when the labels go unused
+            warn(why)
+        if name != "kd" and cfg.tau != TrainConfig.tau:
+            warn(f"--tau {cfg.tau:g} is ignored: it softens --loss kd's scores, and the loss is {name}")
+        if cfg.lam not in (0, TrainConfig.lam) and (name == "ce" or data_free):
+            warn(f"--lambda {cfg.lam:g} is ignored: " + ("noise has no labels to weigh" if data_free
+                                                        else "--loss ce is the label term alone"))
     return {"loss": name, "labels": labels, "probabilities": head.sigmoid and name == "bce",
-            "metric": pick_metric(metric, data, head, warn=warn)}
+            "metric": pick_metric(metric, data, head, warn=warn), "lam": 0.0 if data_free else cfg.lam}
 
 
 def score_keys(metric, **scores) -> dict:
@@ -314,7 +322,7 @@ def finetune(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str
         model = load_student(ws, STUDENT_DIR, teacher=teacher)
         stitched = student_document(ws, STUDENT_DIR)
         source = training_data(ws, plan, data, limit, data_free, normalize)
-        cfg = replace(cfg, **training_setup(teacher, getattr(source, "real", source), loss, metric, cfg.lam, data_free, warn))
+        cfg = replace(cfg, **training_setup(teacher, getattr(source, "real", source), loss, metric, cfg, data_free, warn))
         made_from = {"teacher": teacher.sha256, "student": stitched["weights_sha256"], "selection": stitched["selection"]}
         result = train(model, source, cfg, teacher=teacher.gm, ws=ws, folder="finetune", log=epoch_logger(log, on_epoch, cfg.metric),
                        resume=not restart, made_from=made_from, device=device)
@@ -325,6 +333,7 @@ def finetune(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str
                                 teacher_score=teacher_score),
                    "loss": cfg.loss, "lr": cfg.lr, "epochs": result["epochs"], "best_epoch": result["best_epoch"],
                    "seconds": result["seconds"], "history": result["history"]}
+        _say_if_better_replaced(ws, cfg.metric, payload["score"], stitched["weights_sha256"], warn)
         save_student(ws, model, {k: Spec.parse(v) for k, v in stitched["selection"].items()}, stitched["candidates"],
                      {"teacher": teacher.sha256, "from_student": stitched["weights_sha256"],
                       "finetuned": {k: payload[k] for k in ("metric", "score", "initial_score", "epochs", "best_epoch", "lr")}},
@@ -333,6 +342,20 @@ def finetune(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str
             _export(ws, model, output, plan, "finetune", payload, warn)
         ws.write_json("finetune/report.json", payload)
         return TrainResult(payload, model, cfg.metric)
+
+
+def _say_if_better_replaced(ws: Workspace, metric, score: float, student_sha: str, warn: Log | None) -> None:
+    """Warn when the fine-tuned student this run replaces scored better (same stitched student, same metric)."""
+    from ndc.stitch import STUDENT
+    from ndc.workspace import read_json
+
+    path = ws.path(f"finetune/{STUDENT}")
+    doc = read_json(path) if warn is not None and path.is_file() else {}
+    earlier = doc.get("finetuned") if isinstance(doc, dict) and doc.get("from_student") == student_sha else None
+    if (isinstance(earlier, dict) and earlier.get("metric") == metric.name and isinstance(earlier.get("score"), (int, float))
+            and metric.drop(earlier["score"], score) > 0):
+        warn(f"replacing the earlier fine-tuned student in finetune/, which scored better ({metric.format(earlier['score'])} "
+             f"{metric.title} against this run's {metric.format(score)}); rerun its settings to get it back")
 
 
 def kd(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str = "auto", width: float | None = None,
@@ -354,7 +377,7 @@ def kd(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str = "au
         selection = resolve_selection(ws, plan, width, spec, selection_file)
         model = fresh_student(teacher, selection, cfg.seed, ws)
         source = training_data(ws, plan, data, limit, data_free, normalize)
-        cfg = replace(cfg, **training_setup(teacher, getattr(source, "real", source), loss, metric, cfg.lam, data_free, warn))
+        cfg = replace(cfg, **training_setup(teacher, getattr(source, "real", source), loss, metric, cfg, data_free, warn))
         label = describe_selection(selection)
         folder = f"kd/{cfg.loss}{'-noise' if data_free else ''}-{folder_name(label)[:60]}"
         made_from = {"teacher": teacher.sha256, "selection": {k: str(v) for k, v in selection.items()}}

@@ -41,11 +41,19 @@ def test_finetune_raises_an_undertrained_student(run_cli, ws, tmp_path):
     r = run_cli("eval", *DATA, "--format", "json")  # the workspace's latest student: the fine-tuned one
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["accuracy"] == pytest.approx(doc["accuracy"], abs=1e-9)
+    # a later, worse run replaces it, and says so
+    r = run_cli("finetune", *DATA, "--epochs", "1", "--lr", "1e-6", "--no-augment", "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    worse = json.loads(r.stdout)["accuracy"]
+    assert worse < doc["accuracy"]
+    assert (f"replacing the earlier fine-tuned student in finetune/, which scored better ({doc['accuracy']:.2%} accuracy "
+            f"against this run's {worse:.2%})") in r.stderr
 
 
 def test_data_free_finetune_never_returns_a_worse_student(run_cli, ws):
-    r = run_cli("finetune", *DATA, "--data-free", "--epochs", "2", "--lr", "0.05", "--format", "json")
+    r = run_cli("finetune", *DATA, "--data-free", "--epochs", "2", "--lr", "0.05", "--lambda", "0.3", "--format", "json")
     assert r.exit_code == 0, r.stderr
+    assert "--lambda 0.3 is ignored: noise has no labels to weigh" in r.stderr
     doc = json.loads(r.stdout)
     assert doc["accuracy"] >= doc["initial_accuracy"]  # judged on --data's test split; epoch 0 is the stitched student
     assert doc["history"][0]["epoch"] == 1 and len(doc["history"]) == 2
@@ -87,10 +95,13 @@ def test_a_killed_finetune_resumes_from_its_last_checkpoint(ws):
 
 
 def test_kd_and_ce_baselines_train_the_same_architecture_from_scratch(run_cli, ws):
-    for loss in ("kd", "ce"):
+    for loss, unused in (("kd", ()), ("ce", ("--tau", "4", "--lambda", "0.5"))):
         r = run_cli("kd", "--width", "0.5", *DATA, "--loss", loss, "--epochs", "2", "--lr", "0.05", "--no-augment",
-                    "--format", "json")
+                    "--format", "json", *unused)
         assert r.exit_code == 0, r.stderr
+        said = [line for line in r.stderr.splitlines() if "is ignored" in line]
+        assert said == ([] if loss == "kd" else ["warning: --tau 4 is ignored: it softens --loss kd's scores, and the loss is ce",
+                                                 "warning: --lambda 0.5 is ignored: --loss ce is the label term alone"])
         doc = json.loads(r.stdout)
         assert doc["loss"] == loss and len(doc["history"]) == 2
         assert all(h["seconds"] > 0 for h in doc["history"])

@@ -114,8 +114,9 @@ def test_bad_configurations():
             train(small_net(), None, TrainConfig(loss=loss))
     with pytest.raises(NdcError, match="--metric agreement needs a teacher"):
         train(small_net(), None, TrainConfig(loss="ce", metric=Metric("agreement")))
-    for bad in ({"lr": math.nan}, {"lr": math.inf}, {"tau": math.nan}, {"lr": -1.0}):
-        with pytest.raises(NdcError, match="--lr and --tau must be positive finite numbers"):
+    for bad in ({"lr": math.nan}, {"lr": math.inf}, {"tau": math.nan}, {"lr": -1.0}, {"tau": 0.0}):
+        (name, value), = bad.items()
+        with pytest.raises(NdcError, match=f"^--{name} must be a positive finite number, not {value}$"):
             TrainConfig(**bad)
     with pytest.raises(NdcError, match="--lambda"):
         TrainConfig(lam=math.nan)

@@ -65,7 +65,7 @@ def base_config(epochs, lr, lr_default, batch_size, tau, lam, patience, time_bud
     from ndc.finetune import TrainConfig
 
     return TrainConfig(epochs=epochs, lr=stages.learning_rate(lr, lr_default, data_free), batch_size=batch_size, tau=tau,
-                       lam=0.0 if data_free else lam, patience=patience, time_budget=time_budget,
+                       lam=lam, patience=patience, time_budget=time_budget,
                        augment=not no_augment and not data_free, seed=seed, compile=compile_mode, **extra)
 
 
