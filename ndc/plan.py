@@ -60,6 +60,7 @@ def build_plan(loaded: LoadedModel, traced: Traced, part: Partition, options: di
             modules=sorted({str(n.target) for n in seg.nodes if n.op == "call_module"}),
         ))
     verify_recomposition(traced, modules, part.strategy or options.get("by", ""), [seg.name for seg in part.segments])
+    shared = _shared_parameters(modules, [seg.name for seg in part.segments])
     return Plan(
         source=loaded.source,
         input_shape=list(traced.input_shape),
@@ -67,8 +68,19 @@ def build_plan(loaded: LoadedModel, traced: Traced, part: Partition, options: di
         partition={**options, "boundaries": part.boundaries},
         neighbourhoods=neighbourhoods,
         teacher={"params": count_params(traced.gm), "flops": count_flops(traced.gm, traced.input_shape, traced.inputs)},
-        notes=traced.notes + part.notes,
+        notes=traced.notes + part.notes + shared,
     )
+
+
+def _shared_parameters(modules: list[fx.GraphModule], names: list[str]) -> list[str]:
+    """A note per teacher parameter used by several neighbourhoods (tied weights, e.g. an embedding and its output
+    head), which every such neighbourhood counts. Extracted neighbourhoods keep the teacher's parameter names."""
+    users: dict[str, tuple[int, list[str]]] = {}
+    for module, name in zip(modules, names):
+        for key, p in module.named_parameters():
+            users.setdefault(key, (p.numel(), []))[1].append(name)
+    return [f"{' and '.join(where)} share {key} ({count:,} parameters, tied weights): each counts it, the teacher once"
+            for key, (count, where) in users.items() if len(where) > 1]
 
 
 def neighbourhood_module(traced: Traced, seg) -> tuple[fx.GraphModule, fx.Node, str]:

@@ -64,6 +64,11 @@ def workspace(request, tmp_path_factory):
     assert sum(not n["kept"] for n in doc["neighbourhoods"]) == trainable
     if name in ("bert", "gpt2", "llama"):
         assert doc["input_dtype"] == "int64" and doc["output"] == "logits"
+    tied = [note for note in doc["notes"] if "tied weights" in note]  # GPT-2's embedding is its output head's weight
+    assert tied == ([f"stem and head share lm_head.weight ({100 * 32:,} parameters, tied weights): each counts it, "
+                     "the teacher once"] if name == "gpt2" else [])
+    counted = sum(n["params"] for n in doc["neighbourhoods"])
+    assert counted == doc["teacher"]["params"] + (100 * 32 if name == "gpt2" else 0)
     rows = _cli("distill", *DISTILL, "-w", ws)["candidates"]
     assert [r["status"] for r in rows] == ["done"] * 2 * trainable
     return name, ws
