@@ -159,5 +159,5 @@ def run_demo(ws: Workspace, cfg: DemoConfig, log=lambda message: None) -> dict:
 def _epoch_log(log, what: str):
     def on(event: dict) -> None:
         if event.get("event", "epoch") == "epoch":
-            log(f"  {what} epoch {event['epoch']}: accuracy {event['accuracy']:.2%} ({event['seconds']:.0f}s)")
+            log(f"  {what} epoch {event['epoch']}: accuracy {event['score']:.2%} ({event['seconds']:.0f}s)")
     return on

@@ -257,6 +257,8 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, teacher: nn.Module | None
             if state["best_accuracy"] is not None:
                 best.score = state["best_accuracy"]
             best.bad = state["bad"]
+            for entry in state["history"]:  # checkpoints written before entries had "score"
+                entry.setdefault("score", entry.get("accuracy"))
             if log:
                 log({"event": "resumed", "epoch": state["epoch"]})
     steps_per_epoch = max(1, math.ceil(data.train_size / cfg.batch_size))
@@ -314,7 +316,8 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, teacher: nn.Module | None
         acc = epoch_score(model, data, cfg.metric, teacher, max_batches=cfg.eval_batches)
         start += time.perf_counter() - evaluated  # the clock counts training, not the per-epoch evaluation
         state["epoch"] = epoch + 1
-        entry = {"epoch": epoch + 1, "seconds": state["seconds"], "train_loss": train_loss, "accuracy": acc}
+        entry = {"epoch": epoch + 1, "seconds": state["seconds"], "train_loss": train_loss, "score": acc,
+                 **({"accuracy": acc} if cfg.metric.kind == "accuracy" else {})}
         state["history"].append(entry)
         if ramp is None or ramp.ramped((epoch + 1) * steps_per_epoch):  # a denser model is not a valid best
             if best.offer(acc):

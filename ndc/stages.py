@@ -289,7 +289,7 @@ def epoch_logger(log: Log | None, on_epoch: Callable[[dict], None] | None = None
             if on_epoch:
                 on_epoch(e)
             if log:
-                value = metric.format(e["accuracy"]) if metric is not None else f"{e['accuracy']:.2%}"
+                value = metric.format(e["score"]) if metric is not None else f"{e['score']:.2%}"
                 title = metric.title if metric is not None else "accuracy"
                 log(f"epoch {e['epoch']}: loss {e['train_loss']:.4f}, {title} {value} ({e['seconds']:.0f}s)")
         elif e.get("event") == "resumed" and log:

@@ -109,6 +109,7 @@ def test_finetune_picks_bce_for_a_sigmoid_head_and_mse_for_a_regression_head(hea
     doc = json.loads(r.stdout)
     assert doc["loss"] == "bce" and doc["metric"] == "accuracy" and len(doc["history"]) == 2
     assert doc["score"] == doc["accuracy"] >= doc["initial_score"]  # the starting weights compete: never worse
+    assert all(e["score"] == e["accuracy"] for e in doc["history"])
 
     r = invoke("finetune", "--data", regression["data"], "--epochs", "2", "-w", regression["ws"], "--format", "json")
     assert r.exit_code == 0, r.output
@@ -116,6 +117,7 @@ def test_finetune_picks_bce_for_a_sigmoid_head_and_mse_for_a_regression_head(hea
     doc = json.loads(r.stdout)
     assert doc["loss"] == "mse" and doc["metric"] == "output-error" and doc["higher_is_better"] is False
     assert "accuracy" not in doc and doc["teacher_score"] == 0.0
+    assert all("accuracy" not in e and e["score"] > 0 for e in doc["history"])  # an output error is no accuracy
     assert doc["score"] < doc["initial_score"]  # lower is better, and two epochs of MSE to the teacher help
 
 
