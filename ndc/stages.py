@@ -43,6 +43,54 @@ def one_device(device: str) -> str:
     return resolve_devices(device)[0]
 
 
+# ------------------------------------------------------------------- the data distill used
+
+DATA_OPTIONS = "data.json"
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """``--data``, ``--limit`` and ``--normalize`` as ``ndc distill`` last used them in a workspace (``data.json``):
+    the later stages' data when they are given no ``--data``."""
+
+    data: str
+    limit: int | None = None
+    normalize: Any = True  # ndc.data.open_data(normalize=...): True (statistics), False (none) or (mean, std)
+
+    @property
+    def flags(self) -> str:
+        """The options as they would be typed."""
+        out = f"--data {self.data}" + (f" --limit {self.limit}" if self.limit is not None else "")
+        if self.normalize is False:
+            out += " --normalize none"
+        elif self.normalize is not True:
+            mean, std = self.normalize
+            out += f" --normalize {','.join(map(format, mean))}/{','.join(map(format, std))}"
+        return out
+
+
+def remember_data(ws: Workspace, options: DataOptions) -> None:
+    ws.write_json(DATA_OPTIONS, {"data": options.data, "limit": options.limit, "normalize": options.normalize})
+
+
+def remembered_data(ws: Workspace) -> DataOptions | None:
+    """The data options ``ndc distill`` used in ``ws`` (None when it has used none: not run, or on noise alone)."""
+    if not ws.exists(DATA_OPTIONS):
+        return None
+    doc = ws.read_json(DATA_OPTIONS)
+    try:
+        normalize = doc["normalize"]
+        if not isinstance(normalize, bool):
+            normalize = tuple(tuple(float(x) for x in v) for v in normalize)
+        limit = doc["limit"]
+        if not (isinstance(doc["data"], str) and doc["data"] and (limit is None or isinstance(limit, int))):
+            raise TypeError
+        return DataOptions(doc["data"], limit, normalize)
+    except (KeyError, TypeError, ValueError):
+        raise NdcError(f"{ws.path(DATA_OPTIONS)} is not what ndc distill writes; give --data SPEC, "
+                       "or delete the file") from None
+
+
 # ------------------------------------------------------------------- partition
 
 
@@ -125,6 +173,8 @@ def distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, *, source: str
         if not plan_candidates(plan, specs, only):
             raise NdcError("the plan has no neighbourhood to distil (all are kept); try ndc partition --by module or --by layers")
         data = data_for(ws, cfg, plan.input_shape[1:], fresh=True) if cfg.data else None
+        if data is not None:
+            remember_data(ws, DataOptions(cfg.data, cfg.limit, cfg.normalize))
         chosen, why = choose_source(cfg, source, data, cache_layout(plan, cfg.lookahead), ws, cache_budget)
         if source is None:
             log(f"source: {chosen} ({why})")

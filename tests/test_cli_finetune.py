@@ -116,7 +116,28 @@ def test_time_budget_limits_the_baseline(run_cli, ws):
     assert json.loads(r.stdout)["epochs"] < 500
 
 
+def test_stages_after_distill_read_its_data_options_unless_given(run_cli, ws):
+    assert json.loads((ws / "data.json").read_text()) == {"data": "digits", "limit": 300, "normalize": True}
+    r = run_cli("finetune", "--epochs", "1", "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    assert "data: --data digits --limit 300, as ndc distill used (give --data to choose)" in r.stderr
+    remembered = json.loads(r.stdout)
+    r = run_cli("eval", "--format", "json")  # the fine-tuned student, on the same 300 test examples
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["accuracy"] == pytest.approx(remembered["accuracy"], abs=1e-9)
+    r = run_cli("eval", "--data", "digits", "--limit", "100", "--format", "json")  # given: as given, and nothing said
+    assert r.exit_code == 0 and "ndc distill used" not in r.stderr
+    assert json.loads(r.stdout)["examples"] == 100
+    r = run_cli("eval", "--limit", "50", "--format", "json")  # a --limit given is kept; the rest is remembered
+    assert "data: --data digits --limit 50, from what ndc distill used" in r.stderr
+    assert json.loads(r.stdout)["examples"] == 50
+    (ws / "data.json").write_text("[1, 2]")
+    r = run_cli("eval")
+    assert r.exit_code == 1 and "data.json is not what ndc distill writes; give --data SPEC" in r.stderr
+
+
 def test_errors(run_cli, ws, tmp_path):
+    (ws / "data.json").unlink()  # no data remembered from distill
     for args, needle in ((["finetune", "--epochs", "1"], "give --data SPEC"),
                          (["finetune", *DATA, "-o", "x.tflite"], "suffix"),
                          (["kd", "--width", "0.5", *DATA, "--loss", "hinge"], "Invalid value for '--loss'"),

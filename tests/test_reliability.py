@@ -34,7 +34,7 @@ def ndc(*args, **kwargs) -> subprocess.CompletedProcess:
 
 
 def one_line_error(stderr: str) -> bool:
-    lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith(("warning:", "epoch ", "source:", "resuming"))]
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith(("warning:", "epoch ", "source:", "resuming", "data: "))]
     return len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in stderr
 
 

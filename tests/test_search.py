@@ -291,6 +291,7 @@ def test_without_a_rule_search_prints_the_table_and_writes_no_selection(ws):
     (["--max-drop", "1", "--objective", "drop", *DATA], "--objective is what --budget minimises"),
 ])
 def test_user_errors_are_one_line(ws, args, message):
+    (ws / "data.json").unlink()  # no data remembered from distill: search needs --data
     r = invoke("search", "-w", ws, *args)
     assert r.exit_code == 1
     assert len(r.output.strip().splitlines()) == 1 and message in r.output

@@ -71,7 +71,7 @@ def test_width_one_students_reproduce_the_teacher(run_cli, ws):
     from ndc.stitch import load_student
     from ndc.workspace import Workspace
 
-    r = run_cli("stitch", "-o", "s.onnx", "--width", "1.0", "--format", "json")
+    r = run_cli("stitch", "-o", "s.onnx", "--width", "1.0", "--calibrate", "0", "--format", "json")
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)
     assert {"output", "params", "teacher_params", "max_abs_diff"} <= set(doc)
@@ -127,11 +127,21 @@ def test_stitch_errors_are_one_line_and_leave_nothing(run_cli, ws, tmp_path):
     for args, needle in cases:
         r = run_cli("stitch", *args)
         assert r.exit_code == 1, (args, r.stdout)
-        assert needle in r.stderr and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, (args, r.stderr)
+        said = [line for line in r.stderr.splitlines() if not line.startswith("data: ")]  # the data distill used
+        assert len(said) == 1 and said[0].startswith("Error: ") and needle in said[0], (args, r.stderr)
     assert not list(tmp_path.glob("s.*"))
 
 
+def test_stitch_recalibrates_on_the_data_distill_used(run_cli, ws):
+    r = run_cli("stitch", "-o", "s.onnx", "--width", "0.5", "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["calibrated_norms"] > 0 and doc["accuracy"] is not None
+    assert "data: --data digits --limit 200, as ndc distill used" in r.stderr
+
+
 def test_calibrate_without_data_is_said_to_do_nothing(run_cli, ws):
+    (ws / "data.json").unlink()  # as after a distillation on noise alone: no data to recalibrate on
     r = run_cli("stitch", "-o", "s.onnx", "--width", "0.5", "--calibrate", "3")
     assert r.exit_code == 0 and "--calibrate recalibrates batch norms on --data; without --data it is ignored" in r.stderr
     r = run_cli("stitch", "-o", "s.onnx", "--width", "0.5")  # the default alone says nothing

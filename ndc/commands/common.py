@@ -18,6 +18,7 @@ import json
 import math
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -62,8 +63,45 @@ def data_options(f: Callable) -> Callable:
         "data_spec",
         default=None,
         metavar="SPEC",
-        help="Data set: fashion-mnist[:DIR], mnist:DIR, digits, file.npz, imagefolder:DIR, text:FILE[,TOKENIZER], module:function.",
+        help="Data set: fashion-mnist[:DIR], mnist:DIR, digits, file.npz, imagefolder:DIR, text:FILE[,TOKENIZER], "
+             "module:function. Stages after distill default to the data (and --limit, --normalize) distill used.",
     )(f)
+
+
+def remembered_data(applies: Callable[[dict], bool] = lambda kwargs: True):
+    """Without ``--data``, the command reads the data ``ndc distill`` used in its workspace (``--limit`` and
+    ``--normalize`` too, unless given), and says so on stderr: stages chain without repeating arguments.
+    ``applies(kwargs)`` says whether that fits the command's arguments (probe: not for a MODEL file, traced in
+    memory). The workspace is MODEL when that is a directory, else ``-w``."""
+
+    def wrap(f: Callable) -> Callable:
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not kwargs.get("data_spec") and applies(kwargs):
+                from ndc.stages import remembered_data as read
+                from ndc.workspace import Workspace
+
+                model = kwargs.get("model")
+                found = read(Workspace(model if model is not None and Path(model).is_dir() else kwargs["workspace"]))
+                if found is not None:
+                    ctx = click.get_current_context()
+                    kwargs["data_spec"] = found.data
+                    for name in ("limit", "normalize"):
+                        if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
+                            kwargs[name] = getattr(found, name)
+                    used = type(found)(found.data, kwargs["limit"], kwargs["normalize"])
+                    click.echo(f"data: {used.flags}, {'as' if used == found else 'from what'} ndc distill used "
+                               "(give --data to choose)", err=True)
+            return f(*args, **kwargs)
+
+        return wrapper
+
+    return wrap
+
+
+def on_workspace(kwargs: dict) -> bool:
+    """The command's MODEL argument is absent or a directory: it works on a workspace."""
+    return kwargs.get("model") is None or Path(kwargs["model"]).is_dir()
 
 
 def normalize_option(f: Callable) -> Callable:

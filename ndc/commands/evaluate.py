@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from ndc.commands.common import (common_options, data_options, device_option, emit, metric_option, normalize_option, pick_metric, table,
-                                 teacher_head, user_errors, warn)
+from ndc.commands.common import (common_options, data_options, device_option, emit, metric_option, normalize_option,
+                                 pick_metric, remembered_data, table, teacher_head, user_errors, warn)
 from ndc.errors import NdcError, fmt_shape
 
 
@@ -23,6 +23,7 @@ from ndc.errors import NdcError, fmt_shape
 @normalize_option
 @common_options
 @user_errors
+@remembered_data()
 def command(model, data_spec, limit, batch_size, trust_pickle, device, metric, normalize, workspace, fmt):
     """Score of MODEL on the test split of --data (accuracy by default), and its agreement with the teacher.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ndc.commands.common import (common_options, compile_option, data_options, device_option, emit, finite_float,
-                                 metric_option, normalize_option, table, user_errors)
+                                 metric_option, normalize_option, remembered_data, table, user_errors)
 from ndc.losses import LOSS_CHOICES
 
 
@@ -75,6 +75,7 @@ def base_config(epochs, lr, lr_default, batch_size, tau, lam, patience, time_bud
 @training_options(lr_default=1e-2)
 @common_options
 @user_errors
+@remembered_data()
 def command(data_spec, limit, normalize, loss, metric, epochs, lr, batch_size, tau, lam, patience, time_budget, no_augment,
             data_free, restart, seed, output, device, compile_mode, quiet, workspace, fmt):
     """Fine-tune the stitched student end to end against the teacher.

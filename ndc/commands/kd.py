@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ndc.commands.common import common_options, data_options, emit, human, normalize_option, selection_options, table, user_errors
+from ndc.commands.common import (common_options, data_options, emit, human, normalize_option, remembered_data,
+                                 selection_options, table, user_errors)
 from ndc.commands.finetune import base_config, epoch_progress, training_options
 
 
@@ -15,6 +16,7 @@ from ndc.commands.finetune import base_config, epoch_progress, training_options
 @training_options(lr_default=0.1)
 @common_options
 @user_errors
+@remembered_data()
 def command(width, spec_text, selection_file, data_spec, limit, normalize, loss, metric, epochs, lr, batch_size, tau, lam, patience,
             time_budget, no_augment, data_free, restart, seed, output, device, compile_mode, quiet, workspace, fmt):
     """Train the student architecture from scratch end to end (the baselines).

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from ndc.commands.common import (common_options, data_options, device_option, emit, finite_float, metric_option,
-                                 model_options, normalize_option, table, user_errors, warn)
+                                 model_options, normalize_option, on_workspace, remembered_data, table, user_errors,
+                                 warn)
 from ndc.errors import NdcError
 
 
@@ -34,6 +35,7 @@ from ndc.errors import NdcError
 @device_option
 @common_options
 @user_errors
+@remembered_data(on_workspace)
 def command(model, data_spec, limit, eps_text, relative, tolerance, eval_size, metric, include_kept, seed, out_dir,
             batch_size, input_shape, by, depth, every, cuts, leaves, weights, trust_pickle, normalize, device, workspace, fmt):
     """Add Gaussian noise of amplitude ε at each neighbourhood's output, and at all of them, and measure the drop.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ndc.commands.common import (common_options, data_options, device_option, emit, finite_float, human, metric_option,
-                                 normalize_option, table, user_errors, warn)
+                                 normalize_option, remembered_data, table, user_errors, warn)
 from ndc.errors import NdcError
 
 
@@ -36,6 +36,7 @@ from ndc.errors import NdcError
 @device_option
 @common_options
 @user_errors
+@remembered_data()
 def command(max_drop, budget_text, objective, data_spec, limit, eval_size, metric, fallback, calibrate, verify, plot,
             batch_size, normalize, device, workspace, fmt):
     """Pick one trained candidate per neighbourhood and write WORKSPACE/selection.json.

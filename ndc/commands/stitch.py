@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ndc.commands.common import (common_options, data_options, device_option, emit, human, normalize_option, selection_options,
-                                 table, user_errors, warn)
+from ndc.commands.common import (common_options, data_options, device_option, emit, human, normalize_option,
+                                 remembered_data, selection_options, table, user_errors, warn)
 
 
 @click.command("stitch")
@@ -18,6 +18,7 @@ from ndc.commands.common import (common_options, data_options, device_option, em
 @device_option
 @common_options
 @user_errors
+@remembered_data()
 def command(output, width, spec_text, selection_file, data_spec, limit, normalize, calibrate, fold_bn, device, workspace, fmt):
     """Replace each neighbourhood by its trained student and export the model.
 
