@@ -88,7 +88,7 @@ def load_exported(path: str | os.PathLike, *, trust_pickle: bool = False, thread
     if fmt.name == "onnx":
         return _load_onnx(path, threads)
     if fmt.name == "pt2":
-        return _load_pt2(path)
+        return _load_pt2(path, trust_pickle)
     if not trust_pickle:
         raise NdcError(f"refusing to unpickle {path}: loading a pickled module can run arbitrary code; "
                        "pass --trust-pickle if you made or trust this file, or evaluate the .onnx or .pt2 export")
@@ -141,10 +141,10 @@ def _onnx_sigmoid(path: Path) -> bool:
     return any(node.op_type == "Sigmoid" and first in node.output for node in graph.node)
 
 
-def _load_pt2(path: Path) -> Predictor:
+def _load_pt2(path: Path, trust_pickle: bool = False) -> Predictor:
     from ndc.load import read_program
 
-    program = read_program(path)
+    program = read_program(path, trust_pickle)
     module = program.module()
     return Predictor(_torch_outputs(module), "pt2", path, _program_input_shape(program), module, module)
 

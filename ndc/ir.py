@@ -164,6 +164,7 @@ class Neighbourhood:
     flops: int = 0
     kept: bool = False
     modules: list[str] = field(default_factory=list)
+    fingerprint: str | None = None  # what it computes (ndc.plan.graph_fingerprint); None in plans older than it
 
     def to_json(self) -> dict:
         return asdict(self)

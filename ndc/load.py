@@ -17,6 +17,7 @@ MODEL forms:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import io
@@ -58,8 +59,9 @@ def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False
     if path.suffix == ".pt2":
         if weights is not None:
             raise NdcError(f"--weights goes with a factory MODEL; the archive {spec} holds its weights")
-        source = {"kind": "export", "path": str(path.resolve()), "sha256": _sha(path) if path.is_file() else None}
-        gm, shape, inputs = _load_program(path)
+        source = {"kind": "export", "path": str(path.resolve()), "sha256": _sha(path) if path.is_file() else None,
+                  "trust_pickle": trust_pickle}
+        gm, shape, inputs = _load_program(path, trust_pickle)
         return LoadedModel(gm, source, shape, inputs)
     if weights is not None:
         raise NdcError(f"--weights goes with a factory MODEL (file.py:factory or package.module:factory), not with the pickled module {spec}")
@@ -81,7 +83,9 @@ def reload_model(source: dict) -> nn.Module:
         path = Path(source["path"])
         if not path.is_file():
             raise NdcError(f"the teacher {path} named in the plan no longer exists; rerun ndc partition")
-        return _load_program(path)[0]
+        if source.get("sha256") is not None and sha256_file(path) != source["sha256"]:
+            raise NdcError(f"the teacher {path} changed since ndc partition; rerun ndc partition")
+        return _load_program(path, bool(source.get("trust_pickle")))[0]
     if source["kind"] == "pickle":
         path = Path(source["path"])
         if not path.is_file():
@@ -96,21 +100,29 @@ def reload_model(source: dict) -> nn.Module:
 # ------------------------------------------------------------------ archives
 
 
-def _load_program(path: Path):
-    """A ``.pt2`` archive as a graph (see :func:`ndc.passes.trace_export.load_program`); nothing is unpickled."""
+def _load_program(path: Path, trust_pickle: bool = False):
+    """A ``.pt2`` archive as a graph (see :func:`ndc.passes.trace_export.load_program`); nothing that could run code
+    is unpickled unless ``trust_pickle``."""
     from ndc.passes.trace_export import load_program
 
     if not path.is_file():
         raise NdcError(f"{path}: no such file")
-    return load_program(read_program(path), str(path))
+    return load_program(read_program(path, trust_pickle), str(path))
 
 
-def read_program(path: Path):
+def read_program(path: Path, trust_pickle: bool = False):
     """The ``ExportedProgram`` in a ``.pt2`` archive (a Hugging Face ModelOutput's class imported when it needs
-    one), without torch's log lines; every failure is one :class:`NdcError` line."""
-    program = _read_program(path)
+    one), without torch's log lines; every failure is one :class:`NdcError` line.
+
+    ``torch.export.load`` unpickles some members of an archive (example
+    inputs, opaque constants) and falls back to a full, code-running unpickler
+    when the safe one refuses them. Unless ``trust_pickle``, that fallback is
+    refused: an archive holding anything but tensors and plain containers is
+    one line naming ``--trust-pickle``.
+    """
+    program = _read_program(path, trust_pickle)
     if isinstance(program, str) and _import_outputs_of(program):
-        program = _read_program(path)  # a Hugging Face ModelOutput: defining its class registers it
+        program = _read_program(path, trust_pickle)  # a Hugging Face ModelOutput: defining its class registers it
     if isinstance(program, str):
         raise NdcError(f"{path} returns a {program}, which is not registered with torch's pytree here, so the archive "
                        "cannot be read; export a wrapper whose forward returns a tensor "
@@ -118,26 +130,68 @@ def read_program(path: Path):
     return program
 
 
-def _read_program(path: Path):
+def _read_program(path: Path, trust_pickle: bool):
     """``torch.export.load`` without its log lines: the program, or the name of the output class it could
     not rebuild; any other failure is one line."""
-    logger = logging.getLogger("torch.export")  # torch logs the real cause (with a traceback), then raises a vaguer one
+    # torch logs the real cause (with a traceback), then raises a vaguer one; its serialiser logs too
+    loggers = [logging.getLogger(name) for name in ("torch.export", "torch._export")]
     errors: list[BaseException] = []
     handler = logging.Handler()
     handler.emit = lambda record: errors.append(record.exc_info[1]) if record.exc_info else None
-    saved = logger.handlers, logger.propagate
-    logger.handlers, logger.propagate = [handler], False
+    saved = [(logger.handlers, logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.handlers, logger.propagate = [handler], False
+    refused: list[str] = []
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _safe_unpickling(refused, trust_pickle):
             warnings.simplefilter("ignore")
             return torch.export.load(str(path))
     except Exception as e:
+        if refused:
+            raise NdcError(f"{path} holds pickled objects besides tensors ({refused[0]}), and unpickling them can run "
+                           "arbitrary code; pass --trust-pickle if you made or trust this file") from None
         causes = [m for m in map(_UNREGISTERED.search, map(str, errors)) if m]
         if causes:
             return causes[0].group(1)
         raise NdcError(f"{path} is not a readable torch.export archive: {first_line(e, 160)}") from None
     finally:
-        logger.handlers, logger.propagate = saved
+        for logger, (handlers, propagate) in zip(loggers, saved):
+            logger.handlers, logger.propagate = handlers, propagate
+
+
+@contextlib.contextmanager
+def _safe_unpickling(refused: list[str], trust: bool):
+    """While ``torch.export.load`` runs: ``torch.load`` only with ``weights_only=True`` and no plain ``pickle.loads``
+    in the archive reader (each refusal is appended to ``refused``), unless ``trust``."""
+    if trust:
+        yield
+        return
+    import pickle
+
+    import torch.export.pt2_archive._package as package
+
+    load = torch.load
+
+    def weights_only(*args, **kwargs):
+        if kwargs.get("weights_only") is False:
+            refused.append("an object torch.load reads only with weights_only=False")
+        kwargs["weights_only"] = True
+        return load(*args, **kwargs)
+
+    class NoLoads:
+        def __getattr__(self, name):
+            return getattr(pickle, name)
+
+        def loads(self, *args, **kwargs):
+            refused.append("a pickled constant")
+            raise pickle.UnpicklingError("refused: unpickling can run code")
+
+    saved = package.pickle
+    torch.load, package.pickle = weights_only, NoLoads()
+    try:
+        yield
+    finally:
+        torch.load, package.pickle = load, saved
 
 
 _UNREGISTERED = re.compile(r"Deserializing (\S+) in pytree is not registered")
@@ -197,13 +251,20 @@ def _load_factory(spec: str) -> tuple[nn.Module, dict]:
 
 
 def _import_file(path: Path):
+    """The module of a user's ``file.py``, imported once per content (an edited file is imported afresh, also within
+    one process, such as a notebook calling the library)."""
     name = f"_ndc_user_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
-    if name in sys.modules:
+    try:
+        digest = sha256_file(path)
+    except OSError:
+        digest = None
+    if name in sys.modules and getattr(sys.modules[name], "__ndc_sha256__", None) == digest:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise NdcError(f"{path}: not an importable Python file")
     module = importlib.util.module_from_spec(spec)
+    module.__ndc_sha256__ = digest
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)

@@ -17,6 +17,7 @@ in every stage.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -58,6 +59,7 @@ def build_plan(loaded: LoadedModel, traced: Traced, part: Partition, options: di
             flops=count_flops(module, in_shape, traced.inputs if input_node.op == "placeholder" else None),
             kept=seg.kept,
             modules=sorted({str(n.target) for n in seg.nodes if n.op == "call_module"}),
+            fingerprint=graph_fingerprint(module),
         ))
     verify_recomposition(traced, modules, part.strategy or options.get("by", ""), [seg.name for seg in part.segments])
     shared = _shared_parameters(modules, [seg.name for seg in part.segments])
@@ -67,9 +69,20 @@ def build_plan(loaded: LoadedModel, traced: Traced, part: Partition, options: di
         tracer=traced.settings(),
         partition={**options, "boundaries": part.boundaries},
         neighbourhoods=neighbourhoods,
-        teacher={"params": count_params(traced.gm), "flops": count_flops(traced.gm, traced.input_shape, traced.inputs)},
+        teacher={"params": count_params(traced.gm), "flops": count_flops(traced.gm, traced.input_shape, traced.inputs),
+                 "graph": graph_fingerprint(traced.gm)},
         notes=traced.notes + part.notes + shared,
     )
+
+
+def graph_fingerprint(gm: fx.GraphModule) -> str:
+    """What a graph computes, as a hash: its code, and the settings of each module it calls (a convolution's padding
+    lives in its module, not in the code). Weights are not part of it."""
+    h = hashlib.sha256(gm.code.encode())
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            h.update(f"{node.target}={gm.get_submodule(node.target)!r}".encode())
+    return h.hexdigest()
 
 
 def _shared_parameters(modules: list[fx.GraphModule], names: list[str]) -> list[str]:
@@ -144,6 +157,13 @@ class Teacher:
     def sha256(self) -> str:
         return self.plan.teacher["sha256"]
 
+    @property
+    def identity(self) -> str:
+        """The teacher's weights and, when the plan records it, what its graph computes: the key of every artefact
+        made from the whole teacher (activation cache, quality table)."""
+        graph = self.plan.teacher.get("graph")
+        return self.sha256 if graph is None else f"{self.sha256}:{graph}"
+
     def part(self, name: str, deep_copy: bool = True) -> fx.GraphModule:
         """The teacher neighbourhood ``name`` as its own module (a deep copy by default)."""
         nb = self.plan[name]
@@ -170,7 +190,14 @@ def load_teacher(ws: Workspace) -> Teacher:
     missing = [nb.name for nb in plan.neighbourhoods if nb.input not in names or (nb.output != "output" and nb.output not in names)]
     if missing:
         raise NdcError(f"the teacher no longer traces to the graph in plan.json (neighbourhoods {', '.join(missing[:3])}); rerun ndc partition")
+    if plan.teacher.get("graph") not in (None, graph_fingerprint(traced.gm)):
+        raise NdcError(f"the teacher's code changed since ndc partition ({_source_name(plan.source)} computes another graph "
+                       "than plan.json's); rerun ndc partition (students of neighbourhoods that changed are retrained)")
     return Teacher(plan, traced)
+
+
+def _source_name(source: dict) -> str:
+    return str(source.get("target") or source.get("path") or "the model")
 
 
 def partition_model(loaded: LoadedModel, input_shape, by: str = "auto", depth: int = 1, every: int | None = None,

@@ -226,7 +226,7 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
         JobStore(ws).recover()
         teacher = load_teacher(ws)
         plan = teacher.plan
-        selection = resolve_selection(ws, plan, width, spec, selection_file)
+        selection = resolve_selection(ws, plan, width, spec, selection_file, teacher)
         model, made_from = build_student(ws, teacher, selection)
         source, calibrated = None, 0
         if data:
@@ -234,7 +234,7 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
             calibrated = recalibrate_batchnorm(model.to(device), on_device(source, device), calibrate)
         model.cpu()
         save_student(ws, model, selection, made_from, {"calibrated_batches": calibrate if calibrated else 0, "data": data,
-                                                        "teacher": teacher.sha256})
+                                                        "teacher": teacher.identity})
         report = {} if output is None else export_model(model, output, plan.input_shape, fold_bn=fold_bn,
                                                          report_dir=ws.path("student/export-failure"), inputs=plan.inputs)
         summary = {
@@ -373,7 +373,7 @@ def finetune(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str
         stitched = student_document(ws, STUDENT_DIR)
         source = training_data(ws, plan, data, limit, data_free, normalize)
         cfg = replace(cfg, **training_setup(teacher, getattr(source, "real", source), loss, metric, cfg, data_free, warn))
-        made_from = {"teacher": teacher.sha256, "student": stitched["weights_sha256"], "selection": stitched["selection"]}
+        made_from = {"teacher": teacher.identity, "student": stitched["weights_sha256"], "selection": stitched["selection"]}
         result = train(model, source, cfg, teacher=teacher.gm, ws=ws, folder="finetune", log=epoch_logger(log, on_epoch, cfg.metric),
                        resume=not restart, made_from=made_from, device=device)
         teacher_score = epoch_score(teacher.gm, source, cfg.metric, teacher.gm)
@@ -385,7 +385,7 @@ def finetune(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str
                    "seconds": result["seconds"], "history": result["history"]}
         _say_if_better_replaced(ws, cfg.metric, payload["score"], stitched["weights_sha256"], warn)
         save_student(ws, model, {k: Spec.parse(v) for k, v in stitched["selection"].items()}, stitched["candidates"],
-                     {"teacher": teacher.sha256, "from_student": stitched["weights_sha256"],
+                     {"teacher": teacher.identity, "from_student": stitched["weights_sha256"],
                       "finetuned": {k: payload[k] for k in ("metric", "score", "initial_score", "epochs", "best_epoch", "lr")}},
                      folder="finetune")
         if output:
@@ -424,13 +424,13 @@ def kd(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str = "au
     with ws.writing("ndc kd"):
         teacher = load_teacher(ws)
         plan = teacher.plan
-        selection = resolve_selection(ws, plan, width, spec, selection_file)
+        selection = resolve_selection(ws, plan, width, spec, selection_file, teacher)
         model = fresh_student(teacher, selection, cfg.seed, ws)
         source = training_data(ws, plan, data, limit, data_free, normalize)
         cfg = replace(cfg, **training_setup(teacher, getattr(source, "real", source), loss, metric, cfg, data_free, warn))
         label = describe_selection(selection)
         folder = f"kd/{cfg.loss}{'-noise' if data_free else ''}-{folder_name(label)[:60]}"
-        made_from = {"teacher": teacher.sha256, "selection": {k: str(v) for k, v in selection.items()}}
+        made_from = {"teacher": teacher.identity, "selection": {k: str(v) for k, v in selection.items()}}
         needs_teacher = cfg.loss_fn().needs_teacher or cfg.metric.needs_teacher
         result = train(model, source, cfg, teacher=teacher.gm if needs_teacher else None, ws=ws, folder=folder,
                        log=epoch_logger(log, on_epoch, cfg.metric), resume=not restart, made_from=made_from, device=device)
@@ -441,7 +441,7 @@ def kd(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str = "au
                    **score_keys(cfg.metric, score=result["best_accuracy"], teacher_score=teacher_score),
                    "epochs": result["epochs"], "best_epoch": result["best_epoch"], "seconds": result["seconds"],
                    "history": result["history"], "folder": folder, "lr": cfg.lr}
-        save_student(ws, model, selection, {}, {"baseline": cfg.loss, "data_free": data_free, "teacher": teacher.sha256},
+        save_student(ws, model, selection, {}, {"baseline": cfg.loss, "data_free": data_free, "teacher": teacher.identity},
                      folder=folder)
         if output:
             _export(ws, model, output, plan, folder, payload, warn)
@@ -481,6 +481,7 @@ def search(ws: Workspace, *, data: str | None, limit: int | None = None, normali
     from ndc.scoring import Divergence, pick_metric, teacher_doubt
     from ndc.search import (HeldOut, greedy, load_candidates, measure_selection, parse_budget, quality_table, run_sweep,
                             solve_budget, write_pareto, write_selection)
+    from ndc.stitch import made_for_now
 
     if max_drop is not None and budget is not None:
         raise NdcError("give one of --max-drop and --budget")
@@ -520,7 +521,8 @@ def search(ws: Workspace, *, data: str | None, limit: int | None = None, normali
         if result is not None and verify:
             measured = measure_selection(ws, teacher, result.selection(), source, heldout, chosen_metric, calibrate,
                                          heldout.unseen(UNSEEN_TIMES * heldout.size))
-        doc = write_selection(ws, result, measured, data) if result is not None else None
+        made_for = {nb.name: made_for_now(teacher, nb.name) for nb in plan.trainable}
+        doc = write_selection(ws, result, measured, data, made_for) if result is not None else None
         files = {}
         if plot:
             points = run_sweep(ws, teacher, quality, source, heldout, calibrate, result, measured, log=log, objective=objective)

@@ -70,7 +70,7 @@ def trained_specs(ws: Workspace, plan) -> dict[str, list[Spec]]:
 
 
 def resolve_selection(ws: Workspace, plan, width: float | None = None, spec_text: str | None = None,
-                      selection_file: str | None = None) -> dict[str, Spec]:
+                      selection_file: str | None = None, teacher=None) -> dict[str, Spec]:
     """The student per neighbourhood from one of ``--width``, ``--spec``, ``--selection`` (else :func:`default_selection`)."""
     given = [x is not None for x in (width, spec_text, selection_file)]
     if sum(given) > 1:
@@ -81,12 +81,21 @@ def resolve_selection(ws: Workspace, plan, width: float | None = None, spec_text
         return uniform_selection(plan, Spec.parse(spec_text))
     if selection_file is not None:
         return read_selection(selection_file, plan)
-    return default_selection(ws, plan)
+    return default_selection(ws, plan, teacher)
 
 
-def default_selection(ws: Workspace, plan) -> dict[str, Spec]:
-    """``selection.json`` from ``ndc search`` if present, else the one spec every neighbourhood was trained with."""
+def default_selection(ws: Workspace, plan, teacher=None) -> dict[str, Spec]:
+    """``selection.json`` from ``ndc search`` if present, else the one spec every neighbourhood was trained with.
+
+    A selection search made for another teacher or partition (its ``made_for``
+    differs from ``teacher``'s now) is refused: its choice was measured on
+    other neighbourhoods."""
     if ws.exists(SELECTION):
+        doc = read_json(ws.path(SELECTION))
+        recorded = doc.get("made_for") if isinstance(doc, dict) and teacher is not None else None
+        if isinstance(recorded, dict) and any(recorded.get(nb.name) != made_for_now(teacher, nb.name) for nb in plan.trainable):
+            raise NdcError(f"{ws.path(SELECTION)} was chosen by ndc search for another teacher or partition; rerun ndc "
+                           "search, or pass --width, --spec or --selection")
         return read_selection(ws.path(SELECTION), plan)
     trained = trained_specs(ws, plan)
     common = None
@@ -111,14 +120,14 @@ def load_candidate(ws: Workspace, teacher, name: str, spec: Spec) -> tuple[nn.Mo
     store = JobStore(ws)
     if store.metrics(name, spec) is None and spec.is_identity:
         return teacher.part(name), {"teacher": True}
-    record, state, metrics = store.load(name, spec, _made_for(teacher, name))
+    record, state, metrics = store.load(name, spec, made_for_now(teacher, name))
     module = rebuild_student(teacher.part(name), spec, record)
     check_and_load_state_dict(module, state, str(ws.path(f"{store.folder(name, spec)}/{WEIGHTS}")))
     return module.eval(), {"record": record, "key": metrics["key"], "weights_sha256": metrics["weights_sha256"],
                            "final_error": metrics.get("final_error")}
 
 
-def _made_for(teacher, name: str) -> str:
+def made_for_now(teacher, name: str) -> str:
     """What a student of neighbourhood ``name`` must have been distilled from to fit this teacher now."""
     return made_for(teacher.sha256, teacher.plan[name].to_json())
 
@@ -191,7 +200,7 @@ def fresh_student(teacher, selection: dict[str, Spec], seed: int = 0, ws: Worksp
         elif ws is None:
             raise NdcError(f"{name} {spec}: a gated student's widths were learned; its architecture needs the workspace")
         else:
-            record = JobStore(ws).load(name, spec, _made_for(teacher, name))[0]
+            record = JobStore(ws).load(name, spec, made_for_now(teacher, name))[0]
             parts[name] = rebuild_student(teacher.part(name), spec, record)
     student = stitch(teacher, parts)
     reset_parameters(student, seed)
@@ -285,7 +294,7 @@ def load_student(ws: Workspace, folder: str = STUDENT_DIR, teacher=None) -> fx.G
     if not weights.is_file() or sha256_file(weights) != doc.get("weights_sha256"):
         raise NdcError(f"{weights} is missing or does not match {path}; rerun ndc stitch")
     teacher = teacher or load_teacher(ws)
-    if doc.get("teacher", teacher.sha256) != teacher.sha256:
+    if doc.get("teacher", teacher.identity) != teacher.identity:
         raise NdcError(f"the student in {ws.path(folder)} was made from another teacher than the workspace's plan; rerun ndc stitch")
     replacements = {}
     for name, text in doc["selection"].items():
@@ -311,7 +320,7 @@ def latest_student(ws: Workspace, teacher=None) -> str | None:
         except NdcError:
             pass
     stitched = current.get(STUDENT_DIR)
-    sha = teacher.sha256 if teacher is not None else (stitched or {}).get("teacher")
+    sha = teacher.identity if teacher is not None else (stitched or {}).get("teacher")
     if stitched is None or stitched.get("teacher", sha) != sha:
         return None
     tuned = current.get("finetune")

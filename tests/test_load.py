@@ -241,3 +241,45 @@ def test_pt2_returning_an_unregistered_class_is_one_line(tmp_path, capfd):
         load_model(str(tmp_path / "m.pt2"))
     assert "returns a mypackage.outputs.Out" in str(e.value) and "returns a tensor" in str(e.value)
     assert capfd.readouterr().err == ""  # torch's log lines and traceback are not dumped
+
+
+def _with_pickle_inside(archive: pathlib.Path, out: pathlib.Path, marker: pathlib.Path) -> None:
+    """A copy of ``archive`` whose example inputs are a pickle that writes ``marker`` when unpickled."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    torch.save(Evil(str(marker)), buf)
+    with zipfile.ZipFile(archive) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            data = buf.getvalue() if item.filename.endswith("sample_inputs/model.pt") else zin.read(item.filename)
+            zout.writestr(item.filename, data)
+
+
+def test_a_pt2_with_code_in_its_pickles_is_refused_unless_trusted(tmp_path, capfd):
+    from ndc.formats import load_exported
+
+    _save_program(torch.nn.Linear(4, 2), torch.randn(2, 4), tmp_path / "good.pt2")
+    marker = tmp_path / "pwned"
+    _with_pickle_inside(tmp_path / "good.pt2", tmp_path / "evil.pt2", marker)
+    capfd.readouterr()
+    with pytest.raises(NdcError, match="evil.pt2 holds pickled objects besides tensors .* pass --trust-pickle"):
+        load_model(str(tmp_path / "evil.pt2"))
+    with pytest.raises(NdcError, match="pass --trust-pickle"):
+        load_exported(tmp_path / "evil.pt2")  # ndc eval's loader
+    assert not marker.exists() and capfd.readouterr().err == ""
+    assert load_model(str(tmp_path / "good.pt2")).input_shape == (1, 4)  # tensors alone need no trust
+    with pytest.raises(NdcError):
+        load_model(str(tmp_path / "evil.pt2"), trust_pickle=True)  # trusted: unpickled (and then not a program)
+    assert marker.read_text() == "pwned"
+
+
+def test_a_pt2_teacher_replaced_after_partition_is_refused(tmp_path):
+    from ndc.load import reload_model
+
+    path = tmp_path / "m.pt2"
+    _save_program(torch.nn.Linear(4, 2), torch.randn(2, 4), path)
+    source = load_model(str(path)).source
+    _save_program(torch.nn.Linear(4, 2), torch.randn(2, 4), path)  # other weights, same file name
+    with pytest.raises(NdcError, match="changed since ndc partition; rerun ndc partition"):
+        reload_model(source)

@@ -463,3 +463,42 @@ def test_the_python_finetune_keeps_the_stitched_student_as_the_command_does(ws):
     out = stages.finetune(Workspace(ws), TrainConfig(loss="kd", epochs=1, lr=5.0, augment=False), data="digits",
                           limit=300).payload
     assert out["best_epoch"] == 0 and out["score"] == out["initial_score"]
+
+
+NET = '''
+import torch.nn as nn
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return x + self.bn(self.conv(x)).relu()
+
+
+def make():
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), Block(), Block(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+'''
+
+
+def test_a_teacher_whose_code_changed_after_partition_is_refused_and_repartitioning_retrains(run_cli, tmp_path):
+    net = tmp_path / "net.py"
+    net.write_text(NET)
+    distill = ["distill", "--width", "0.5", *FAST, "--format", "json"]
+    assert run_cli("partition", f"{net}:make", "--input-shape", "1,1,8,8").exit_code == 0
+    r = run_cli(*distill)
+    assert r.exit_code == 0 and {c["status"] for c in json.loads(r.stdout)["candidates"]} == {"done"}
+    net.write_text(NET + "\n# a comment: the same graph\n")
+    r = run_cli(*distill)
+    assert r.exit_code == 0 and {c["status"] for c in json.loads(r.stdout)["candidates"]} == {"skipped"}
+    net.write_text(NET.replace("padding=1)\n        self.bn", "padding=2, dilation=2)\n        self.bn"))  # same names, shapes
+    for args in (distill, ["stitch", "-o", "s.onnx"], ["eval"]):
+        r = run_cli(*args)
+        assert r.exit_code == 1 and one_line_error(r.stderr), (args, r.stderr)
+        assert f"the teacher's code changed since ndc partition ({net}:make computes another graph" in r.stderr
+    assert run_cli("partition", f"{net}:make", "--input-shape", "1,1,8,8").exit_code == 0
+    r = run_cli(*distill)  # the blocks compute something else now: their students are retrained
+    assert r.exit_code == 0 and {c["status"] for c in json.loads(r.stdout)["candidates"]} == {"done"}

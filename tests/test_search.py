@@ -152,6 +152,20 @@ def test_greedy_takes_a_small_candidate_where_it_is_harmless_and_keeps_the_teach
     assert on_disk["selection"] == out["selection"] and on_disk["rule"] == "max-drop"
 
 
+def test_stitch_refuses_a_selection_search_made_for_another_teacher(ws, distilled):
+    r, out = search(ws, "--max-drop", "1", "--no-verify")
+    assert r.exit_code == 0 and set(out["made_for"]) == {"block1", "block2"}
+    factory = distilled.parent / "resmlp.py"
+    r = invoke("partition", f"{factory}:teacher", "--input-shape", "1,1,8,8", "-w", ws)  # untrained weights now
+    assert r.exit_code == 0, r.output
+    r = invoke("distill", "--width", "0.25,0.5", *DATA, "--steps", "3", "-w", ws, "--quiet")
+    assert r.exit_code == 0, r.output
+    r = invoke("stitch", "-o", ws / "s.onnx", "-w", ws)
+    assert r.exit_code == 1 and "selection.json was chosen by ndc search for another teacher or partition" in r.stderr
+    r = invoke("stitch", "-o", ws / "s.onnx", "-w", ws, "--width", "0.5")  # a selection given is used
+    assert r.exit_code == 0, r.output
+
+
 def test_greedy_fallback_widest_keeps_the_widest_trained_candidate(ws):
     r, out = search(ws, "--max-drop", "1", "--fallback", "widest", "--no-verify")
     assert r.exit_code == 0, r.output

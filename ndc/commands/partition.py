@@ -35,7 +35,7 @@ def command(model, input_shape, by, depth, every, cuts, leaves, weights, trust_p
 
     MODEL is a pickled nn.Module (file.pt, needs --trust-pickle), a factory
     package.module:function or path/to/file.py:function (with optional --weights),
-    or a torch.export archive (file.pt2: loads without unpickling anything).
+    or a torch.export archive (file.pt2: only its tensors are unpickled, unless --trust-pickle).
     Writes WORKSPACE/plan.json and the teacher's weights.
 
     \b

@@ -173,7 +173,7 @@ def _cache(ws: Workspace, teacher, cfg: DistillConfig, data, log, warn, on_progr
     """The activation cache's folder (workspace-relative): reused when it verifies, else (re)built."""
     plan = teacher.plan
     layout = cache_layout(plan, cfg.lookahead)
-    key = cache_key(teacher.sha256, data, layout, cfg.augment_passes, cfg.val_size, cfg.seed)
+    key = cache_key(teacher.identity, data, layout, cfg.augment_passes, cfg.val_size, cfg.seed)
     folder = ws.path(f"cache/{key}")
     if (folder / "meta.json").is_file():
         problem = verify_cache(folder)

@@ -184,8 +184,12 @@ def made_for(teacher_sha: str, neighbourhood: dict) -> str:
 
 
 def _identity(neighbourhood: dict) -> dict:
-    """What makes a neighbourhood the same one: its name, boundaries and nodes (not its measured sizes)."""
-    return {k: neighbourhood[k] for k in ("name", "input", "output", "nodes")}
+    """What makes a neighbourhood the same one: its name, boundaries and nodes (not its measured sizes), and what it
+    computes (its graph's fingerprint; absent from plans made before it was recorded, whose keys stay as they were)."""
+    out = {k: neighbourhood[k] for k in ("name", "input", "output", "nodes")}
+    if neighbourhood.get("fingerprint"):
+        out["fingerprint"] = neighbourhood["fingerprint"]
+    return out
 
 
 def expand_specs(widths: list[float], sparsities: list[float], specs: list[str]) -> list[Spec]:

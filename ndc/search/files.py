@@ -49,11 +49,13 @@ def selection_document(result: SearchResult, measured: dict | None, data_spec: s
     return doc
 
 
-def write_selection(ws: Workspace, result: SearchResult, measured: dict | None, data_spec: str | None) -> dict:
-    """Write ``selection.json`` (the file ``ndc stitch`` uses by default) and record it in the manifest."""
+def write_selection(ws: Workspace, result: SearchResult, measured: dict | None, data_spec: str | None,
+                    made_for: dict[str, str] | None = None) -> dict:
+    """Write ``selection.json`` (the file ``ndc stitch`` uses by default) and record it in the manifest; ``made_for``
+    (per neighbourhood, as each candidate records it) lets stitch refuse the file after the teacher or partition changed."""
     from ndc.stitch import SELECTION
 
-    doc = selection_document(result, measured, data_spec)
+    doc = {**selection_document(result, measured, data_spec), "made_for": made_for}
     ws.write_json(SELECTION, doc)
     ws.record(SELECTION, made_from={"quality": result.table.key, "rule": result.rule})
     return doc

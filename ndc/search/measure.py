@@ -176,7 +176,7 @@ def quality_key(teacher, candidates: Mapping[str, Sequence[tuple[Spec, nn.Module
     data = heldout.data
     return sha256_json({
         "format": QUALITY_FORMAT,
-        "teacher": teacher.sha256,
+        "teacher": teacher.identity,
         "candidates": {name: [[str(spec), info.get("key"), info.get("weights_sha256")] for spec, _, info in opts]
                        for name, opts in candidates.items()},
         "data": [data.name, getattr(data, "fingerprint", None), data.limit, data.mean, data.std, list(data.shape)],
