@@ -34,3 +34,8 @@ def one_line(e: BaseException, width: int = 160) -> str:
 
 def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def a_or_an(word: str) -> str:
+    """``word`` after its indefinite article: "an ImageClassifierOutput", "a SequenceClassifierOutput"."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"

@@ -81,6 +81,8 @@ class TrainConfig:
             raise NdcError("--epochs must be at least 1")
         if self.seed < 0:
             raise NdcError("--seed must be 0 or more")
+        if self.patience is not None and self.patience < 0:
+            raise NdcError("--patience must be 0 or more")
         # `not x > 0` (rather than `x <= 0`) also refuses NaN.
         for name in ("lr", "tau"):
             value = getattr(self, name)

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ndc.errors import NdcError, first_line
+from ndc.errors import NdcError, a_or_an, first_line
 from ndc.usercode import working_folder_importable
 from ndc.workspace import load_tensors, sha256_file
 
@@ -63,6 +63,12 @@ def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False
                   "trust_pickle": trust_pickle}
         gm, shape, inputs = _load_program(path, trust_pickle)
         return LoadedModel(gm, source, shape, inputs)
+    if path.is_dir() or path.suffix == ".safetensors":
+        what = "a folder" if path.is_dir() else "weights without an architecture"
+        raise NdcError(f"{spec} is {what}; give a factory that builds the model and the weights file: "
+                       f"ndc partition my_model.py:make --weights {path / 'model.safetensors' if path.is_dir() else path}"
+                       + (" (for a Hugging Face folder, make() returns e.g. AutoModelForImageClassification.from_config(...))"
+                          if path.is_dir() else ""))
     if weights is not None:
         raise NdcError(f"--weights goes with a factory MODEL (file.py:factory or package.module:factory), not with the pickled module {spec}")
     return LoadedModel(_load_pickled_module(path, trust_pickle), {
@@ -124,7 +130,7 @@ def read_program(path: Path, trust_pickle: bool = False):
     if isinstance(program, str) and _import_outputs_of(program):
         program = _read_program(path, trust_pickle)  # a Hugging Face ModelOutput: defining its class registers it
     if isinstance(program, str):
-        raise NdcError(f"{path} returns a {program}, which is not registered with torch's pytree here, so the archive "
+        raise NdcError(f"{path} returns {a_or_an(program)}, which is not registered with torch's pytree here, so the archive "
                        "cannot be read; export a wrapper whose forward returns a tensor "
                        "(forward(self, x): return self.model(x).logits)")
     return program

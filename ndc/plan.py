@@ -62,7 +62,10 @@ def build_plan(loaded: LoadedModel, traced: Traced, part: Partition, options: di
             fingerprint=graph_fingerprint(module),
         ))
     verify_recomposition(traced, modules, part.strategy or options.get("by", ""), [seg.name for seg in part.segments])
-    shared = _shared_parameters(modules, [seg.name for seg in part.segments])
+    notes = _shared_parameters(modules, [seg.name for seg in part.segments])
+    if len(part.segments) == 1:
+        notes.append(f"no cut could be made (--by {part.strategy or options.get('by')}): the whole model is one "
+                      "neighbourhood; try --by residual, --by module or --by cuts (--explain says why)")
     return Plan(
         source=loaded.source,
         input_shape=list(traced.input_shape),
@@ -71,7 +74,7 @@ def build_plan(loaded: LoadedModel, traced: Traced, part: Partition, options: di
         neighbourhoods=neighbourhoods,
         teacher={"params": count_params(traced.gm), "flops": count_flops(traced.gm, traced.input_shape, traced.inputs),
                  "graph": graph_fingerprint(traced.gm)},
-        notes=traced.notes + part.notes + shared,
+        notes=traced.notes + part.notes + notes,
     )
 
 

@@ -400,7 +400,10 @@ def _say_if_better_replaced(ws: Workspace, metric, score: float, student_sha: st
     from ndc.workspace import read_json
 
     path = ws.path(f"finetune/{STUDENT}")
-    doc = read_json(path) if warn is not None and path.is_file() else {}
+    try:
+        doc = read_json(path) if warn is not None and path.is_file() else {}
+    except NdcError:  # a corrupt description of the student this run replaces: nothing to compare with
+        doc = {}
     earlier = doc.get("finetuned") if isinstance(doc, dict) and doc.get("from_student") == student_sha else None
     if (isinstance(earlier, dict) and earlier.get("metric") == metric.name and isinstance(earlier.get("score"), (int, float))
             and metric.drop(earlier["score"], score) > 0):

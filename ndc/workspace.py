@@ -189,6 +189,8 @@ class Workspace:
         try:
             m = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
+            m = None
+        if not isinstance(m, dict) or not isinstance(m.get("artefacts", {}), dict):
             # A corrupt manifest only costs redoing work: every artefact is re-verified.
             return {"artefacts": {}}
         m.setdefault("artefacts", {})
@@ -253,7 +255,10 @@ class Workspace:
         p = self.path(PLAN)
         if not p.is_file():
             raise NdcError(f"no plan in workspace {self.root}; run `ndc partition MODEL -w {self.root}` first")
-        return Plan.from_json(read_json(p))
+        doc = read_json(p)
+        if not isinstance(doc, dict):
+            raise NdcError(f"{p} is not a plan (a JSON {type(doc).__name__}); rerun ndc partition")
+        return Plan.from_json(doc)
 
 
 # -------------------------------------------------------------------- lock

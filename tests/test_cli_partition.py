@@ -38,6 +38,14 @@ def test_text_table_and_explain(run_cli):
     assert "relu stays alive until layer1_0_shortcut" in r.stdout
 
 
+def test_a_model_no_cut_divides_is_one_neighbourhood_and_said_so(run_cli, tmp_path):
+    (tmp_path / "linear.py").write_text("import torch.nn as nn\n\n\ndef make():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n")
+    r = run_cli("partition", "linear.py:make", "--input-shape", "1,1,8,8")
+    assert r.exit_code == 0, r.stderr
+    assert "warning: no cut could be made (--by layers): the whole model is one neighbourhood" in r.stderr
+    assert "1 neighbourhood to distil, 0 kept" in r.stdout
+
+
 def test_input_shape_is_guessed_with_a_warning(run_cli):
     r = run_cli("partition", "ndc.zoo:resnet20", "--format", "json")
     assert r.exit_code == 0
@@ -63,7 +71,12 @@ def test_user_errors_are_one_line(run_cli):
         (["partition", "ndc.zoo:resnet20", "--input-shape", "1,5,32,32"], "check --input-shape"),
         (["partition", "ndc.zoo:resnet20", "--input-shape", "1,3,32,32", "--by", "cuts", "--cut", "layer1.0.conv1"], "cannot cut at layer1.0.conv1"),
         (["partition", f"{ROOT / 'tests' / 'models_for_tests.py'}:root_branch", "--input-shape", "1,3,4,4"], "cannot trace RootBranch.forward"),
+        (["partition", "weights.safetensors"], "weights.safetensors is weights without an architecture; give a factory"),
+        (["partition", "hf"], "hf is a folder; give a factory that builds the model and the weights file: "
+                              "ndc partition my_model.py:make --weights hf/model.safetensors"),
     ]
+    pathlib.Path("hf").mkdir()
+    pathlib.Path("weights.safetensors").write_bytes(b"")
     for args, needle in cases:
         r = run_cli(*args)
         assert r.exit_code == 1, args

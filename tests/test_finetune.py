@@ -120,6 +120,8 @@ def test_bad_configurations():
             TrainConfig(**bad)
     with pytest.raises(NdcError, match="--lambda"):
         TrainConfig(lam=math.nan)
+    with pytest.raises(NdcError, match="^--patience must be 0 or more$"):
+        TrainConfig(patience=-1)
     with pytest.raises(NdcError, match="--time-budget"):
         TrainConfig(time_budget=math.nan)
 

@@ -502,3 +502,13 @@ def test_a_teacher_whose_code_changed_after_partition_is_refused_and_repartition
     assert run_cli("partition", f"{net}:make", "--input-shape", "1,1,8,8").exit_code == 0
     r = run_cli(*distill)  # the blocks compute something else now: their students are retrained
     assert r.exit_code == 0 and {c["status"] for c in json.loads(r.stdout)["candidates"]} == {"done"}
+
+
+def test_workspace_json_of_the_wrong_shape_is_one_line_or_redone(run_cli, ws):
+    (ws / "manifest.json").write_text("[]")  # only costs re-verification: every artefact is checked again
+    r = run_cli("distill", "--width", "0.5", *FAST, "--format", "json")
+    assert r.exit_code == 0 and {c["status"] for c in json.loads(r.stdout)["candidates"]} == {"skipped"}, r.stderr
+    for junk in ('"x"', "null", "[]"):
+        (ws / "plan.json").write_text(junk)
+        r = run_cli("stitch", "-o", "s.onnx", "--width", "0.5")
+        assert r.exit_code == 1 and one_line_error(r.stderr) and "rerun ndc partition" in r.stderr, r.stderr

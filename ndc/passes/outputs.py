@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import GetAttrKey, MappingKey, SequenceKey, tree_flatten_with_path
 
-from ndc.errors import NdcError
+from ndc.errors import NdcError, a_or_an
 
 DEFAULT_KEY = "logits"
 
@@ -56,7 +56,7 @@ def choose(value: Any, choice: str | None) -> tuple[tuple, str]:
     leaves, _ = tree_flatten_with_path(value)
     tensors = [(path, v) for path, v in leaves if isinstance(v, torch.Tensor)]
     if not tensors:
-        raise NdcError(f"the model returns a {type(value).__name__} with no tensor in it; ndc compiles models that return a tensor")
+        raise NdcError(f"the model returns {a_or_an(type(value).__name__)} with no tensor in it; ndc compiles models that return a tensor")
     if choice is None or choice == "":
         by_name = [(p, v) for p, v in tensors if len(p) == 1 and _key(p[0]) == DEFAULT_KEY]
         path = (by_name or tensors)[0][0]

@@ -42,7 +42,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.utils._pytree import tree_leaves
 
-from ndc.errors import NdcError
+from ndc.errors import NdcError, a_or_an
 from ndc.passes import outputs
 from ndc.passes.inputs import FLOAT, InputSpec
 
@@ -209,7 +209,7 @@ def _finish(made, input_shape, inputs: InputSpec, output: str | None) -> Traced:
         outputs.select(gm, path)
     if not isinstance(value, torch.Tensor):
         traced.output = label
-        traced.notes.append(f"the model returns a {type(value).__name__}; ndc compiles its output {label}"
+        traced.notes.append(f"the model returns {a_or_an(type(value).__name__)}; ndc compiles its output {label}"
                             + ("" if output else " (choose another with --output)"))
     propagate_shapes(traced)
     return traced
