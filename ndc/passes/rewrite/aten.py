@@ -5,7 +5,11 @@ calls modules, functions and methods. Most couple channels exactly as their
 Python forms do, so they are registered to the same rules
 (:mod:`ndc.passes.rewrite.rules`); the few whose arguments differ, or that
 only exist at this level (``slice``, ``select``, ``addmm``, ``unflatten``),
-get a rule here. Registered into :data:`~ndc.passes.rewrite.registry.RULES`
+get a rule here. So do the layers that are modules under fx and functions on
+``get_attr`` weights here (``conv2d``/``convolution``, ``batch_norm`` and
+``_native_batch_norm_legit_no_training``, ``group_norm``): they name their
+channels after the parameter's module (``layer1.0.conv1.out_channels``), as the
+fx rules do, so both frontends give the same students and reports. Registered into :data:`~ndc.passes.rewrite.registry.RULES`
 like every other rule: supporting another ATen operator is one more entry.
 """
 
