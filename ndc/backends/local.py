@@ -12,10 +12,17 @@ Workers die with the command that started them: on Linux the kernel kills a
 worker when its parent (the forkserver, which exits when the command does)
 dies, and every worker also watches the command's pid. Whatever slips
 through is fenced by the workspace lock and publishes nothing.
+
+A Ctrl-C (or any error) in the command stops the pool at once: units not
+started are cancelled and running workers are terminated, never waited for.
+That loses nothing finished: a candidate is published all or nothing, a
+killed worker publishes nothing, and the next run redoes only what is not
+finished.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing as mp
 import os
@@ -31,6 +38,7 @@ from ndc.distill.engine import Unit
 from ndc.workspace import pid_alive
 
 WATCH_SECONDS = 0.5
+STOP_SECONDS = 3.0  # how long a terminated worker may take to go before it is killed
 PR_SET_PDEATHSIG = 1
 
 
@@ -39,11 +47,29 @@ def _init_worker(progress_queue, command_pid: int) -> None:
 
     torch.set_num_threads(1)
     die_with(command_pid)
+    _thread_lock_for_tqdm()
     global _PROGRESS
     _PROGRESS = progress_queue
 
 
 _PROGRESS = None
+
+
+def _thread_lock_for_tqdm() -> None:
+    """Keep tqdm from making a named semaphore in a worker.
+
+    torch.fx makes a hidden tqdm bar while the teacher loads, and tqdm's first
+    bar makes a cross-process lock: a named semaphore that a worker stopped by
+    a Ctrl-C never removes, so the resource tracker warns of a "leaked
+    semaphore" after the command's last line. A worker shows no bars; tqdm's
+    thread lock is all it needs.
+    """
+    try:
+        from tqdm.std import TqdmDefaultWriteLock
+    except ImportError:
+        return
+    if not hasattr(TqdmDefaultWriteLock, "mp_lock"):
+        TqdmDefaultWriteLock.mp_lock = None
 
 
 def die_with(pid: int) -> None:
@@ -90,20 +116,67 @@ class LocalBackend(Backend):
             drain = threading.Thread(target=_drain, args=(updates, on_progress, stop), daemon=True)
             drain.start()
             try:
-                with ProcessPoolExecutor(max_workers=min(self.slots, len(units)), mp_context=ctx,
-                                         initializer=_init_worker, initargs=(updates, os.getpid())) as pool:
-                    pending = {pool.submit(_run_in_worker, unit) for unit in units}
+                pool = ProcessPoolExecutor(max_workers=min(self.slots, len(units)), mp_context=ctx,
+                                           initializer=_init_worker, initargs=(updates, os.getpid()))
+                try:
+                    with _interrupt_after():  # submit starts the workers: each is in pool._processes for _stop
+                        pending = {pool.submit(_run_in_worker, unit) for unit in units}
                     while pending:
                         finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                         for future in finished:
                             for metrics in future.result():
                                 on_done(metrics)
+                except BaseException:
+                    _stop(pool)
+                    raise
+                pool.shutdown(wait=True)
             finally:
                 stop.set()
                 drain.join(timeout=2)
         finally:
             updates.close()
             updates.join_thread()
+
+
+@contextlib.contextmanager
+def _interrupt_after():
+    """Hold a Ctrl-C back until the block ends (in the main thread; elsewhere signals cannot arrive).
+
+    A Ctrl-C while the pool starts a worker could land after the worker is
+    forked but before the pool records it, and so escape :func:`_stop`.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(signal.SIGINT, None)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel the units not started and end the running workers now, not when their units finish.
+
+    ``shutdown(wait=True)`` (what ``with`` does) would run every queued unit
+    first, so a Ctrl-C would wait for the whole run. Workers get SIGTERM, then
+    SIGKILL if they are still there after ``STOP_SECONDS``.
+    """
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            process.terminate()
+    deadline = time.monotonic() + STOP_SECONDS
+    for process in processes:
+        with contextlib.suppress(OSError, ValueError, AttributeError, AssertionError):
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join(1)
 
 
 def _context():
