@@ -246,3 +246,18 @@ def test_measure_latency_onnx_and_torch(tmp_path):
         latency = measure_latency(target, (1, 3, 4), batch_sizes=(1, 8), runs=3, warmup=1)
         assert set(latency) == {"1", "8"} and all(v > 0 for v in latency.values())
     assert torch.get_num_threads() == threads
+
+
+def test_an_exporter_failure_names_its_root_cause_and_the_pt2_way_out():
+    from ndc.passes.export import _export_failure
+
+    try:
+        try:
+            raise ValueError("Cannot view a tensor with shape [4*s77, 49, 2, 8] as (4*s77, 49, 16)")
+        except ValueError as inner:
+            raise RuntimeError("Failed to decompose the FX graph for ONNX compatibility. Next steps:") from inner
+    except RuntimeError as e:
+        message = _export_failure("the ONNX exporter", e)
+    assert message == ("the ONNX exporter failed: RuntimeError: Failed to decompose the FX graph for ONNX compatibility. "
+                       "Next steps: (caused by ValueError: Cannot view a tensor with shape [4*s77, 49, 2, 8] as "
+                       "(4*s77, 49, 16)); a .pt2 export (-o FILE.pt2) needs no ONNX conversion")

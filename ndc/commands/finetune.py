@@ -110,7 +110,9 @@ def command(data_spec, limit, normalize, loss, metric, epochs, lr, batch_size, t
         rows = [["teacher", metric.format(payload["teacher_score"])], ["stitched student", metric.format(payload["initial_score"])]]
         if payload["best_epoch"]:
             rows.append([f"fine-tuned (epoch {payload['best_epoch']})", metric.format(payload["score"])])
-        tail = "" if payload["best_epoch"] else "\nno epoch beat the stitched student: it is kept unchanged"
+        tail = "" if payload["best_epoch"] else (
+            "\nno epoch beat the stitched student: it is kept unchanged (a lower learning rate, "
+            f"--lr {payload['lr'] / 10:g}, or --no-augment may help: the first epochs can undo what distillation found)")
         tail += f"\nwrote {payload['output']}" if output else ""
         return (table(["model", metric.title], rows, "lr") + f"\n\n{payload['epochs']} epoch{'s' if payload['epochs'] != 1 else ''} of --loss {payload['loss']} in "
                 f"{payload['seconds']:.0f}s" + tail)

@@ -471,4 +471,10 @@ def _export_failure(what: str, e: BaseException) -> str:
         fixed = f" to {constant.group(1)}" if constant else ""
         return (f"{what} cannot give the model a dynamic batch dimension: its code fixes the batch size{fixed} "
                 "(e.g. x.view(N, -1) with a constant N); use x.shape[0] or x.flatten(1) instead")
-    return f"{what} failed: {type(e).__name__}: {first_line(e)}"
+    root, seen = e, {id(e)}
+    while (root.__cause__ or root.__context__) is not None and id(root.__cause__ or root.__context__) not in seen:
+        root = root.__cause__ or root.__context__
+        seen.add(id(root))
+    cause = f" (caused by {type(root).__name__}: {first_line(root)})" if root is not e else ""
+    hint = "; a .pt2 export (-o FILE.pt2) needs no ONNX conversion" if "ONNX" in what else ""
+    return f"{what} failed: {type(e).__name__}: {first_line(e)}{cause}{hint}"
