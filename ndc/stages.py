@@ -106,6 +106,10 @@ def partition(ws: Workspace, model: str, *, input_shape: tuple[int, ...] | None 
 
     if by not in STRATEGIES:
         raise NdcError(f"unknown partition strategy {by!r}; valid strategies: {', '.join(STRATEGIES)}")
+    for given, option, owner in ((cuts, "--cut", ("cuts",)), (depth != 1, "--depth", ("module",)),
+                                 (every is not None, "--every", ("layers", "auto"))):
+        if given and by not in owner:
+            warn(f"{option} is ignored with --by {by}: it goes with --by {' or --by '.join(owner)}")
     loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
     inputs = input_spec(loaded, input_dtype)
     shape = input_shape or loaded.input_shape

@@ -47,9 +47,11 @@ def test_a_model_no_cut_divides_is_one_neighbourhood_and_said_so(run_cli, tmp_pa
 
 
 def test_input_shape_is_guessed_with_a_warning(run_cli):
-    r = run_cli("partition", "ndc.zoo:resnet20", "--format", "json")
+    r = run_cli("partition", "ndc.zoo:resnet20", "--format", "json", "--depth", "2", "--cut", "layer2.0")
     assert r.exit_code == 0
     assert "no --input-shape given; using 1,3,32,32" in r.stderr
+    assert "--depth is ignored with --by auto: it goes with --by module" in r.stderr
+    assert "--cut is ignored with --by auto: it goes with --by cuts" in r.stderr
     assert json.loads(r.stdout)["input_shape"] == [1, 3, 32, 32]
 
 

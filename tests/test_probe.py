@@ -172,8 +172,11 @@ def test_probe_a_workspace_writes_csv_png_and_json(model, tmp_path):
 
 
 def test_probe_text_lists_a_threshold_per_neighbourhood(model, tmp_path):
-    r = invoke("probe", *DATA, "--eps", EPS, "--relative", "-w", model["ws"], "--out", tmp_path)
+    r = invoke("probe", *DATA, "--eps", EPS, "--relative", "-w", model["ws"], "--out", tmp_path, "--by", "layers",
+               "--input-shape", "1,3,8,8")
     assert r.exit_code == 0, r.output
+    assert ("warning: --input-shape, --by are ignored: they partition a MODEL in memory, and a workspace has its plan"
+            in r.stderr)
     assert "threshold ε" in r.stdout and "activation std" in r.stdout and "all" in r.stdout
     assert (tmp_path / "thresholds.png").is_file()
 

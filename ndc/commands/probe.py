@@ -101,6 +101,15 @@ def _teacher(model, workspace, input_shape, by, depth, every, cuts, leaves, weig
     from ndc.workspace import Workspace
 
     if model is None or Path(model).is_dir():
+        ctx = click.get_current_context()
+        flags = {"input_shape": "--input-shape", "by": "--by", "depth": "--depth", "every": "--every", "cuts": "--cut",
+                 "leaves": "--leaf", "weights": "--weights", "trust_pickle": "--trust-pickle"}
+        given = [flag for name, flag in flags.items() if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+        if given:
+            warn(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} ignored: they partition a MODEL in memory, "
+                 "and a workspace has its plan")
+        if model is not None and ctx.get_parameter_source("workspace") != click.core.ParameterSource.DEFAULT:
+            warn(f"-w is ignored: the workspace probed is {model}")
         ws = Workspace(model if model is not None else workspace)
         if not ws.exists("plan.json"):
             raise NdcError(f"no plan in workspace {ws.root}; run `ndc partition MODEL -w {ws.root}` first, "
