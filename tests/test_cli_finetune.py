@@ -128,7 +128,8 @@ def test_stages_after_distill_read_its_data_options_unless_given(run_cli, ws):
     r = run_cli("eval", "--data", "digits", "--limit", "100", "--format", "json")  # given: as given, and nothing said
     assert r.exit_code == 0 and "ndc distill used" not in r.stderr
     assert json.loads(r.stdout)["examples"] == 100
-    r = run_cli("eval", "--limit", "50", "--format", "json")  # a --limit given is kept; the rest is remembered
+    r = run_cli("eval", "--limit", "50", "--format", "json", "--trust-pickle")  # a --limit given is kept; the rest is remembered
+    assert "--trust-pickle lets ndc unpickle a .pt or .pt2 MODEL; there is none here; ignored" in r.stderr
     assert "data: --data digits --limit 50, from what ndc distill used" in r.stderr
     assert json.loads(r.stdout)["examples"] == 50
     (ws / "data.json").write_text("[1, 2]")

@@ -167,8 +167,9 @@ def test_stitch_refuses_a_selection_search_made_for_another_teacher(ws, distille
 
 
 def test_greedy_fallback_widest_keeps_the_widest_trained_candidate(ws):
-    r, out = search(ws, "--max-drop", "1", "--fallback", "widest", "--no-verify")
+    r, out = search(ws, "--max-drop", "1", "--fallback", "widest", "--no-verify", "--calibrate", "5")
     assert r.exit_code == 0, r.output
+    assert "--calibrate recalibrates the students search measures, and --no-verify measures none; ignored" in r.stderr
     assert out["selection"] == {"block1": "width=0.25", "block2": "width=0.5"}
     assert out["teacher"] == [] and out["measured_accuracy"] is None
     assert any("widest" in note for note in out["notes"])

@@ -84,10 +84,9 @@ def remembered_data(applies: Callable[[dict], bool] = lambda kwargs: True):
                 model = kwargs.get("model")
                 found = read(Workspace(model if model is not None and Path(model).is_dir() else kwargs["workspace"]))
                 if found is not None:
-                    ctx = click.get_current_context()
                     kwargs["data_spec"] = found.data
                     for name in ("limit", "normalize"):
-                        if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
+                        if not given(name):
                             kwargs[name] = getattr(found, name)
                     used = type(found)(found.data, kwargs["limit"], kwargs["normalize"])
                     click.echo(f"data: {used.flags}, {'as' if used == found else 'from what'} ndc distill used "
@@ -97,6 +96,11 @@ def remembered_data(applies: Callable[[dict], bool] = lambda kwargs: True):
         return wrapper
 
     return wrap
+
+
+def given(name: str) -> bool:
+    """The current command's option ``name`` was given (on the command line or by the environment), not defaulted."""
+    return click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT
 
 
 def on_workspace(kwargs: dict) -> bool:

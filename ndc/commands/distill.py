@@ -6,7 +6,7 @@ import math
 
 import click
 
-from ndc.commands.common import (common_options, compile_option, data_options, device_option, emit, human, normalize_option,
+from ndc.commands.common import (common_options, compile_option, data_options, device_option, emit, given, human, normalize_option,
                                  table, user_errors, warn)
 from ndc.errors import NdcError
 
@@ -147,6 +147,8 @@ def command(widths, sparsities, specs, slim_widths, assistant, gates, gate_penal
             return _dry_run(teacher, candidates, round_to, fmt)
     for message in cfg.ignored():
         warn(f"{message}; ignored")
+    if source in ("recompute", "noise") and given("cache_budget"):
+        warn(f"--cache-budget sizes the activation cache, which --source {source} does not use; ignored")
     progress = Progress(0, "distill", quiet=quiet, bar=fmt != "json")
     planned = {}
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ndc.commands.common import (common_options, data_options, device_option, emit, metric_option, normalize_option,
+from ndc.commands.common import (common_options, data_options, device_option, emit, given, metric_option, normalize_option,
                                  pick_metric, remembered_data, table, teacher_head, user_errors, warn)
 from ndc.errors import NdcError, fmt_shape
 
@@ -48,8 +48,9 @@ def command(model, data_spec, limit, batch_size, trust_pickle, device, metric, n
 
     if not data_spec:
         raise NdcError("ndc eval needs --data SPEC, e.g. --data fashion-mnist or --data digits")
-    ctx = click.get_current_context()
-    workspace_given = ctx.get_parameter_source("workspace") != click.core.ParameterSource.DEFAULT
+    if trust_pickle and (model is None or Path(model).suffix.lower() not in (".pt", ".pth", ".pt2")):
+        warn("--trust-pickle lets ndc unpickle a .pt or .pt2 MODEL; there is none here; ignored")
+    workspace_given = given("workspace")
 
     if model is None or Path(model).is_dir():
         ws = Workspace(model if model is not None else workspace)

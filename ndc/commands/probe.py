@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ndc.commands.common import (common_options, data_options, device_option, emit, finite_float, metric_option,
+from ndc.commands.common import (common_options, data_options, device_option, emit, finite_float, given, metric_option,
                                  model_options, normalize_option, on_workspace, remembered_data, table, user_errors,
                                  warn)
 from ndc.errors import NdcError
@@ -101,14 +101,13 @@ def _teacher(model, workspace, input_shape, by, depth, every, cuts, leaves, weig
     from ndc.workspace import Workspace
 
     if model is None or Path(model).is_dir():
-        ctx = click.get_current_context()
         flags = {"input_shape": "--input-shape", "by": "--by", "depth": "--depth", "every": "--every", "cuts": "--cut",
                  "leaves": "--leaf", "weights": "--weights", "trust_pickle": "--trust-pickle"}
-        given = [flag for name, flag in flags.items() if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
-        if given:
-            warn(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} ignored: they partition a MODEL in memory, "
+        ignored = [flag for name, flag in flags.items() if given(name)]
+        if ignored:
+            warn(f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored: they partition a MODEL in memory, "
                  "and a workspace has its plan")
-        if model is not None and ctx.get_parameter_source("workspace") != click.core.ParameterSource.DEFAULT:
+        if model is not None and given("workspace"):
             warn(f"-w is ignored: the workspace probed is {model}")
         ws = Workspace(model if model is not None else workspace)
         if not ws.exists("plan.json"):

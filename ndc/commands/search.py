@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ndc.commands.common import (common_options, data_options, device_option, emit, finite_float, human, metric_option,
+from ndc.commands.common import (common_options, data_options, device_option, emit, finite_float, given, human, metric_option,
                                  normalize_option, remembered_data, table, user_errors, warn)
 from ndc.errors import NdcError
 
@@ -69,10 +69,12 @@ def command(max_drop, budget_text, objective, data_spec, limit, eval_size, metri
 
     if max_drop is not None and budget_text is not None:
         raise NdcError("give one of --max-drop and --budget")
+    if not verify and not plot and given("calibrate"):
+        warn("--calibrate recalibrates the students search measures, and --no-verify measures none; ignored")
     out = stages.search(Workspace(workspace), data=data_spec, limit=limit, normalize=normalize, max_drop=max_drop,
                         budget=budget_text, objective=objective, eval_size=eval_size, metric=metric, fallback=fallback,
                         calibrate=calibrate, verify=verify, plot=plot, batch_size=batch_size, device=device, warn=warn,
-                        log=lambda m: None if fmt == "json" else click.echo(m, err=True))
+                        log=lambda m: click.echo(m, err=True))
     quality, result, measured, doc, files, payload = out.quality, out.result, out.measured, out.doc, out.files, out.payload
     metric, reused, budget = out.metric, out.reused, out.budget
 
