@@ -16,7 +16,9 @@ Generated from `ndc --help` and `ndc COMMAND --help` by `python -m ndc.clidoc > 
 
 Conventions: every command takes `-w/--workspace DIR` (default `./ndc-work`) and `--format text|json`;
 with `json` exactly one JSON document goes to stdout, progress and warnings to stderr. A user error is
-one line, `Error: ...`, with exit status 1; a bad option is a usage error with exit status 2.
+one line, `Error: ...`, with exit status 1. Exit status 2 is a command line that does not parse (an unknown
+option, a value of the wrong type or outside a declared range: click's usage error); a value that parses but
+is checked later (a spec, a shape, a device, a NaN rate) is a user error, exit status 1.
 """
 
 

@@ -43,6 +43,11 @@ class DemoConfig:
     seed: int = 0
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        from ndc.ir import Spec
+
+        Spec(width=self.width)  # a bad --width is one line before the teacher trains, not after
+
 
 def default_data() -> str:
     return "fashion-mnist" if FASHION.is_dir() else "digits"

@@ -26,3 +26,9 @@ def test_quick_demo_on_digits(run_cli, tmp_path):
     other = run_cli("demo", "--quick", "--data", "digits", "--workers", "1", "--limit", "300")  # another teacher
     assert other.exit_code == 0, other.stderr
     assert "training the teacher" in other.stderr
+
+
+def test_a_bad_width_is_refused_before_the_teacher_trains(run_cli, tmp_path):
+    r = run_cli("demo", "--width", "7", "--data", "digits", "--quick")
+    assert r.exit_code == 1 and r.stderr == "Error: bad spec: width must be in (0, 1], got 7.0\n"
+    assert not (tmp_path / "ndc-work").exists()

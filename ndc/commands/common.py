@@ -6,8 +6,11 @@ Conventions (see docs/cli.md):
   ``--format text|json``;
 * with ``--format json`` exactly one JSON document goes to stdout, everything
   else (progress, warnings) to stderr;
-* a user error is one line, ``Error: ...``, and exit status 1; a bad option is
-  click's usage error, exit status 2.
+* a user error is one line, ``Error: ...``, and exit status 1; exit status 2
+  is a command line that does not parse (an unknown option, a value of the
+  wrong type or outside a declared range: click's usage error, with the usage
+  line). A value that parses but is checked later (a spec, a shape, a device,
+  a NaN rate) is a user error, exit 1.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ def command(spec, input_shape, limit, normalize, workspace, fmt):
     """Resolve SPEC and print its sizes, labels, fitted example shape and statistics.
 
     SPEC is fashion-mnist[:DIR], mnist:DIR, digits, file.npz, imagefolder:DIR,
+    text:FILE[,TOKENIZER] (token ids of a text, with a local tokenizer.json),
     or module:function / file.py:function returning (train, test). With
     normalisation by training statistics (the default) they are computed once
     and stored in WORKSPACE/data/, where every later stage finds them. Image

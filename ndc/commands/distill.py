@@ -61,7 +61,7 @@ def parse_size(text: str) -> int:
 @click.option("--alpha", default=None, metavar="A[,A...]", help="Weights of the look-ahead terms (one, or one per step) [default: 1].")
 @click.option("--epochs", type=int, default=10, show_default=True, help="Passes over the training inputs per job.")
 @click.option("--steps", type=int, default=None, help="Optimiser steps per job (overrides --epochs).")
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True, help="Inputs per training step of each job.")
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="Adam learning rate (cosine decay to 0).")
 @click.option("--init", type=click.Choice(["teacher", "random"]), default="teacher", show_default=True,
               help="Start students from the teacher's most important channels, or from scratch.")
@@ -73,7 +73,8 @@ def parse_size(text: str) -> int:
 @click.option("--patience", type=int, default=3, show_default=True, help="Held-out evaluations without improvement before a job stops.")
 @click.option("--bn-stats", type=click.Choice(["auto", "batch", "frozen"]), default="auto", show_default=True,
               help="Students' batch norms learn batch statistics, or keep the teacher's (auto: frozen with noise inputs).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds each job (with its key): initialisation, batch order, noise.")
 @click.option("--only", multiple=True, metavar="NAME", help="Distil only this neighbourhood (repeatable).")
 @click.option("--engine", type=click.Choice(["auto", "jobs", "fused"]), default="auto", show_default=True,
               help="jobs: one job per candidate; fused: every candidate of a device in one loop, one backward per step "
@@ -83,11 +84,12 @@ def parse_size(text: str) -> int:
 @compile_option
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Units at a time: processes, one torch thread each (fused: one process per GPU by default).")
-@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where jobs run: processes on this machine, or Ray tasks (a local or --address cluster).")
 @click.option("--address", default=None, help="--backend ray: join this cluster instead of starting a local one.")
 @device_option
 @click.option("--devices", default=None, metavar="N[,N...]", help="--device cuda: these GPUs only [default: every visible GPU].")
-@click.option("--cache-budget", default="16G", show_default=True, help="Largest activation cache the default source may write.")
+@click.option("--cache-budget", default="16G", show_default=True, metavar="SIZE", help="Largest activation cache the default source may write.")
 @click.option("--checkpoint-every", type=click.FloatRange(min=1), default=60, show_default=True, metavar="SECONDS",
               help="Checkpoint unfinished candidates this often; a killed run resumes from there.")
 @click.option("--force", is_flag=True, help="Redo every job, even those already done.")
