@@ -251,6 +251,10 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
         }
         if report.get("warning") and warn:
             warn(report["warning"])  # a .pt is a pickle
+        if fold_bn and report and not report.get("folded_bn") and warn:
+            warn("--fold-bn folded nothing: no batch norm module directly follows a convolution module "
+                 + ("(a graph from torch.export holds batch norms as ATen operators, which are not folded)"
+                    if plan.tracer.get("frontend") == "torch.export" else "here"))
         metric = None
         if source is not None:
             metric = pick_metric("auto", source, teacher_head(teacher), warn=warn)

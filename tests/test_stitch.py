@@ -146,3 +146,14 @@ def test_calibrate_without_data_is_said_to_do_nothing(run_cli, ws):
     assert r.exit_code == 0 and "--calibrate recalibrates batch norms on --data; without --data it is ignored" in r.stderr
     r = run_cli("stitch", "-o", "s.onnx", "--width", "0.5")  # the default alone says nothing
     assert r.exit_code == 0 and "--calibrate" not in r.stderr
+
+
+def test_fold_bn_folds_batch_norms_into_the_exported_file_and_says_how_many(run_cli, ws, tmp_path):
+    r = run_cli("stitch", "-o", "s.pt2", "--width", "0.5", "--fold-bn", "--calibrate", "0", "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    program = torch.export.load(str(tmp_path / "s.pt2"))
+    left = [n for n in program.graph.nodes if "batch_norm" in str(n.target)]
+    assert doc["folded_bn"] > 0 and not left
+    r = run_cli("stitch", "-o", "s.pt2", "--width", "0.5", "--fold-bn", "--calibrate", "0")
+    assert f"folded {doc['folded_bn']} batch norms into their convolutions in the exported file" in r.stdout

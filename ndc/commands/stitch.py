@@ -55,6 +55,8 @@ def command(output, width, spec_text, selection_file, data_spec, limit, normaliz
                      + (f", latency {lat.get('1', 0):.2f} ms at batch 1, {lat.get('32', 0):.2f} ms at batch 32" if lat else "") + ")")
         if summary["calibrated_norms"]:
             lines.append(f"recalibrated {summary['calibrated_norms']} batch norms on {calibrate} batches of {data_spec}")
+        if summary.get("folded_bn"):
+            lines.append(f"folded {summary['folded_bn']} batch norms into their convolutions in the exported file")
         return "\n".join(lines)
 
     emit(fmt, summary, text)
