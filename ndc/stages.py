@@ -219,7 +219,7 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
     from ndc.passes.export import check_output_path, export_model
     from ndc.plan import load_teacher
     from ndc.scoring import pick_metric, teacher_doubt
-    from ndc.stitch import build_student, recalibrate_batchnorm, resolve_selection, save_student
+    from ndc.stitch import SELECTION, build_student, recalibrate_batchnorm, resolve_selection, save_student
 
     device = one_device(device)
     if output is not None:
@@ -231,6 +231,7 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
         teacher = load_teacher(ws)
         plan = teacher.plan
         selection = resolve_selection(ws, plan, width, spec, selection_file, teacher)
+        searched = width is None and spec is None and selection_file is None and ws.exists(SELECTION)
         model, made_from = build_student(ws, teacher, selection)
         source, calibrated = None, 0
         if data:
@@ -247,6 +248,7 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
             "flops": count_flops(model, plan.input_shape, plan.inputs), "teacher_flops": plan.teacher["flops"],
             "bytes": report.get("bytes"), "max_abs_diff": report.get("max_abs_diff"), "latency_ms": report.get("latency_ms"),
             "selection": {k: str(v) for k, v in selection.items()}, "calibrated_norms": calibrated,
+            "selection_file": selection_file or (str(ws.path(SELECTION)) if searched else None),
             **{k: report[k] for k in ("checked_batch_sizes", "folded_bn", "trusted_only") if k in report},
         }
         if report.get("warning") and warn:

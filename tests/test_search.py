@@ -182,7 +182,7 @@ def test_search_output_stitches_and_exports(ws, tmp_path, monkeypatch):
     r = invoke("stitch", "-o", tmp_path / "student.pt2", "-w", ws, "--format", "json")
     assert r.exit_code == 0, r.output
     stitched = json.loads(r.stdout)
-    assert stitched["selection"] == out["selection"]
+    assert stitched["selection"] == out["selection"] and stitched["selection_file"] == str(ws / "selection.json")
     assert stitched["params"] == out["params"]
     assert (tmp_path / "student.pt2").is_file()
     r = invoke("stitch", "-o", tmp_path / "again.pt2", "--selection", ws / "selection.json", "-w", ws, "--format", "json")

@@ -51,6 +51,8 @@ def command(output, width, spec_text, selection_file, data_spec, limit, normaliz
             rows.append([metric.title, metric.format(summary["teacher_score"]), metric.format(summary["score"])])
         lat = summary.get("latency_ms") or {}
         lines = [table(["", "teacher", "student"], rows, "lrr"), ""]
+        if summary["selection_file"]:
+            lines.append(f"students chosen by {summary['selection_file']}")
         lines.append(f"wrote {summary['output']} ({human(summary['bytes'] or 0)}B, max |diff| vs PyTorch {summary['max_abs_diff']:.2g}"
                      + (f", latency {lat.get('1', 0):.2f} ms at batch 1, {lat.get('32', 0):.2f} ms at batch 32" if lat else "") + ")")
         if summary["calibrated_norms"]:
