@@ -190,6 +190,16 @@ def distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, *, source: str
         rows = run_distill(ws, specs, cfg, runner, teacher=teacher, only=only, force=force, log=log, warn=warn, on_start=on_start,
                            on_progress=on_progress, on_done=on_done, fence=fence, checkpoint_seconds=checkpoint_seconds,
                            memory_budget=memory_budget)
+        same = {}
+        for row in rows:
+            spec = Spec.parse(row["spec"])
+            if (row["status"] == "done" and spec.width < 1 and spec.sparsity == 0 and spec.nm is None and spec.slim is None
+                    and spec.gates is None and row.get("student_params") == row.get("teacher_params")):
+                same.setdefault(str(spec), []).append(row["neighbourhood"])
+        for spec, names in same.items():
+            if warn is not None:
+                warn(f"{spec} shrank nothing in {', '.join(names)}: the student is the teacher's size "
+                     "(ndc distill --dry-run says what kept each dimension)")
         return DistillResult(rows, chosen, why, engine, backend, workers, placed, time.perf_counter() - started)
 
 

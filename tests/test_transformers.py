@@ -207,3 +207,16 @@ def test_cut_at_a_module_of_an_exported_graph(tmp_path):
     out = _cli("partition", MODELS["gpt2"][0], "--input-shape", "1,8", "--by", "cuts", "--cut", "transformer.drop",
                "--cut", "transformer.h.0", "-w", tmp_path)
     assert [nb["name"] for nb in out["neighbourhoods"]][:2] == ["stem", "transformer.h.0"]
+
+
+def test_a_width_that_shrinks_nothing_is_said(tmp_path):
+    ws = tmp_path / "ws"
+    _cli("partition", MODELS["mha"][0], "--input-shape", MODELS["mha"][1], "-w", ws)
+    preview = _cli("distill", "--width", "0.5", "--dry-run", "--only", "layers.0.attn", "-w", ws)["candidates"][0]
+    assert preview["student_params"] == preview["teacher_params"]
+    assert "also layers.0.attn (nn.MultiheadAttention) keeps its width" in preview["kept_dims"][0]["why"]
+    r = CliRunner().invoke(main, ["distill", "--width", "0.5", "--only", "layers.0.attn", "--data-free", "--steps", "2",
+                                  "--batch-size", "8", "--val-size", "16", "--quiet", "-w", str(ws)])
+    assert r.exit_code == 0, r.stderr
+    assert ("warning: width=0.5 shrank nothing in layers.0.attn: the student is the teacher's size "
+            "(ndc distill --dry-run says what kept each dimension)") in r.stderr

@@ -392,6 +392,9 @@ def report(an: Analysis, kept: dict[int, torch.Tensor], spec: Spec) -> list[dict
         k = len(kept[g]) if g in kept else n
         if g in dims.pins:
             why = dims.pins[g][0]
+            other = [r for r in dict.fromkeys(dims.pins[g][1:]) if "(boundary)" not in r and r != why]
+            if other:  # a layer that keeps its width of itself (nn.MultiheadAttention) is worth naming too
+                why += f"; also {other[0]}"
         elif not dims.producers.get(g):
             why = "no layer of the neighbourhood produces these channels"
         elif k < n:
