@@ -321,7 +321,10 @@ def _enclosing(n: fx.Node) -> set[str]:
         if n.op == "get_attr":
             parts = parts[:-1]
         return {".".join(parts[:k]) for k in range(1, len(parts) + 1)}
-    return {str(key) for key in (n.meta.get("nn_module_stack") or {})}
+    # The stack holds the modules that were called; a container that never is (an nn.ModuleList looped over)
+    # still encloses what its children compute, as it does their call_module nodes above.
+    paths = (str(key).split(".") for key in (n.meta.get("nn_module_stack") or {}))
+    return {".".join(parts[:k]) for parts in paths for k in range(1, len(parts) + 1)}
 
 
 def _absorb(facts: GraphFacts, pos: int, module: str = "") -> int:
@@ -407,7 +410,11 @@ def _name(facts: GraphFacts, segs: list[Segment]) -> None:
     for k, seg in enumerate(segs):
         # A node it absorbed (the ReLU after the add, a final norm) does not widen the name.
         absorbed = set(seg.absorbed)
-        base = _common_prefix([s for n in seg.nodes if n in facts.live.act and n not in absorbed and (s := facts.scope(n))])
+        live = [n for n in seg.nodes if n in facts.live.act and n not in absorbed]
+        # Named after its weight layers where it has some: glue it also holds (a final norm, a token select) does not
+        # widen the name to the root.
+        weights = [n for n in live if facts.is_weight_layer(n)]
+        base = _common_prefix([s for n in weights or live if (s := facts.scope(n))])
         if len(segs) == 1:
             base = "model"
         elif seg.kept and k == 0:
