@@ -252,8 +252,10 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
                                                         "teacher": teacher.identity})
         report = {} if output is None else export_model(model, output, plan.input_shape, fold_bn=fold_bn,
                                                          report_dir=ws.path("student/export-failure"), inputs=plan.inputs)
+        theirs = _teacher_export(ws, teacher, report["format"], fold_bn) if report else {}
         summary = {
             "output": report.get("output"), "format": report.get("format"),
+            "teacher_bytes": theirs.get("bytes"), "teacher_latency_ms": theirs.get("latency_ms"),
             "params": count_params(model), "teacher_params": plan.teacher["params"],
             "flops": count_flops(model, plan.input_shape, plan.inputs), "teacher_flops": plan.teacher["flops"],
             "bytes": report.get("bytes"), "max_abs_diff": report.get("max_abs_diff"), "latency_ms": report.get("latency_ms"),
@@ -412,6 +414,31 @@ def finetune(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str
             _export(ws, model, output, plan, "finetune", payload, warn)
         ws.write_json("finetune/report.json", payload)
         return TrainResult(payload, model, cfg.metric)
+
+
+def _teacher_export(ws: Workspace, teacher, fmt: str, fold_bn: bool) -> dict:
+    """The teacher's file size and latency in the student's format (and folding), as stitch reports beside the
+    student's: exported once per teacher, format and folding, and kept in ``student/teacher-export.json``."""
+    from ndc.passes.export import export_model
+    from ndc.workspace import read_json, sha256_json
+
+    record = ws.path("student/teacher-export.json")
+    key = sha256_json({"teacher": teacher.identity, "format": fmt, "fold_bn": fold_bn})
+    try:
+        known = read_json(record) if record.is_file() else {}
+    except NdcError:
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), dict):
+        return known[key]
+    target = ws.path(f"student/teacher.{fmt}")
+    try:
+        report = export_model(teacher.gm, target, teacher.plan.input_shape, fold_bn=fold_bn, check=False,
+                              inputs=teacher.plan.inputs)
+    finally:
+        target.unlink(missing_ok=True)
+    entry = {"bytes": report["bytes"], "latency_ms": report["latency_ms"]}
+    ws.write_json("student/teacher-export.json", {**(known if isinstance(known, dict) else {}), key: entry})
+    return entry
 
 
 def _say_if_better_replaced(ws: Workspace, metric, score: float, student_sha: str, warn: Log | None) -> None:

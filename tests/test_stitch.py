@@ -94,6 +94,9 @@ def test_stitch_with_data_recalibrates_and_reports_accuracy(run_cli, ws, tmp_pat
     assert (tmp_path / "s.onnx").is_file() and (ws / "student" / "report.json").is_file()
     onnx.checker.check_model(str(tmp_path / "s.onnx"))
     assert doc["checked_batch_sizes"] and doc["folded_bn"] == 0 and doc["trusted_only"] is False  # the export report
+    # the teacher in the same format, beside the student: exported once, measured, and its file removed
+    assert doc["teacher_bytes"] > doc["bytes"] and set(doc["teacher_latency_ms"]) == set(doc["latency_ms"])
+    assert (ws / "student" / "teacher-export.json").is_file() and not list((ws / "student").glob("teacher.onnx*"))
     r = run_cli("stitch", "-o", "s.pt", "--width", "0.5", "--format", "json")
     assert r.exit_code == 0 and json.loads(r.stdout)["trusted_only"] is True
     assert "s.pt is a pickle: loading it (torch.load(weights_only=False)) can run arbitrary code" in r.stderr

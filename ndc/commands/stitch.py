@@ -50,11 +50,19 @@ def command(output, width, spec_text, selection_file, data_spec, limit, normaliz
         if "score" in summary:
             rows.append([metric.title, metric.format(summary["teacher_score"]), metric.format(summary["score"])])
         lat = summary.get("latency_ms") or {}
+        theirs = summary.get("teacher_latency_ms") or {}
+        if summary.get("teacher_bytes"):
+            rows.append([f"{summary['format']} file", f"{human(summary['teacher_bytes'])}B", f"{human(summary['bytes'] or 0)}B"])
+        for batch in ("1", "32"):
+            if batch in lat and batch in theirs:
+                rows.append([f"latency, batch {batch}", f"{theirs[batch]:.2f} ms", f"{lat[batch]:.2f} ms"])
         lines = [table(["", "teacher", "student"], rows, "lrr"), ""]
         if summary["selection_file"]:
             lines.append(f"students chosen by {summary['selection_file']}")
-        lines.append(f"wrote {summary['output']} ({human(summary['bytes'] or 0)}B, max |diff| vs PyTorch {summary['max_abs_diff']:.2g}"
-                     + (f", latency {lat.get('1', 0):.2f} ms at batch 1, {lat.get('32', 0):.2f} ms at batch 32" if lat else "") + ")")
+        lines.append(f"wrote {summary['output']} (max |diff| vs PyTorch {summary['max_abs_diff']:.2g}"
+                     f"{'' if theirs else ', ' + human(summary['bytes'] or 0) + 'B'}; latency: "
+                     f"{'onnxruntime' if summary['format'] == 'onnx' else 'torch'}, one thread, median of 20)" if lat else
+                     f"wrote {summary['output']} ({human(summary['bytes'] or 0)}B, max |diff| vs PyTorch {summary['max_abs_diff']:.2g})")
         if summary["calibrated_norms"]:
             lines.append(f"recalibrated {summary['calibrated_norms']} batch norms on {calibrate} batches of {data_spec}")
         if summary.get("folded_bn"):
