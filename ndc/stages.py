@@ -270,6 +270,7 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
                  + ("(a graph from torch.export holds batch norms as ATen operators, which are not folded)"
                     if plan.tracer.get("frontend") == "torch.export" else "here"))
         metric = None
+        summary.update(dict.fromkeys(("accuracy", "teacher_accuracy", "agreement", "metric", "score", "teacher_score")))
         if source is not None:
             metric = pick_metric("auto", source, teacher_head(teacher), warn=warn)
             scores = evaluate(model, source, teacher=teacher.gm, metric=metric, device=device)
@@ -410,6 +411,7 @@ def finetune(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str
                      {"teacher": teacher.identity, "from_student": stitched["weights_sha256"],
                       "finetuned": {k: payload[k] for k in ("metric", "score", "initial_score", "epochs", "best_epoch", "lr")}},
                      folder="finetune")
+        payload.update(output=None, export=None)
         if output:
             _export(ws, model, output, plan, "finetune", payload, warn)
         ws.write_json("finetune/report.json", payload)
@@ -493,6 +495,7 @@ def kd(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str = "au
                    "history": result["history"], "folder": folder, "lr": cfg.lr}
         save_student(ws, model, selection, {}, {"baseline": cfg.loss, "data_free": data_free, "teacher": teacher.identity},
                      folder=folder)
+        payload.update(output=None, export=None)
         if output:
             _export(ws, model, output, plan, folder, payload, warn)
         ws.write_json(f"{folder}/report.json", payload)

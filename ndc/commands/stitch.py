@@ -47,7 +47,7 @@ def command(output, width, spec_text, selection_file, data_spec, limit, normaliz
     def text() -> str:
         rows = [["parameters", human(summary["teacher_params"]), human(summary["params"])],
                 ["FLOPs", human(summary["teacher_flops"]), human(summary["flops"])]]
-        if "score" in summary:
+        if summary["score"] is not None:
             rows.append([metric.title, metric.format(summary["teacher_score"]), metric.format(summary["score"])])
         lat = summary.get("latency_ms") or {}
         theirs = summary.get("teacher_latency_ms") or {}
