@@ -261,3 +261,15 @@ def test_an_exporter_failure_names_its_root_cause_and_the_pt2_way_out():
     assert message == ("the ONNX exporter failed: RuntimeError: Failed to decompose the FX graph for ONNX compatibility. "
                        "Next steps: (caused by ValueError: Cannot view a tensor with shape [4*s77, 49, 2, 8] as "
                        "(4*s77, 49, 16)); a .pt2 export (-o FILE.pt2) needs no ONNX conversion")
+
+
+def test_onnx_files_carry_no_per_node_debugging_metadata(tmp_path):
+    import onnx
+
+    from ndc.passes.export import export_model
+    from ndc.zoo import demo_teacher
+
+    export_model(demo_teacher().eval(), tmp_path / "m.onnx", (1, 1, 28, 28), latency_runs=0)
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    assert model.graph.node and not any(node.metadata_props for node in model.graph.node)
+    assert not any(value.metadata_props for value in [*model.graph.value_info, *model.graph.input, *model.graph.output])

@@ -358,6 +358,7 @@ def _write_onnx(model: nn.Module, tmp: Path, shape: tuple[int, ...], seed: int, 
         except Exception as e:
             raise NdcError(_export_failure("the ONNX exporter", e)) from None
         _name_batch_dimension(onnx_program.model.graph)
+        _drop_trace_metadata(onnx_program.model.graph)
         try:
             onnx_program.save(tmp, external_data=False)
         except ValueError as e:  # protobuf's 2 GiB limit on one file
@@ -368,6 +369,20 @@ def _write_onnx(model: nn.Module, tmp: Path, shape: tuple[int, ...], seed: int, 
         onnx.checker.check_model(str(tmp), full_check=True)
     except Exception as e:
         raise NdcError(f"the exported ONNX model fails onnx.checker: {first_line(e)}") from None
+
+
+def _drop_trace_metadata(graph: Any) -> None:
+    """Remove the exporter's per-node debugging metadata (stack traces, module scopes): for a small student it is
+    most of the file (a 2-layer GPT-2: 383 KB with it, 148 KB without), and nothing reads it at inference."""
+    import onnx_ir as ir
+
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        node.metadata_props.clear()
+        node.doc_string = None
+        for value in node.outputs:
+            value.metadata_props.clear()
+    for value in [*graph.inputs, *graph.outputs, *graph.initializers.values()]:
+        value.metadata_props.clear()
 
 
 def _name_batch_dimension(graph: Any) -> None:
