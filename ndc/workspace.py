@@ -14,6 +14,7 @@ Rules every stage follows:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -279,8 +280,18 @@ class _Holding:
 _HELD: dict[Path, _Holding] = {}  # per process: flock conflicts between two descriptors of one process too
 
 
-def _lock_fd(root: Path) -> int:
-    return os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+def _lock_fd(root: Path, mode: str = "write") -> int | None:
+    """The lock file, opened; for a reader of a workspace it cannot write (a read-only mount, another user's
+    folder) the file read-only, or None when there is none: then no one can be writing either."""
+    try:
+        return os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        if mode != "read" or e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+    try:
+        return os.open(root / LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
 
 
 def lock_holder(root: Path) -> dict:
@@ -329,7 +340,10 @@ def _hold(root: Path, mode: str, command: str) -> Iterator[_Holding]:
         finally:
             held.count -= 1
         return
-    fd = _lock_fd(root)
+    fd = _lock_fd(root, mode)
+    if fd is None:  # a reader of a workspace nobody can write to
+        yield _Holding(-1, mode, 1, None)
+        return
     try:
         fcntl.flock(fd, (fcntl.LOCK_EX if mode == "write" else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -106,6 +106,8 @@ def test_stitch_and_search_never_use_students_of_another_teacher_or_partition(ru
     r = run_cli("stitch", "-o", "s.onnx", "--width", "0.5", *DATA)
     assert r.exit_code == 1 and one_line_error(r.stderr)
     assert "was distilled from another teacher or partition than the workspace's now; rerun ndc distill" in r.stderr
+    r = run_cli("eval", *DATA)  # the stitched student is the old teacher's: the teacher alone, and why
+    assert r.exit_code == 0 and "stitched student in the workspace was made from another teacher or partition" in r.stderr
     r = run_cli("search", *DATA, "--max-drop", "5", "--eval-size", "64")
     assert r.exit_code == 1 and "leaving out 6 candidate(s) distilled from another teacher" in r.stderr
     assert "no trained candidates" in r.stderr
@@ -512,3 +514,27 @@ def test_workspace_json_of_the_wrong_shape_is_one_line_or_redone(run_cli, ws):
         (ws / "plan.json").write_text(junk)
         r = run_cli("stitch", "-o", "s.onnx", "--width", "0.5")
         assert r.exit_code == 1 and one_line_error(r.stderr) and "rerun ndc partition" in r.stderr, r.stderr
+
+
+def test_a_workspace_that_cannot_be_written_can_still_be_read(ws, monkeypatch):
+    import errno
+
+    import ndc.workspace as workspace
+    from ndc.workspace import Workspace
+
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if flags & (os.O_RDWR | os.O_WRONLY | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(workspace.os, "open", read_only)
+    with Workspace(ws).reading():  # the lock file exists: held shared through a read-only descriptor
+        pass
+    (ws / ".ndc-lock").unlink()
+    with Workspace(ws).reading():  # none at all: nobody can be writing either
+        pass
+    with pytest.raises(OSError):
+        with Workspace(ws).writing("ndc test"):
+            pass

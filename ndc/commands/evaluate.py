@@ -87,7 +87,10 @@ def _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device, met
     if folder is None:
         reference = teacher.gm if metric.needs_teacher else None  # the teacher against itself, trivially
         result = evaluate(teacher.gm, data, metric=metric, teacher=reference, batch_size=batch_size, device=device)
-        note = "no stitched student in the workspace yet (run ndc stitch); evaluated the teacher only"
+        stale = ws.exists("student/student.json")
+        note = ("the stitched student in the workspace was made from another teacher or partition, or is unreadable "
+                "(rerun ndc stitch); evaluated the teacher only" if stale else
+                "no stitched student in the workspace yet (run ndc stitch); evaluated the teacher only")
         return _payload("teacher", "teacher", metric, {**result, "agreement": None}, data, ws, note)
     student = load_student(ws, folder, teacher=teacher)
     result = evaluate(student, data, metric=metric, teacher=teacher.gm, batch_size=batch_size, device=device)
