@@ -225,7 +225,7 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
     from ndc.devicedata import on_device
     from ndc.evaluate import evaluate
     from ndc.heads import teacher_head
-    from ndc.metrics import count_flops, count_params
+    from ndc.metrics import count_flops, count_nonzero_params, count_params
     from ndc.passes.export import check_output_path, export_model
     from ndc.plan import load_teacher
     from ndc.scoring import pick_metric, teacher_doubt
@@ -256,7 +256,7 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
         summary = {
             "output": report.get("output"), "format": report.get("format"),
             "teacher_bytes": theirs.get("bytes"), "teacher_latency_ms": theirs.get("latency_ms"),
-            "params": count_params(model), "teacher_params": plan.teacher["params"],
+            "params": count_params(model), "nonzero_params": count_nonzero_params(model), "teacher_params": plan.teacher["params"],
             "flops": count_flops(model, plan.input_shape, plan.inputs), "teacher_flops": plan.teacher["flops"],
             "bytes": report.get("bytes"), "max_abs_diff": report.get("max_abs_diff"), "latency_ms": report.get("latency_ms"),
             "selection": {k: str(v) for k, v in selection.items()}, "calibrated_norms": calibrated,

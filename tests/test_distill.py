@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+from ndc.commands.common import human
 from ndc.workspace import Workspace, sha256_file
 from tests.conftest import distill_json as distill
 
@@ -180,6 +181,11 @@ def test_sparsity_reaches_the_target(run_cli, ws):
         convs = [v for k, v in weights.items() if k.endswith("weight") and v.dim() == 4]
         zero = sum(int((w == 0).sum()) for w in convs) / sum(w.numel() for w in convs)
         assert zero == pytest.approx(0.5, abs=0.02)
+    r = run_cli("stitch", "-o", "s.pt2", "--spec", "sparsity=0.5", "--calibrate", "0", "--format", "json")
+    stitched = json.loads(r.stdout)
+    assert stitched["params"] == stitched["teacher_params"] and stitched["nonzero_params"] < 0.75 * stitched["params"]
+    r = run_cli("stitch", "-o", "s.pt2", "--spec", "sparsity=0.5", "--calibrate", "0")
+    assert f"({human(stitched['nonzero_params'])} non-zero)" in r.stdout
 
 
 def test_non_finite_loss_fails_the_job_with_a_clear_message(run_cli, ws):

@@ -45,7 +45,9 @@ def command(output, width, spec_text, selection_file, data_spec, limit, normaliz
     summary, metric = result.summary, result.metric
 
     def text() -> str:
-        rows = [["parameters", human(summary["teacher_params"]), human(summary["params"])],
+        sparse = summary["nonzero_params"] < 0.99 * summary["params"]  # pruned students: what a sparse runtime stores
+        rows = [["parameters", human(summary["teacher_params"]),
+                 human(summary["params"]) + (f" ({human(summary['nonzero_params'])} non-zero)" if sparse else "")],
                 ["FLOPs", human(summary["teacher_flops"]), human(summary["flops"])]]
         if summary["score"] is not None:
             rows.append([metric.title, metric.format(summary["teacher_score"]), metric.format(summary["score"])])
