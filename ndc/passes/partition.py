@@ -406,15 +406,17 @@ def _explicit_cuts(facts: GraphFacts, cuts: tuple[str, ...]) -> list[int]:
 
 def _name(facts: GraphFacts, segs: list[Segment]) -> None:
     """Deterministic, unique names from the modules each neighbourhood holds."""
-    bases = []
+    bases, fallback = [], set()
     for k, seg in enumerate(segs):
         # A node it absorbed (the ReLU after the add, a final norm) does not widen the name.
         absorbed = set(seg.absorbed)
         live = [n for n in seg.nodes if n in facts.live.act and n not in absorbed]
-        # Named after its weight layers where it has some: glue it also holds (a final norm, a token select) does not
-        # widen the name to the root.
-        weights = [n for n in live if facts.is_weight_layer(n)]
-        base = _common_prefix([s for n in weights or live if (s := facts.scope(n))])
+        base = _common_prefix([s for n in live if (s := facts.scope(n))])
+        if not base and not seg.kept:
+            # Glue it also holds (a final norm, a token select) widened the name to the root: its weight layers name it.
+            base = _common_prefix([s for n in live if facts.is_weight_layer(n) and (s := facts.scope(n))])
+            if base:
+                fallback.add(base)
         if len(segs) == 1:
             base = "model"
         elif seg.kept and k == 0:
@@ -425,9 +427,12 @@ def _name(facts: GraphFacts, segs: list[Segment]) -> None:
             base = _largest(facts, seg, "") or f"part{k}"
         bases.append(base)
     counts = Counter(bases)
+    # Beside a name found from weight layers ("blocks.3.mlp"), its parent ("blocks.3", the attention before it) is
+    # as ambiguous as a repeated name.
+    parents = {b for b in bases if any(other.startswith(b + ".") for other in fallback)}
     names = []
     for seg, base in zip(segs, bases):
-        if counts[base] > 1:
+        if counts[base] > 1 or base in parents:
             child = _largest(facts, seg, base)
             base = f"{base}.{child}" if child and base not in ("stem", "head") else base
         names.append(base)

@@ -283,10 +283,14 @@ def batch_norm(an: Analysis, node: fx.Node) -> None:
 @RULES.function(*_overloads(aten.group_norm))
 def group_norm(an: Analysis, node: fx.Node) -> None:
     """``aten.group_norm(x, num_groups, weight, bias, eps)``: as :func:`~ndc.passes.rewrite.rules.group_norm`."""
-    x, groups = node.args[0], r._arg(node, 1, "num_groups")
-    axes = an.axes(x)
-    lin = axes[1]
-    c = an.shape(x)[1]
+    x = node.args[0]
+    _grouped_channels(an, node, an.axes(x)[1], an.shape(x)[1], r._arg(node, 1, "num_groups"), ((2, "weight"), (3, "bias")))
+    an.same(node, x)
+
+
+def _grouped_channels(an: Analysis, node: fx.Node, lin, c: int, groups, params) -> None:
+    """Channels ``lin`` (``c`` of them) split into ``groups``: tied group to group and to the affine parameters at
+    ``params`` (``(position, keyword)`` pairs); pinned when the split cannot follow a narrower student."""
     chunks = an.dims.cut(lin, c // groups) if isinstance(groups, int) and groups > 0 and c % groups == 0 else None
     if chunks is None:
         an.pin(lin, f"{an.where(node)} splits channels into groups the rewrite cannot follow")
@@ -294,13 +298,12 @@ def group_norm(an: Analysis, node: fx.Node) -> None:
         for piece in chunks[1:]:
             an.tie(chunks[0], piece, node)
     owner = None
-    for i, key in ((2, "weight"), (3, "bias")):
+    for i, key in params:
         t = r._arg(node, i, key)
         if an.is_tensor(t):
             an.tie(lin, an.axes(t)[0], node)
             owner = owner or (_owner(t.target) if t.op == "get_attr" else None)
     an.label(lin, f"{owner or node.name}.num_channels")
-    an.same(node, x)
 
 
 # ------------------------------------------------- pooling and padding
@@ -346,21 +349,7 @@ RULES.function(*_overloads(aten.pad))(r.pad)
 @RULES.function(*_overloads(aten.constant_pad_nd))
 def constant_pad_nd(an: Analysis, node: fx.Node) -> None:
     """``aten.constant_pad_nd(x, pad, value)``: constant padding, as :func:`~ndc.passes.rewrite.rules.pad`."""
-    x = node.args[0]
-    widths = list(r._arg(node, 1, "pad"))
-    axes = list(an.axes(x))
-    why = f"padding added by {an.where(node)}"
-    for p in range(len(widths) // 2):
-        k = len(axes) - 1 - p
-        left, right = widths[2 * p], widths[2 * p + 1]
-        if left == 0 and right == 0:
-            continue
-        if not (isinstance(left, int) and isinstance(right, int)) or left < 0 or right < 0:
-            an.pin(axes[k], why)
-            axes[k] = an.fresh(an.shape(node)[k], why)
-        else:
-            axes[k] = an.fresh(left, why) + axes[k] + an.fresh(right, why)
-    an.set(node, axes)
+    r.padded(an, node, list(r._arg(node, 1, "pad")), constant=True)
 
 
 @RULES.function(*_overloads(aten.native_group_norm))
@@ -376,19 +365,7 @@ def native_group_norm(an: Analysis, node: fx.Node) -> None:
     meta = node.meta.get("tensor_meta")
     if hasattr(meta, "shape") or not meta or not isinstance(c, int) or c != an.shape(x)[1]:
         return an.unknown(node)
-    chunks = an.dims.cut(lin, c // groups) if isinstance(groups, int) and groups > 0 and c % groups == 0 else None
-    if chunks is None:
-        an.pin(lin, f"{an.where(node)} splits channels into groups the rewrite cannot follow")
-    else:
-        for piece in chunks[1:]:
-            an.tie(chunks[0], piece, node)
-    owner = None
-    for i, key in ((1, "weight"), (2, "bias")):
-        t = r._arg(node, i, key)
-        if an.is_tensor(t):
-            an.tie(lin, an.axes(t)[0], node)
-            owner = owner or (_owner(t.target) if t.op == "get_attr" else None)
-    an.label(lin, f"{owner or node.name}.num_channels")
+    _grouped_channels(an, node, lin, c, groups, ((1, "weight"), (2, "bias")))
     why = f"statistics of {an.where(node)}"
     an.set(node, tuple(list(axes) if k == 0 else None if m is None else [an.fresh(d, why) for d in m.shape]
                        for k, m in enumerate(meta)))

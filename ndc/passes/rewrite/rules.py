@@ -875,19 +875,22 @@ def metadata(an: Analysis, node: fx.Node) -> None:
 @RULES.function(F.pad)
 def pad(an: Analysis, node: fx.Node) -> None:
     """Constant padding adds channels of its own around the input's layout (ResNet option A shortcut)."""
-    x = node.args[0]
-    widths = list(_arg(node, 1, "pad"))
-    mode = _arg(node, 2, "mode", "constant")
-    axes = list(an.axes(x))
+    padded(an, node, list(_arg(node, 1, "pad")), _arg(node, 2, "mode", "constant") == "constant")
+
+
+def padded(an: Analysis, node: fx.Node, widths: list, constant: bool) -> None:
+    """``node`` is ``node.args[0]`` padded by ``widths`` (last axis first, as ``F.pad``): constant padding adds
+    channels of its own on each side; another mode, or a negative or symbolic width, pins the axis."""
+    axes = list(an.axes(node.args[0]))
     why = f"padding added by {an.where(node)}"
     for p in range(len(widths) // 2):
         k = len(axes) - 1 - p
         left, right = widths[2 * p], widths[2 * p + 1]
         if left == 0 and right == 0:
             continue
-        if mode != "constant" or left < 0 or right < 0:
+        if not constant or not (isinstance(left, int) and isinstance(right, int)) or left < 0 or right < 0:
             an.pin(axes[k], why)
-            axes[k] = an.fresh(an.dims.numel(axes[k]) + left + right, why)
+            axes[k] = an.fresh(an.shape(node)[k], why)
         else:
             axes[k] = an.fresh(left, why) + axes[k] + an.fresh(right, why)
     an.set(node, axes)
