@@ -95,7 +95,7 @@ def test_eval_never_presents_a_student_of_another_teacher(run_cli, ws, tiny_teac
     assert run_cli("partition", TINY, "--weights", other, "--input-shape", "1,3,16,16").exit_code == 0
     r = run_cli("eval", *DATA, "--format", "json")
     assert r.exit_code == 0, r.stderr
-    assert json_of(r)["model"] == "teacher" and "no stitched student" in r.stderr
+    assert json_of(r)["model"] == "teacher" and "stitched student in the workspace was made from another teacher" in r.stderr
     r = run_cli("finetune", *DATA, "--epochs", "1")
     assert r.exit_code == 1 and "made from another teacher" in r.stderr
 

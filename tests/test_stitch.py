@@ -160,3 +160,21 @@ def test_fold_bn_folds_batch_norms_into_the_exported_file_and_says_how_many(run_
     assert doc["folded_bn"] > 0 and not left
     r = run_cli("stitch", "-o", "s.pt2", "--width", "0.5", "--fold-bn", "--calibrate", "0")
     assert f"folded {doc['folded_bn']} batch norms into their convolutions in the exported file" in r.stdout
+
+
+def test_a_teacher_the_exporter_cannot_take_costs_only_its_figures(run_cli, ws, tmp_path, monkeypatch):
+    import ndc.passes.export as export
+    from ndc.errors import NdcError
+
+    real = export.export_model
+
+    def students_only(module, path, *args, **kwargs):
+        if str(path).endswith("teacher.onnx"):
+            raise NdcError("the ONNX exporter failed: an operator it does not know")
+        return real(module, path, *args, **kwargs)
+
+    monkeypatch.setattr(export, "export_model", students_only)
+    r = run_cli("stitch", "-o", "s.onnx", "--width", "0.5", "--calibrate", "0", "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["bytes"] > 0 and doc["teacher_bytes"] is None and (tmp_path / "s.onnx").is_file()
