@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 
 import pytest
 import torch
@@ -146,3 +147,26 @@ def train_steps(trainer, part, seeds) -> None:
         trainer.zero_grad()
         trainer.loss(NoiseBatch(part, s)).backward()
         trainer.step()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` now (read from /proc)."""
+    parents = {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def running(pid: int) -> bool:
+    """``pid`` is a live process (not gone, not a zombie)."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False

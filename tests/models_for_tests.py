@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ndc.zoo import ViT
+
 
 class Branchy(nn.Module):
     """Python control flow on tensor values: torch.fx cannot trace this module."""
@@ -298,3 +300,20 @@ def tiny_resnet_momentum_zero():
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = 0.0
     return model
+
+
+class LoopedViT(ViT):
+    """The zoo's ViT with its blocks in an nn.ModuleList called one by one (timm's style): the list itself is never
+    called, so only its children appear in the traced modules' stacks. ``block()`` makes each block (the zoo's
+    transformer block by default); other keywords are the ViT's."""
+
+    def __init__(self, block=None, **vit):
+        super().__init__(**vit)
+        self.blocks = nn.ModuleList(list(self.blocks) if block is None else [block() for _ in self.blocks])
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)[:, 0])

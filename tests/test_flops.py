@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ndc.metrics import count_flops
+from tests.models_for_tests import LoopedViT
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -149,24 +150,12 @@ class MHABlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class MHAViT(nn.Module):
+class MHAViT(LoopedViT):
     input_shape = (1, 1, 16, 16)
 
-    def __init__(self, dim=16, depth=2, heads=4, mlp=32, patch=4, img=16, classes=5):
-        super().__init__()
-        self.patch_embed = nn.Conv2d(1, dim, patch, stride=patch)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.randn(1, (img // patch) ** 2 + 1, dim) * 0.02)
-        self.blocks = nn.ModuleList([MHABlock(dim, heads, mlp) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x):
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x)[:, 0])
+    def __init__(self):
+        super().__init__(lambda: MHABlock(16, 4, 32), image=16, patch=4, dim=16, depth=2, heads=4, num_classes=5,
+                         in_channels=1)
 
 
 def mha_vit():

@@ -19,33 +19,13 @@ from dataclasses import dataclass
 import pytest
 
 from ndc.backends.local import LocalBackend
+from tests.conftest import descendants, running
 
 HERE = pathlib.Path(__file__).resolve().parent
 ENV = {**os.environ, "PYTHONPATH": str(HERE.parent), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
 CANDIDATES = 3  # one neighbourhood, three widths, one unit each (jobs engine): two run, one waits
 ARGS = ["distill", "--only", "layer1.0", "--width", "0.25,0.5,0.75", "--data-free", "--steps", "150", "--batch-size", "32",
         "--val-size", "64", "--workers", "2", "--format", "json", "--quiet"]
-
-
-def _descendants(pid: int) -> set[int]:
-    parents = {}
-    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {p for p, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def _running(pid: int) -> bool:
-    try:
-        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def _published(ws: pathlib.Path) -> dict[pathlib.Path, int]:
@@ -75,7 +55,7 @@ def test_ctrl_c_stops_the_workers_at_once_and_the_rerun_skips_what_finished(ws):
             published = _published(ws)
             time.sleep(0.05)
         assert proc.poll() is None and published, "the run should have published a candidate and still be running"
-        children = _descendants(proc.pid)
+        children = descendants(proc.pid)
         assert len(children) >= 4, "forkserver, resource tracker and two workers should be running"
         proc.send_signal(signal.SIGINT)  # the command's process only: its workers see no signal
         sent = time.time()
@@ -92,9 +72,9 @@ def test_ctrl_c_stops_the_workers_at_once_and_the_rerun_skips_what_finished(ws):
     after = _published(ws)
     assert len(after) < CANDIDATES, "the queued units should have been cancelled, not run"
     deadline = time.time() + 10
-    while time.time() < deadline and any(_running(p) for p in children):
+    while time.time() < deadline and any(running(p) for p in children):
         time.sleep(0.1)
-    assert not [p for p in children if _running(p)], "workers outlived the interrupted command"
+    assert not [p for p in children if running(p)], "workers outlived the interrupted command"
 
     rerun = subprocess.run(command, check=False, env=ENV, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
@@ -142,4 +122,4 @@ def test_a_unit_that_raises_stops_the_other_workers_and_its_error_reaches_the_ca
     assert time.time() - started < 40, "the other units should have been stopped, not waited for"
     workers = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
     assert len(workers) == 2
-    assert not [p for p in workers if _running(p)], "the workers of the other units should have been ended"
+    assert not [p for p in workers if running(p)], "the workers of the other units should have been ended"

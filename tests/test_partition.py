@@ -9,7 +9,7 @@ from ndc.errors import NdcError
 from ndc.load import LoadedModel
 from ndc.passes.extract import compose, extract
 from ndc.plan import partition_model
-from ndc.zoo import FAMILIES, ViT
+from ndc.zoo import FAMILIES
 from tests import models_for_tests as m
 
 # family -> (neighbourhoods to distil, kept) under --by residual
@@ -118,29 +118,13 @@ def test_module_strategy_cuts_after_submodules():
         assert torch.equal(compose(_parts(plan, traced))(x), model(x))
 
 
-class LoopedViT(ViT):
-    """The zoo's ViT with its blocks in an nn.ModuleList called one by one (timm's style): the list itself is never
-    called, so only its children appear in the traced modules' stacks."""
-
-    def __init__(self):
-        super().__init__(depth=2)
-        self.blocks = torch.nn.ModuleList(list(self.blocks))
-
-    def forward(self, x):
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x)[:, 0])
-
-
 def test_a_module_list_looped_over_is_cut_after_and_layers_are_named_by_their_weights():
-    plan, traced = _plan(LoopedViT().eval(), (1, 3, 32, 32), by="module")
+    plan, traced = _plan(m.LoopedViT(depth=2).eval(), (1, 3, 32, 32), by="module")
     assert [nb.name for nb in plan.neighbourhoods] == ["patch_embed", "blocks", "norm", "head"] and not plan.notes
     assert plan["blocks"].output_shape == [1, 65, 64]
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(compose(_parts(plan, traced))(x), traced.gm(x))
-    plan, _ = _plan(LoopedViT().eval(), (1, 3, 32, 32), by="layers")  # the last MLP holds the final norm and select too
+    plan, _ = _plan(m.LoopedViT(depth=2).eval(), (1, 3, 32, 32), by="layers")  # the last MLP holds the final norm and select too
     assert [nb.name for nb in plan.neighbourhoods] == ["patch_embed", "blocks.0.attn", "blocks.0.mlp", "blocks.1.attn",
                                                        "blocks.1.mlp", "head"]
 

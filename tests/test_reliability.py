@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from ndc.workspace import sha256_file
-from tests.conftest import TINY_RESNET as TINY, cli_workspace, copy_of
+from tests.conftest import TINY_RESNET as TINY, cli_workspace, copy_of, descendants, running
 
 HERE = pathlib.Path(__file__).resolve().parent
 DATA = ["--data", "digits", "--limit", "300"]
@@ -211,28 +211,6 @@ def test_a_killed_restart_never_ships_another_model_than_it_reports(ws, tmp_path
 # --------------------------------------------------------------- 3. orphan workers
 
 
-def _descendants(pid: int) -> set[int]:
-    parents = {}
-    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {p for p, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def _running(pid: int) -> bool:
-    try:
-        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
 def test_workers_die_with_their_command_and_write_nothing_after_it(ws):
     proc = subprocess.Popen([sys.executable, "-m", "ndc", "distill", "--width", "0.75,1.0", *DATA, "--steps", "3000",
                              "--batch-size", "32", "--val-size", "64", "--workers", "2", "--force", "-w", str(ws), "--quiet"],
@@ -240,20 +218,20 @@ def test_workers_die_with_their_command_and_write_nothing_after_it(ws):
     deadline = time.time() + 120
     children: set[int] = set()
     while time.time() < deadline and proc.poll() is None:
-        children = _descendants(proc.pid)
+        children = descendants(proc.pid)
         if len(children) >= 4:  # forkserver, resource tracker, two workers
             break
         time.sleep(0.1)
     time.sleep(0.5)
-    children = _descendants(proc.pid)
+    children = descendants(proc.pid)
     assert len(children) >= 4, "the workers should have started"
     before = sorted(p.stat().st_mtime_ns for p in ws.glob("jobs/*/*/metrics.json"))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 10
-    while time.time() < deadline and any(_running(p) for p in children):
+    while time.time() < deadline and any(running(p) for p in children):
         time.sleep(0.1)
-    assert not [p for p in children if _running(p)], "workers outlived their command"
+    assert not [p for p in children if running(p)], "workers outlived their command"
     assert sorted(p.stat().st_mtime_ns for p in ws.glob("jobs/*/*/metrics.json")) == before
 
 
