@@ -536,6 +536,7 @@ def search(ws: Workspace, *, data: str | None, limit: int | None = None, normali
     from ndc.scoring import Divergence, pick_metric, teacher_doubt
     from ndc.search import (HeldOut, greedy, load_candidates, measure_selection, parse_budget, quality_table, run_sweep,
                             solve_budget, write_pareto, write_selection)
+    from ndc.search.files import OUTCOME_KEYS
     from ndc.stitch import made_for_now
 
     if max_drop is not None and budget is not None:
@@ -591,7 +592,8 @@ def search(ws: Workspace, *, data: str | None, limit: int | None = None, normali
             "files": files,
         }
         if doc is None:
-            payload.update({"metric": quality.metric, "eval_size": quality.examples, "teacher_accuracy": quality.teacher_accuracy})
+            payload.update({**dict.fromkeys(OUTCOME_KEYS), "metric": quality.metric, "eval_size": quality.examples,
+                            "teacher_accuracy": quality.teacher_accuracy})
         return SearchOutcome(payload, quality, result, measured, doc, files, chosen_metric, reused, rule_budget)
 
 

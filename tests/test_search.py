@@ -297,6 +297,12 @@ def test_without_a_rule_search_prints_the_table_and_writes_no_selection(ws):
     assert r.exit_code == 0, r.output
     assert "block1" in r.output and "width=0.25" in r.output and "no rule given" in r.output
     assert not (ws / "selection.json").exists()
+    from ndc.search.files import OUTCOME_KEYS
+
+    none = json.loads(invoke("search", *DATA, "--eval-size", "300", "-w", ws, "--format", "json").stdout)
+    ruled = search(ws, "--max-drop", "1", "--no-verify")[1]
+    assert set(OUTCOME_KEYS) <= set(ruled)  # what a rule chose and measured ...
+    assert all(none[k] is None for k in OUTCOME_KEYS)  # ... is null without one, rather than missing
 
 
 @pytest.mark.parametrize("args, message", [
