@@ -113,7 +113,11 @@ def _load_program(path: Path, trust_pickle: bool = False):
 
     if not path.is_file():
         raise NdcError(f"{path}: no such file")
-    return load_program(read_program(path, trust_pickle), str(path))
+    program = read_program(path, trust_pickle)
+    try:
+        return load_program(program, str(path))
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:  # a trusted archive with odd contents
+        raise NdcError(f"{path} is not a readable torch.export archive: {type(e).__name__}: {first_line(e, 160)}") from None
 
 
 def read_program(path: Path, trust_pickle: bool = False):

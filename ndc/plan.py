@@ -190,13 +190,13 @@ def load_teacher(ws: Workspace) -> Teacher:
     check_and_load_state_dict(model, state, str(weights))
     traced = trace(model, plan.input_shape, plan.tracer.get("leaves", []), frontend=frontend_of(plan.tracer),
                    inputs=InputSpec.from_json(plan.tracer.get("input")), output=plan.tracer.get("output"))
+    if plan.teacher.get("graph") not in (None, graph_fingerprint(traced.gm)):
+        raise NdcError(f"the teacher's code changed since ndc partition ({_source_name(plan.source)} computes another graph "
+                       "than plan.json's); rerun ndc partition (students of neighbourhoods that changed are retrained)")
     names = {n.name for n in traced.gm.graph.nodes}
     missing = [nb.name for nb in plan.neighbourhoods if nb.input not in names or (nb.output != "output" and nb.output not in names)]
     if missing:
         raise NdcError(f"the teacher no longer traces to the graph in plan.json (neighbourhoods {', '.join(missing[:3])}); rerun ndc partition")
-    if plan.teacher.get("graph") not in (None, graph_fingerprint(traced.gm)):
-        raise NdcError(f"the teacher's code changed since ndc partition ({_source_name(plan.source)} computes another graph "
-                       "than plan.json's); rerun ndc partition (students of neighbourhoods that changed are retrained)")
     return Teacher(plan, traced)
 
 

@@ -69,8 +69,28 @@ class DataOptions:
         return out
 
 
-def remember_data(ws: Workspace, options: DataOptions) -> None:
-    ws.write_json(DATA_OPTIONS, {"data": options.data, "limit": options.limit, "normalize": options.normalize})
+def remember_data(ws: Workspace, options: DataOptions | None) -> None:
+    """Keep ``options`` for the later stages, with relative paths in the spec made absolute (a later stage may run
+    from another folder); None (a run on noise alone) forgets any earlier data."""
+    if options is None:
+        ws.path(DATA_OPTIONS).unlink(missing_ok=True)
+        return
+    ws.write_json(DATA_OPTIONS, {"data": absolute_spec(options.data), "limit": options.limit,
+                                 "normalize": options.normalize})
+
+
+def absolute_spec(spec: str) -> str:
+    """``spec`` with each part that names an existing file or folder relative to here made absolute
+    (``mine.npz``, ``imagefolder:photos``, ``my_data.py:load``); built-in names (``digits``) stay as they are."""
+    import os
+    import re
+
+    parts = re.split(r"([:,])", spec)
+    for i, part in enumerate(parts):
+        file_like = i > 0 or "." in part or "/" in part
+        if part not in (":", ",") and part and file_like and not os.path.isabs(part) and os.path.exists(part):
+            parts[i] = os.path.abspath(part)
+    return "".join(parts)
 
 
 def remembered_data(ws: Workspace) -> DataOptions | None:
@@ -177,8 +197,7 @@ def distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, *, source: str
         if not plan_candidates(plan, specs, only):
             raise NdcError("the plan has no neighbourhood to distil (all are kept); try ndc partition --by module or --by layers")
         data = data_for(ws, cfg, plan.input_shape[1:], fresh=True) if cfg.data else None
-        if data is not None:
-            remember_data(ws, DataOptions(cfg.data, cfg.limit, cfg.normalize))
+        remember_data(ws, DataOptions(cfg.data, cfg.limit, cfg.normalize) if data is not None else None)
         chosen, why = choose_source(cfg, source, data, cache_layout(plan, cfg.lookahead), ws, cache_budget)
         if source is None:
             log(f"source: {chosen} ({why})")
@@ -349,7 +368,8 @@ def training_data(ws: Workspace, plan, data: str | None, limit: int | None, data
     from ndc.finetune import NoiseImages
 
     if not data:
-        raise NdcError("give --data SPEC: training and accuracy need data (with --data-free it only measures accuracy)")
+        raise NdcError("give --data SPEC: --data-free trains on noise, but each epoch's score needs real data" if data_free
+                       else "give --data SPEC: training and accuracy need data (with --data-free it only measures accuracy)")
     source = open_data(data, plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
     return NoiseImages(plan.input_shape[1:], limit or 10_000, source, plan.inputs) if data_free else source
 
@@ -575,8 +595,11 @@ def search(ws: Workspace, *, data: str | None, limit: int | None = None, normali
             warn(note)
         measured = None
         if result is not None and verify:
-            measured = measure_selection(ws, teacher, result.selection(), source, heldout, chosen_metric, calibrate,
-                                         heldout.unseen(UNSEEN_TIMES * heldout.size))
+            unseen = heldout.unseen(UNSEEN_TIMES * heldout.size)
+            if unseen is None:
+                warn(f"the test split has no examples beyond the {heldout.size} held out, so the choice is measured only "
+                     "on the examples that made it (a smaller --eval-size leaves some to confirm it on)")
+            measured = measure_selection(ws, teacher, result.selection(), source, heldout, chosen_metric, calibrate, unseen)
         made_for = {nb.name: made_for_now(teacher, nb.name) for nb in plan.trainable}
         doc = write_selection(ws, result, measured, data, made_for) if result is not None else None
         files = {}

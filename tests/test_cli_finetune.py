@@ -137,6 +137,19 @@ def test_stages_after_distill_read_its_data_options_unless_given(run_cli, ws):
     assert r.exit_code == 1 and "data.json is not what ndc distill writes; give --data SPEC" in r.stderr
 
 
+def test_remembered_paths_are_absolute_and_built_in_names_stay(tmp_path, monkeypatch):
+    from ndc.stages import absolute_spec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.npz").write_bytes(b"")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "digits").mkdir()  # a folder named like a built-in set does not make "digits" a path
+    assert absolute_spec("mine.npz") == str(tmp_path / "mine.npz")
+    assert absolute_spec("imagefolder:photos") == f"imagefolder:{tmp_path / 'photos'}"
+    assert absolute_spec("digits") == "digits" and absolute_spec("fashion-mnist") == "fashion-mnist"
+    assert absolute_spec("missing.npz") == "missing.npz"
+
+
 def test_errors(run_cli, ws, tmp_path):
     (ws / "data.json").unlink()  # no data remembered from distill
     for args, needle in ((["finetune", "--epochs", "1"], "give --data SPEC"),

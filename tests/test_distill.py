@@ -153,9 +153,11 @@ def test_recompute_source_needs_no_disk(run_cli, ws):
 
 
 def test_data_free_distillation(run_cli, ws):
+    (ws / "data.json").write_text('{"data": "digits", "limit": 300, "normalize": true}')  # an earlier run's data
     r, doc = distill(run_cli, "--width", "0.5", "--data-free", "--limit", "256", "--steps", "12", "--batch-size", "32",
                      "--val-size", "64", "--quiet")
     assert r.exit_code == 0, r.stderr
+    assert not (ws / "data.json").exists()  # later stages are not told this run used data it did not
     assert doc["source"] == "noise"
     assert all(row["final_error"] < row["initial_error"] for row in doc["candidates"])
     r, doc = distill(run_cli, "--width", "0.5", "--source", "noise", "--noise", "matched", *FAST)

@@ -147,6 +147,7 @@ def test_greedy_takes_a_small_candidate_where_it_is_harmless_and_keeps_the_teach
     assert abs(out["measured_accuracy"] - out["predicted_accuracy"]) < 0.02
     assert out["calibrated_norms"] == 0 and out["measured_uncalibrated_accuracy"] == out["measured_accuracy"]  # no batch norms
     assert out["unseen"] is None  # --eval-size 300 takes every test example of --limit 300: none left to confirm on
+    assert "the test split has no examples beyond the 300 held out" in r.stderr
     assert out["params"] == out["teacher_params"] - 2112 + 552
     on_disk = json.loads((ws / "selection.json").read_text())
     assert on_disk["selection"] == out["selection"] and on_disk["rule"] == "max-drop"
