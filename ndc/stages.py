@@ -279,6 +279,7 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
             "flops": count_flops(model, plan.input_shape, plan.inputs), "teacher_flops": plan.teacher["flops"],
             "bytes": report.get("bytes"), "max_abs_diff": report.get("max_abs_diff"), "latency_ms": report.get("latency_ms"),
             "selection": {k: str(v) for k, v in selection.items()}, "calibrated_norms": calibrated,
+            "calibration_batches": min(calibrate, -(-source.train_size // 128)) if calibrated else 0,
             "selection_file": selection_file or (str(ws.path(SELECTION)) if searched else None),
             **{k: report[k] for k in ("checked_batch_sizes", "folded_bn", "trusted_only") if k in report},
         }

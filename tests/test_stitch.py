@@ -91,6 +91,10 @@ def test_stitch_with_data_recalibrates_and_reports_accuracy(run_cli, ws, tmp_pat
     assert doc["params"] < doc["teacher_params"] and doc["flops"] < doc["teacher_flops"]
     assert 0 <= doc["accuracy"] <= 1 and 0 <= doc["teacher_accuracy"] <= 1 and 0 <= doc["agreement"] <= 1
     assert doc["calibrated_norms"] > 0
+    from ndc.data import open_data
+
+    train = open_data("digits", (3, 16, 16), limit=200).train_size
+    assert doc["calibration_batches"] == min(3, -(-train // 128))  # the batches there were, not the ones asked for
     assert (tmp_path / "s.onnx").is_file() and (ws / "student" / "report.json").is_file()
     onnx.checker.check_model(str(tmp_path / "s.onnx"))
     assert doc["checked_batch_sizes"] and doc["folded_bn"] == 0 and doc["trusted_only"] is False  # the export report

@@ -66,7 +66,9 @@ def command(output, width, spec_text, selection_file, data_spec, limit, normaliz
                      f"{'onnxruntime' if summary['format'] == 'onnx' else 'torch'}, one thread, median of 20)" if lat else
                      f"wrote {summary['output']} ({human(summary['bytes'] or 0)}B, max |diff| vs PyTorch {summary['max_abs_diff']:.2g})")
         if summary["calibrated_norms"]:
-            lines.append(f"recalibrated {summary['calibrated_norms']} batch norms on {calibrate} batches of {data_spec}")
+            batches = summary["calibration_batches"]
+            lines.append(f"recalibrated {summary['calibrated_norms']} batch norms on {batches} batch{'es' if batches != 1 else ''} "
+                         f"of {data_spec}")
         if summary.get("folded_bn"):
             lines.append(f"folded {summary['folded_bn']} batch norms into their convolutions in the exported file")
         return "\n".join(lines)
