@@ -265,6 +265,7 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
         source, calibrated = None, 0
         if data:
             source = open_data(data, plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
+            _say_if_distilled_on_other_data(ws, selection, source, data, calibrate, warn)
             calibrated = recalibrate_batchnorm(model.to(device), on_device(source, device), calibrate)
         model.cpu()
         save_student(ws, model, selection, made_from, {"calibrated_batches": calibrate if calibrated else 0, "data": data,
@@ -437,6 +438,22 @@ def finetune(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str
             _export(ws, model, output, plan, "finetune", payload, warn)
         ws.write_json("finetune/report.json", payload)
         return TrainResult(payload, model, cfg.metric)
+
+
+def _say_if_distilled_on_other_data(ws: Workspace, selection: dict, source, data: str, calibrate: int,
+                                    warn: Log | None) -> None:
+    """Warn when students of ``selection`` were distilled from other files than ``source``'s (each records its
+    ``data_files``): the batch norms are recalibrated, and the student measured, on data they did not learn from."""
+    import json
+
+    files = json.loads(json.dumps(getattr(source, "fingerprint", None)))  # as metrics.json holds it
+    store = JobStore(ws)
+    other = [name for name, spec in selection.items()
+             if (m := store.metrics(name, spec)) is not None and m.get("data_files") not in (None, files)]
+    if other and warn is not None:
+        what = "recalibrated and measured" if calibrate else "measured"
+        warn(f"the students of {', '.join(other)} were distilled from other data than --data {data}, on which the "
+             f"stitched student is {what}")
 
 
 def _teacher_export(ws: Workspace, teacher, fmt: str, fold_bn: bool) -> dict:

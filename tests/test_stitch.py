@@ -182,3 +182,17 @@ def test_a_teacher_the_exporter_cannot_take_costs_only_its_figures(run_cli, ws, 
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["bytes"] > 0 and doc["teacher_bytes"] is None and (tmp_path / "s.onnx").is_file()
+
+
+def test_stitching_on_other_data_than_the_students_learned_from_is_said(run_cli, ws, tmp_path):
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    np.savez(tmp_path / "mine.npz", x=(digits.images[:200] / 16).astype("float32"), y=digits.target[:200])
+    r = run_cli("stitch", "-o", "s.onnx", "--width", "0.5", "--data", "digits", "--limit", "200")
+    assert r.exit_code == 0 and "distilled from other data" not in r.stderr  # what they learned from
+    r = run_cli("stitch", "-o", "s.onnx", "--width", "0.5", "--data", "mine.npz")
+    assert r.exit_code == 0, r.stderr
+    assert ("the students of layer1.0, layer2.0, layer3.0 were distilled from other data than --data mine.npz, on which "
+            "the stitched student is recalibrated and measured") in r.stderr
