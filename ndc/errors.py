@@ -36,6 +36,11 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: "1 epoch", "3 epochs", "2 batches" (with ``plural``)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def a_or_an(word: str) -> str:
     """``word`` after its indefinite article: "an ImageClassifierOutput", "a SequenceClassifierOutput"."""
     return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"

@@ -444,12 +444,10 @@ def _say_if_distilled_on_other_data(ws: Workspace, selection: dict, source, data
                                     warn: Log | None) -> None:
     """Warn when students of ``selection`` were distilled from other files than ``source``'s (each records its
     ``data_files``): the batch norms are recalibrated, and the student measured, on data they did not learn from."""
-    import json
+    from ndc.distill.store import data_files, from_other_files
 
-    files = json.loads(json.dumps(getattr(source, "fingerprint", None)))  # as metrics.json holds it
-    store = JobStore(ws)
-    other = [name for name, spec in selection.items()
-             if (m := store.metrics(name, spec)) is not None and m.get("data_files") not in (None, files)]
+    files, store = data_files(source), JobStore(ws)
+    other = [name for name, spec in selection.items() if from_other_files(store.metrics(name, spec), files)]
     if other and warn is not None:
         what = "recalibrated and measured" if calibrate else "measured"
         warn(f"the students of {', '.join(other)} were distilled from other data than --data {data}, on which the "
@@ -618,8 +616,10 @@ def search(ws: Workspace, *, data: str | None, limit: int | None = None, normali
                 warn(f"the test split has no examples beyond the {heldout.size} held out, so the choice is measured only "
                      "on the examples that made it (a smaller --eval-size leaves some to confirm it on)")
             measured = measure_selection(ws, teacher, result.selection(), source, heldout, chosen_metric, calibrate, unseen)
-        made_for = {nb.name: made_for_now(teacher, nb.name) for nb in plan.trainable}
-        doc = write_selection(ws, result, measured, data, made_for) if result is not None else None
+        doc = None
+        if result is not None:
+            made_for = {nb.name: made_for_now(teacher, nb.name) for nb in plan.trainable}
+            doc = write_selection(ws, result, measured, data, made_for)
         files = {}
         if plot:
             points = run_sweep(ws, teacher, quality, source, heldout, calibrate, result, measured, log=log, objective=objective)

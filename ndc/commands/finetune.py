@@ -6,6 +6,7 @@ import click
 
 from ndc.commands.common import (common_options, compile_option, data_options, device_option, emit, finite_float,
                                  metric_option, normalize_option, remembered_data, table, user_errors)
+from ndc.errors import count
 from ndc.losses import LOSS_CHOICES
 
 
@@ -114,7 +115,7 @@ def command(data_spec, limit, normalize, loss, metric, epochs, lr, batch_size, t
             "\nno epoch beat the stitched student: it is kept unchanged (a lower learning rate, "
             f"--lr {payload['lr'] / 10:g}, or --no-augment may help: the first epochs can undo what distillation found)")
         tail += f"\nwrote {payload['output']}" if output else ""
-        return (table(["model", metric.title], rows, "lr") + f"\n\n{payload['epochs']} epoch{'s' if payload['epochs'] != 1 else ''} of --loss {payload['loss']} in "
+        return (table(["model", metric.title], rows, "lr") + f"\n\n{count(payload['epochs'], 'epoch')} of --loss {payload['loss']} in "
                 f"{payload['seconds']:.0f}s" + tail)
 
     emit(fmt, payload, text)

@@ -7,6 +7,7 @@ import click
 from ndc.commands.common import (common_options, data_options, emit, human, normalize_option, remembered_data,
                                  selection_options, table, user_errors)
 from ndc.commands.finetune import base_config, epoch_progress, training_options
+from ndc.errors import count
 
 
 @click.command("kd")
@@ -49,6 +50,6 @@ def command(width, spec_text, selection_file, data_spec, limit, normalize, loss,
     def text() -> str:
         rows = [["teacher", human(payload["teacher_params"]), metric.format(payload["teacher_score"])],
                 [f"student ({payload['loss']}, from scratch)", human(payload["params"]), metric.format(payload["score"])]]
-        return table(["model", "params", metric.title], rows, "lrr") + f"\n\n{payload['epochs']} epoch{'s' if payload['epochs'] != 1 else ''} in {payload['seconds']:.0f}s"
+        return table(["model", "params", metric.title], rows, "lrr") + f"\n\n{count(payload['epochs'], 'epoch')} in {payload['seconds']:.0f}s"
 
     emit(fmt, payload, text)

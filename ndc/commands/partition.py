@@ -8,7 +8,7 @@ import sys
 import click
 
 from ndc.commands.common import common_options, emit, human, model_options, table, trace_options, user_errors, warn
-from ndc.errors import NdcError
+from ndc.errors import NdcError, count
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -96,7 +96,7 @@ def command(model, input_shape, by, depth, every, cuts, leaves, weights, trust_p
                  "kept" if nb.kept else "distil"] for nb in plan.neighbourhoods]
         out = [table(["neighbourhood", "nodes", "params", "FLOPs", "input -> output", ""], rows, "lrrrll")]
         trainable = len(plan.trainable)
-        out.append(f"\n{trainable} neighbourhood{'s' if trainable != 1 else ''} to distil, {len(plan.neighbourhoods) - trainable} kept "
+        out.append(f"\n{count(trainable, 'neighbourhood')} to distil, {len(plan.neighbourhoods) - trainable} kept "
                    f"({plan.tracer['frontend']}, --by {payload['strategy']}); "
                    f"teacher {human(plan.teacher['params'])} params, {human(plan.teacher['flops'])} FLOPs; wrote {ws.path('plan.json')}")
         if explain:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ndc.commands.common import (common_options, data_options, device_option, emit, human, normalize_option,
+from ndc.commands.common import (common_options, data_options, device_option, emit, given, human, normalize_option,
                                  remembered_data, selection_options, table, user_errors, warn)
+from ndc.errors import count
 
 
 @click.command("stitch")
@@ -36,8 +37,7 @@ def command(output, width, spec_text, selection_file, data_spec, limit, normaliz
     from ndc import stages
     from ndc.workspace import Workspace
 
-    given = click.get_current_context().get_parameter_source("calibrate") is click.core.ParameterSource.COMMANDLINE
-    if given and calibrate and not data_spec:
+    if given("calibrate") and calibrate and not data_spec:
         warn("--calibrate recalibrates batch norms on --data; without --data it is ignored")
     result = stages.stitch(Workspace(workspace), output, width=width, spec=spec_text, selection_file=selection_file,
                            data=data_spec, limit=limit, normalize=normalize, calibrate=calibrate, fold_bn=fold_bn,
@@ -66,9 +66,8 @@ def command(output, width, spec_text, selection_file, data_spec, limit, normaliz
                      f"{'onnxruntime' if summary['format'] == 'onnx' else 'torch'}, one thread, median of 20)" if lat else
                      f"wrote {summary['output']} ({human(summary['bytes'] or 0)}B, max |diff| vs PyTorch {summary['max_abs_diff']:.2g})")
         if summary["calibrated_norms"]:
-            batches = summary["calibration_batches"]
-            lines.append(f"recalibrated {summary['calibrated_norms']} batch norms on {batches} batch{'es' if batches != 1 else ''} "
-                         f"of {data_spec}")
+            batches = count(summary["calibration_batches"], "batch", "batches")
+            lines.append(f"recalibrated {summary['calibrated_norms']} batch norms on {batches} of {data_spec}")
         if summary.get("folded_bn"):
             lines.append(f"folded {summary['folded_bn']} batch norms into their convolutions in the exported file")
         return "\n".join(lines)

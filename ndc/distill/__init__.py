@@ -14,7 +14,6 @@ The pipeline of ``ndc distill``::
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -25,7 +24,7 @@ from ndc.distill.engine import (CHECKPOINT_SECONDS, ENGINES, Item, data_for, mak
 from ndc.distill.sources import (CacheLayout, TeacherChain, build_cache, cache_key, cache_size, channel_moments,
                                  free_bytes, verify_cache, DISK_MARGIN)
 from ndc.distill.slimmable import jobs_of, key_of
-from ndc.distill.store import JobStore
+from ndc.distill.store import JobStore, data_files, from_other_files
 from ndc.errors import NdcError
 from ndc.ir import Spec
 from ndc.workspace import Workspace
@@ -116,11 +115,11 @@ def run_distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, backend: "
     rows: dict[Candidate, dict] = {}
     pending = []
     data = data_for(ws, cfg, plan.input_shape[1:]) if cfg.data else None
-    files = None if data is None else json.loads(json.dumps(getattr(data, "fingerprint", None)))  # as metrics.json holds it
+    files = data_files(data)
     other_files = other_settings = 0
     for job in jobs:
         done = [None if force else store.finished(job.neighbourhood, spec, keys[job]) for spec in job.members]
-        if files is not None and any(d is not None and d.get("data_files") not in (None, files) for d in done):
+        if files is not None and any(from_other_files(d, files) for d in done):
             done, other_files = [None] * len(done), other_files + 1  # the same --data spec, other files under it
         elif not force and any(d is None and store.finished(job.neighbourhood, spec) is not None
                                for spec, d in zip(job.members, done)):

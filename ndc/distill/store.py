@@ -58,6 +58,16 @@ def folder_name(name: str) -> str:
     return f"{prefix}-{digest}" if prefix else digest
 
 
+def data_files(data) -> object:
+    """The identity of ``data``'s files (None for none) as each candidate's ``metrics.json`` records it."""
+    return None if data is None else json.loads(json.dumps(getattr(data, "fingerprint", None)))
+
+
+def from_other_files(metrics: dict | None, files: object) -> bool:
+    """Whether a finished candidate (its ``metrics``) was distilled from other files than ``files``."""
+    return metrics is not None and metrics.get("data_files") not in (None, files)
+
+
 class StaleStudent(NdcError):
     """A finished candidate distilled from another teacher or partition than the workspace's now."""
 

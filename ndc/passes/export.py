@@ -487,8 +487,8 @@ def _export_failure(what: str, e: BaseException) -> str:
         return (f"{what} cannot give the model a dynamic batch dimension: its code fixes the batch size{fixed} "
                 "(e.g. x.view(N, -1) with a constant N); use x.shape[0] or x.flatten(1) instead")
     root, seen = e, {id(e)}
-    while (root.__cause__ or root.__context__) is not None and id(root.__cause__ or root.__context__) not in seen:
-        root = root.__cause__ or root.__context__
+    while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:  # the innermost cause
+        root = nxt
         seen.add(id(root))
     cause = f" (caused by {type(root).__name__}: {first_line(root)})" if root is not e else ""
     hint = "; a .pt2 export (-o FILE.pt2) needs no ONNX conversion" if "ONNX" in what else ""

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 import torch.nn as nn
 
-from ndc.errors import NdcError
+from ndc.errors import NdcError, count
 from ndc.passes.boundaries import Liveness, alive_across, boundaries, liveness
 from ndc.passes.trace import Traced
 
@@ -188,14 +188,14 @@ def partition(traced: Traced, by: str = "auto", depth: int = 1, every: int | Non
         blocks = sum(not seg.kept for seg in segs)
         if blocks:
             chosen = "residual"
-            notes.append(f"--by auto: {blocks} residual block{'s' if blocks > 1 else ''}, cut as --by residual")
+            notes.append(f"--by auto: {count(blocks, 'residual block')}, cut as --by residual")
         elif not any(facts.is_weight_layer(n) for n in facts.order):
             chosen = "layers"
             segs = _by_positions(facts, [])  # no weight layer anywhere: one neighbourhood
         else:
             chosen = "layers"
             segs = _by_positions(facts, _layer_cuts(facts, every, notes) + _after_token_lookup(facts))
-            notes.append(f"--by auto: no residual blocks; cut every {every} weight layer{'s' if every > 1 else ''} as --by layers")
+            notes.append(f"--by auto: no residual blocks; cut every {count(every, 'weight layer')} as --by layers")
     elif by == "residual":
         segs = _residual(facts)
         if not any(not seg.kept for seg in segs):

@@ -11,10 +11,10 @@ from ndc.search.table import QualityTable, SearchResult
 from ndc.workspace import Workspace
 
 PARETO_CSV = f"{SEARCH_DIR}/pareto.csv"
+PARETO_PNG = f"{SEARCH_DIR}/pareto.png"
 # What a search without a rule prints as null: the keys of selection.json that say what was chosen and how it measured.
 OUTCOME_KEYS = ("rule", "teacher", "predicted_drop", "prediction", "predicted_accuracy", "measured_accuracy", "unseen",
                 "params", "flops", "teacher_params", "teacher_flops", "candidates", "made_for", "notes")
-PARETO_PNG = f"{SEARCH_DIR}/pareto.png"
 
 
 def selection_document(result: SearchResult, measured: dict | None, data_spec: str | None) -> dict:
