@@ -48,6 +48,9 @@ def test_finetune_raises_an_undertrained_student(run_cli, ws, tmp_path):
     assert worse < doc["accuracy"]
     assert (f"replacing the earlier fine-tuned student in finetune/, which scored better ({doc['accuracy']:.2%} accuracy "
             f"against this run's {worse:.2%})") in r.stderr
+    assert json.loads(r.stdout)["best_epoch"] == 0  # no epoch beat the stitched student: eval says whose weights these are
+    r = run_cli("eval", *DATA)
+    assert "stitched student (ndc finetune kept it: no epoch beat it)" in r.stdout and "fine-tuned student" not in r.stdout
 
 
 def test_data_free_finetune_never_returns_a_worse_student(run_cli, ws):

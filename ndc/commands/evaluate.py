@@ -78,7 +78,7 @@ def _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device, met
     from ndc.data import open_data
     from ndc.evaluate import evaluate
     from ndc.plan import load_teacher
-    from ndc.stitch import latest_student, load_student
+    from ndc.stitch import latest_student, load_student, student_document
 
     teacher = load_teacher(ws)
     data = open_data(data_spec, teacher.plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
@@ -94,7 +94,11 @@ def _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device, met
         return _payload("teacher", "teacher", metric, {**result, "agreement": None}, data, ws, note)
     student = load_student(ws, folder, teacher=teacher)
     result = evaluate(student, data, metric=metric, teacher=teacher.gm, batch_size=batch_size, device=device)
-    label = "fine-tuned student" if folder == "finetune" else "stitched student"
+    label = "stitched student"
+    if folder == "finetune":
+        finetuned = student_document(ws, folder).get("finetuned") or {}
+        label = ("stitched student (ndc finetune kept it: no epoch beat it)" if finetuned.get("best_epoch") == 0
+                 else "fine-tuned student")
     return _payload("student", label, metric, result, data, ws, None)
 
 
