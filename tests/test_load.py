@@ -283,3 +283,18 @@ def test_a_pt2_teacher_replaced_after_partition_is_refused(tmp_path):
     _save_program(torch.nn.Linear(4, 2), torch.randn(2, 4), path)  # other weights, same file name
     with pytest.raises(NdcError, match="changed since ndc partition; rerun ndc partition"):
         reload_model(source)
+
+
+def test_a_loaded_program_exports_without_torch_deprecation_noise(tmp_path):
+    # deep-copying a torch.export graph warns of torch's own LeafSpec deprecation; ndc stitch printed it
+    import warnings
+
+    from ndc.passes.export import export_model
+
+    _save_program(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()), torch.randn(2, 4), tmp_path / "m.pt2")
+    loaded = load_model(str(tmp_path / "m.pt2"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = export_model(loaded.model, tmp_path / "out.onnx", loaded.input_shape, latency_runs=0)
+    assert report["max_abs_diff"] < 1e-5
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []

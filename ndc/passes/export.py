@@ -98,10 +98,11 @@ def export_model(module: nn.Module, path: str | os.PathLike, input_shape: Sequen
     shape = _input_shape(input_shape)
     inputs = inputs or FLOAT
 
-    model = copy.deepcopy(module).eval()  # the caller's module stays as it was (mode included)
-    folded = 0
-    if fold_bn:
-        model, folded = _fold(model, shape, atol, rtol, seed, inputs)
+    with _quiet_exporter():  # copying a torch.export graph warns of torch's own LeafSpec deprecation
+        model = copy.deepcopy(module).eval()  # the caller's module stays as it was (mode included)
+        folded = 0
+        if fold_bn:
+            model, folded = _fold(model, shape, atol, rtol, seed, inputs)
 
     with torch.no_grad():
         try:
