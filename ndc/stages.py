@@ -197,7 +197,17 @@ def distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, *, source: str
         if not plan_candidates(plan, specs, only):
             raise NdcError("the plan has no neighbourhood to distil (all are kept); try ndc partition --by module or --by layers")
         data = data_for(ws, cfg, plan.input_shape[1:], fresh=True) if cfg.data else None
-        remember_data(ws, DataOptions(cfg.data, cfg.limit, cfg.normalize) if data is not None else None)
+        options = DataOptions(cfg.data, cfg.limit, cfg.normalize) if data is not None else None
+        remembered = False
+
+        def published(metrics: dict) -> None:  # the later stages take this run's data once a student comes of it
+            nonlocal remembered
+            if not remembered and metrics.get("status") == "done":
+                remember_data(ws, options)
+                remembered = True
+            if on_done is not None:
+                on_done(metrics)
+
         chosen, why = choose_source(cfg, source, data, cache_layout(plan, cfg.lookahead), ws, cache_budget)
         if source is None:
             log(f"source: {chosen} ({why})")
@@ -207,8 +217,10 @@ def distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, *, source: str
         runner = make_backend(backend, workers, address, placed)
         started = time.perf_counter()
         rows = run_distill(ws, specs, cfg, runner, teacher=teacher, only=only, force=force, log=log, warn=warn, on_start=on_start,
-                           on_progress=on_progress, on_done=on_done, fence=fence, checkpoint_seconds=checkpoint_seconds,
+                           on_progress=on_progress, on_done=published, fence=fence, checkpoint_seconds=checkpoint_seconds,
                            memory_budget=memory_budget)
+        if not remembered and any(row["status"] in ("done", "skipped") for row in rows):
+            remember_data(ws, options)
         same = {}
         for row in rows:
             spec = Spec.parse(row["spec"])

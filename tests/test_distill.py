@@ -191,13 +191,16 @@ def test_sparsity_reaches_the_target(run_cli, ws):
 
 
 def test_non_finite_loss_fails_the_job_with_a_clear_message(run_cli, ws):
+    (ws / "data.json").write_text('{"data": "digits", "limit": 300, "normalize": true}')  # an earlier run's data
     r, doc = distill(run_cli, "--width", "0.5", *FAST, "--lr", "1e30")
     assert r.exit_code == 1
     assert all(row["status"] == "failed" for row in doc["candidates"])
     assert "try a lower --lr" in doc["candidates"][0]["error"]
     assert "3 of 3 jobs failed" in r.stderr and r.stderr.strip().count("\n") == 0
+    assert json.loads((ws / "data.json").read_text())["limit"] == 300  # no student came of this run's data
     r, doc = distill(run_cli, "--width", "0.5", *FAST)
     assert [row["status"] for row in doc["candidates"]] == ["done"] * 3
+    assert json.loads((ws / "data.json").read_text())["limit"] == 200
 
 
 def test_dry_run_previews_without_training(run_cli, ws):
