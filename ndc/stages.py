@@ -224,13 +224,16 @@ def distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, *, source: str
         same = {}
         for row in rows:
             spec = Spec.parse(row["spec"])
-            if (row["status"] == "done" and spec.width < 1 and spec.sparsity == 0 and spec.nm is None and spec.slim is None
-                    and spec.gates is None and row.get("student_params") == row.get("teacher_params")):
-                same.setdefault(str(spec), []).append(row["neighbourhood"])
-        for spec, names in same.items():
+            if (row["status"] == "done" and (spec.width < 1 or spec.gates is not None) and spec.sparsity == 0
+                    and spec.nm is None and spec.slim is None and row.get("student_params") == row.get("teacher_params")):
+                why = ("ndc distill --dry-run says what kept each dimension" if spec.gates is None else
+                       "no gate closed; a larger --gate-penalty closes more" if (row.get("gates") or {}).get("groups") else
+                       "no channel group there can carry a gate: attention heads and groups meeting a layer norm keep "
+                       "the teacher's width")
+                same.setdefault((str(spec), why), []).append(row["neighbourhood"])
+        for (spec, why), names in same.items():
             if warn is not None:
-                warn(f"{spec} shrank nothing in {', '.join(names)}: the student is the teacher's size "
-                     "(ndc distill --dry-run says what kept each dimension)")
+                warn(f"{spec} shrank nothing in {', '.join(names)}: the student is the teacher's size ({why})")
         return DistillResult(rows, chosen, why, engine, backend, workers, placed, time.perf_counter() - started)
 
 

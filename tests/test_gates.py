@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from tests.test_rewrite import CASES, IDS, get_part
 FAST = ["--data", "digits", "--limit", "200", "--steps", "120", "--batch-size", "32", "--val-size", "64", "--lr", "3e-3",
         "--quiet"]
 NBS = ("layer1.0", "layer2.0", "layer3.0")
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("family, name", CASES, ids=IDS)
@@ -82,6 +84,8 @@ def test_the_penalty_sets_the_size_and_the_students_stitch_and_search(run_cli, w
     for nb in NBS:
         sizes = [found[nb, f"gates={p}"]["student_params"] for p in ("0.0", "1.0", "3.0")]
         assert sizes[0] == found[nb, "gates=0.0"]["teacher_params"]  # nothing to pay for: every channel stays
+        free = found[nb, "gates=0.0"]  # ... and the teacher's own weights are the best student of its size
+        assert free["final_error"] == free["initial_error"] < 1e-3
         assert sizes[0] >= sizes[1] >= sizes[2] and sizes[2] < sizes[0], (nb, sizes)
         row = found[nb, "gates=3.0"]
         assert row["job"] == {"kind": "gates", "penalty": 3.0, "gate_steps": 84}
@@ -89,6 +93,8 @@ def test_the_penalty_sets_the_size_and_the_students_stitch_and_search(run_cli, w
         student = json.loads((ws / "jobs" / nb / "gates-3.0" / "student.json").read_text())
         assert {k: len(v["kept"]) for k, v in student["record"]["dims"].items()} == \
                {k: v["kept"] for k, v in kept.items() if v["kept"] < v["teacher"]}
+    assert ("gates=0.0 shrank nothing in layer1.0, layer2.0, layer3.0: the student is the teacher's size (no gate "
+            "closed; a larger --gate-penalty closes more)") in r.stderr
     total = [sum(found[nb, f"gates={p}"]["student_params"] for nb in NBS) for p in ("0.0", "1.0", "3.0")]
     assert total[0] > total[1] > total[2]
     # gate-derived candidates are candidates like any other: stitched, exported, chosen by search under a budget
@@ -107,6 +113,19 @@ def test_the_penalty_sets_the_size_and_the_students_stitch_and_search(run_cli, w
     assert r.exit_code == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["params"] <= budget and any(s.startswith("gates=") for s in result["selection"].values())
+
+
+def test_attention_alone_carries_no_gate_and_keeps_the_teachers_weights(run_cli, tmp_path):
+    r = run_cli("partition", f"{ROOT / 'tests' / 'models_for_tests.py'}:mha_encoder", "--input-shape", "1,6,8")
+    assert r.exit_code == 0, r.stderr
+    r, doc = distill_json(run_cli, "--gates", "--only", "layers.0.attn", "--data-free", "--steps", "6", "--batch-size", "8",
+                          "--val-size", "16", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    row = doc["candidates"][0]
+    assert row["gates"]["groups"] == {} and row["student_params"] == row["teacher_params"]
+    assert row["final_error"] == row["initial_error"] < 1e-3  # trained gateless, it only drifted from the teacher
+    assert ("gates=0.3 shrank nothing in layers.0.attn: the student is the teacher's size (no channel group there can "
+            "carry a gate: attention heads and groups meeting a layer norm keep the teacher's width)") in r.stderr
 
 
 def test_a_resumed_gated_job_continues_exactly_across_the_gate_phase(partitioned):

@@ -125,7 +125,8 @@ def _mixes(an: Analysis, node: fx.Node) -> bool:
 
 
 def _leaves(an: Analysis, value) -> set[int]:
-    layouts = value if isinstance(value, list) else [axis for axes in (value or ()) for axis in axes]
+    # a tensor's layout is a list of axes; a tuple's, a tuple of them (None for an entry that is no tensor)
+    layouts = value if isinstance(value, list) else [axis for axes in (value or ()) if axes is not None for axis in axes]
     return {g for layout in layouts for g in an.dims.leaves(layout)}
 
 
@@ -366,7 +367,8 @@ class GatedTrainer(CandidateTrainer):
 
     def start(self, initial: dict) -> None:
         self.initial = initial
-        self.best = BestWeights(self.model, None, self.patience)  # the teacher-width start is no valid gated student
+        # the teacher-width start is no valid gated student, unless nothing here can carry a gate (attention alone)
+        self.best = BestWeights(self.model, None if self.model.groups else initial["mse"], self.patience)
 
     def comparable(self) -> bool:
         return self.model.fixed is not None
@@ -385,6 +387,11 @@ class GatedTrainer(CandidateTrainer):
         module, record, rows = self.model.student(self.part, self.spec, self.init, self.round_to, self.seed)
         rebuilt = rebuild_student(self.part, self.spec, record)  # what stitch will rebuild, loaded strictly
         rebuilt.load_state_dict(module.state_dict())
+        sizes = self.model.an.dims.sizes
+        if (self.init == "teacher" and all(len(idx) == sizes[g] for g, idx in zip(self.model.groups, self.model.kept))
+                and final["mse"] > self.initial["mse"]):
+            rebuilt.load_state_dict(self.part.state_dict())  # no gate closed: the teacher's own weights are the better
+            final = self.initial                             # student of this very size
         keys = self.model.an.keys()
         job = {"kind": "gates", "penalty": self.penalty, "gate_steps": self.gate_steps}
         info = {"penalty": self.penalty,
