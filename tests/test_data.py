@@ -179,7 +179,11 @@ def test_fashion_mnist_json(run_cli, tmp_path):
     assert (doc["train"], doc["test"], doc["classes"], doc["shape"]) == (60000, 10000, 10, [1, 28, 28])
     # the well-known Fashion-MNIST statistics
     assert doc["mean"][0] == pytest.approx(0.2860, abs=1e-4) and doc["std"][0] == pytest.approx(0.3530, abs=1e-4)
-    assert Path(doc["statistics"]).is_file() and Path(doc["statistics"]).parent == tmp_path / "ndc-work" / "data"
+    assert doc["statistics"] is None and not (tmp_path / "ndc-work").exists()  # no workspace made just to look
+    r = run_cli("data", "fashion-mnist", "--limit", "100", "-w", "ws")
+    assert r.exit_code == 0, r.stderr
+    kept = list((tmp_path / "ws" / "data").glob("*.json"))
+    assert len(kept) == 1 and f"statistics     {kept[0]}" in r.stdout
 
 
 @needs_fashion_mnist

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ndc.commands.common import common_options, emit, normalize_option, table, user_errors
+from ndc.commands.common import common_options, emit, given, normalize_option, table, user_errors
 from ndc.commands.partition import parse_shape
 from ndc.errors import NdcError
 
@@ -26,7 +26,8 @@ def command(spec, input_shape, limit, normalize, workspace, fmt):
     text:FILE[,TOKENIZER] (token ids of a text, with a local tokenizer.json),
     or module:function / file.py:function returning (train, test). With
     normalisation by training statistics (the default) they are computed once
-    and stored in WORKSPACE/data/, where every later stage finds them. Image
+    and stored in WORKSPACE/data/ (when it exists, or -w is given), where
+    every later stage finds them. Image
     folders and user datasets are read in full once, so a broken file shows up
     here rather than in the middle of training. A non-finite value, an empty
     split, or (with a workspace plan) a class label the teacher has no output
@@ -46,6 +47,7 @@ def command(spec, input_shape, limit, normalize, workspace, fmt):
     ws = Workspace(workspace)
     shape, shape_from = None, "the data's own shape"
     plan = ws.load_plan() if ws.exists(PLAN) else None
+    keep = ws.root.is_dir() or given("workspace")  # no ./ndc-work made just to look at data: statistics not kept
     if input_shape:
         full = parse_shape(input_shape)
         if len(full) < 2:
@@ -53,7 +55,7 @@ def command(spec, input_shape, limit, normalize, workspace, fmt):
         shape, shape_from = full[1:], "--input-shape"
     elif plan is not None:
         shape, shape_from = tuple(plan.input_shape[1:]), f"the plan in {ws.root}"
-    data = open_data(spec, shape, limit=limit, workspace=ws, normalize=normalize)
+    data = open_data(spec, shape, limit=limit, workspace=ws if keep else None, normalize=normalize)
     data.check()
     output = plan.neighbourhoods[-1].output_shape if plan is not None and plan.neighbourhoods else []
     head = Head(tuple(int(d) for d in output[1:]))
@@ -80,6 +82,8 @@ def command(spec, input_shape, limit, normalize, workspace, fmt):
         rows.append(["normalisation", data.normalization])
         if data.stats_path is not None:
             rows.append(["statistics", str(data.stats_path)])
+        elif not keep and data.normalization == "training statistics":
+            rows.append(["statistics", "not kept: no workspace here (-w DIR keeps them for the later stages)"])
         return f"{spec}\n" + table(["", ""], rows, "ll").split("\n", 2)[2]
 
     emit(fmt, payload, text)
