@@ -342,7 +342,8 @@ def _absorb(facts: GraphFacts, pos: int, module: str = "") -> int:
         if nxt is None or nxt not in boundary_set:
             return i
         n = facts.order[nxt]
-        if facts.params_of(n) or facts.shape(n) != facts.shape(facts.order[i]) or facts.is_weight_layer(n):
+        weights = facts.params_of(n) or any(facts.params_of(a) for a in n.all_input_nodes if a.op == "get_attr")
+        if weights or facts.shape(n) != facts.shape(facts.order[i]) or facts.is_weight_layer(n):
             return i
         if len([a for a in n.all_input_nodes if a in act]) != 1 or n.op == "call_module" and _has_state(facts, n):
             return i
@@ -405,18 +406,37 @@ def _explicit_cuts(facts: GraphFacts, cuts: tuple[str, ...]) -> list[int]:
 
 
 def _name(facts: GraphFacts, segs: list[Segment]) -> None:
-    """Deterministic, unique names from the modules each neighbourhood holds."""
-    bases, fallback = [], set()
+    """Deterministic, unique names: the deepest module enclosing each neighbourhood's main computation.
+
+    The main computation is its weight layers (conv, linear); without any, the nodes holding parameters (a norm, a
+    class token); without any, every operation. Another operation widens the name only to a module around the main
+    computation (the patch embedding's flatten and class token name ``vit.embeddings``, a block's residual add names
+    the block): glue from elsewhere (the class token and position embedding before the first block, a final norm
+    before the classifier, the ReLU after a block, a token select in the root) does not drag it up to a parent. A
+    neighbourhood whose main computation spans modules of the root is named after the module holding most of its
+    parameters; a name that several neighbourhoods share gets the child holding most of each one's parameters, then
+    ``~1``, ``~2``.
+    """
+    everywhere = Counter(p for n in facts.order if n in facts.live.act for p in _enclosing(n))
+    bases = []
     for k, seg in enumerate(segs):
-        # A node it absorbed (the ReLU after the add, a final norm) does not widen the name.
+        # A node it absorbed (the ReLU after the add, a post-norm) does not widen the name.
         absorbed = set(seg.absorbed)
-        live = [n for n in seg.nodes if n in facts.live.act and n not in absorbed]
-        base = _common_prefix([s for n in live if (s := facts.scope(n))])
+        nodes = [n for n in seg.nodes if n not in absorbed]
+        live = [n for n in nodes if n in facts.live.act]
+        main = [n for n in nodes if facts.is_weight_layer(n)] or [n for n in nodes if facts.params_of(n)] or live
+        base = _common_prefix([s for n in main if (s := facts.scope(n))])
+        if base:
+            base = _common_prefix([base] + [s for n in live if (s := facts.scope(n)) and base.startswith(s + ".")])
         if not base and not seg.kept:
-            # Glue it also holds (a final norm, a token select) widened the name to the root: its weight layers name it.
-            base = _common_prefix([s for n in live if facts.is_weight_layer(n) and (s := facts.scope(n))])
-            if base:
-                fallback.add(base)
+            base = _majority(facts, nodes)
+        # It holds more, and the whole of a module around that (a Sequential stem: its conv, norm and activation):
+        # that module names it.
+        here = Counter(p for n in seg.nodes if n in facts.live.act for p in _enclosing(n))
+        scopes = [facts.scope(n) for n in live]
+        while ("." in base and here[parent := base.rpartition(".")[0]] == everywhere[parent]
+               and any(_within(s, parent) and not _within(s, base) for s in scopes)):
+            base = parent
         if len(segs) == 1:
             base = "model"
         elif seg.kept and k == 0:
@@ -427,12 +447,9 @@ def _name(facts: GraphFacts, segs: list[Segment]) -> None:
             base = _largest(facts, seg, "") or f"part{k}"
         bases.append(base)
     counts = Counter(bases)
-    # Beside a name found from weight layers ("blocks.3.mlp"), its parent ("blocks.3", the attention before it) is
-    # as ambiguous as a repeated name.
-    parents = {b for b in bases if any(other.startswith(b + ".") for other in fallback)}
     names = []
     for seg, base in zip(segs, bases):
-        if counts[base] > 1 or base in parents:
+        if counts[base] > 1:
             child = _largest(facts, seg, base)
             base = f"{base}.{child}" if child and base not in ("stem", "head") else base
         names.append(base)
@@ -441,6 +458,22 @@ def _name(facts: GraphFacts, segs: list[Segment]) -> None:
     for seg, name in zip(segs, names):
         seen[name] += 1
         seg.name = f"{name}~{seen[name]}" if totals[name] > 1 else name
+
+
+def _majority(facts: GraphFacts, nodes: list[fx.Node]) -> str:
+    """The deepest module holding more than half of the parameters of ``nodes`` ('' if no module of the root does)."""
+    sizes: Counter = Counter()
+    for n in nodes:
+        m, p = facts.module_of(n), facts.params_of(n)
+        if m and p:
+            parts = m.split(".")
+            for k in range(1, len(parts) + 1):
+                sizes[".".join(parts[:k])] += p
+    total = sum(facts.params_of(n) for n in nodes)
+    path = ""
+    while best := [c for c in sizes if c.rpartition(".")[0] == path and 2 * sizes[c] > total]:
+        path = best[0]  # a strict majority: at most one child holds it
+    return path
 
 
 def _largest(facts: GraphFacts, seg: Segment, base: str) -> str:
@@ -456,6 +489,10 @@ def _largest(facts: GraphFacts, seg: Segment, base: str) -> str:
             continue
         sizes[rest.split(".")[0]] += p
     return max(sorted(sizes), key=lambda c: sizes[c]) if sizes else ""
+
+
+def _within(path: str, module: str) -> bool:
+    return path == module or path.startswith(module + ".")
 
 
 def _common_prefix(paths: list[str]) -> str:
