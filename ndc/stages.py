@@ -191,6 +191,8 @@ def distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, *, source: str
 
     placed = resolve_devices(device, devices)
     engine = resolve_engine(engine, placed)
+    if cfg.data:  # a file named relatively or not is one file, for the job keys and for workers elsewhere
+        cfg = replace(cfg, data=absolute_spec(cfg.data))
     with ws.writing("ndc distill") as fence:
         teacher = load_teacher(ws)
         plan = teacher.plan

@@ -112,14 +112,14 @@ class TokenData:
 
     @property
     def fingerprint(self) -> list:
-        """What the ids are: their count and a hash of both splits (in memory, so hashed rather than stamped)."""
+        """What the ids are: a hash of both splits (in memory, so hashed rather than stamped; wherever they were read)."""
         import hashlib
 
         h = hashlib.sha256()
         for x, y in self._splits.values():
             h.update(np.ascontiguousarray(x).tobytes())
             h.update(np.ascontiguousarray(y).tobytes())
-        return [self.where, h.hexdigest()]
+        return ["token ids", h.hexdigest()]
 
     def check(self) -> None:
         """Everything was checked when read."""

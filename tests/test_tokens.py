@@ -171,3 +171,23 @@ def test_labels_that_do_not_fit_the_model_are_measured_by_agreement(run_cli, tmp
                 "--format", "json")
     assert r.exit_code == 0, r.stderr
     assert "so only the teacher is matched" in r.stderr
+
+
+def test_one_file_named_two_ways_is_one_data_set(run_cli, tmp_path):
+    # the job keys and the students' data identity took --data as typed: a retrain, and stitch warned that the
+    # students came from other data than the (remembered, absolute) file they came from
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 20, (80, 6))
+    np.savez(tmp_path / "ids.npz", x=x, y=x[:, 0] % 3)
+    model = pathlib.Path(__file__).resolve().parent / "models_for_tests.py"
+    assert run_cli("partition", f"{model}:token_classifier", "--input-shape", "1,6", "--input-dtype", "int64").exit_code == 0
+    fast = ["--width", "0.5", "--steps", "4", "--batch-size", "16", "--val-size", "16", "--format", "json"]
+    r = run_cli("distill", "--data", "ids.npz", *fast)
+    assert r.exit_code == 0, r.stderr
+    assert {row["status"] for row in json.loads(r.stdout)["candidates"]} == {"done"}
+    r = run_cli("distill", "--data", str(tmp_path / "ids.npz"), *fast)
+    assert r.exit_code == 0 and "replacing" not in r.stderr, r.stderr
+    assert {row["status"] for row in json.loads(r.stdout)["candidates"]} == {"skipped"}
+    r = run_cli("stitch", "-o", "s.onnx")
+    assert r.exit_code == 0, r.stderr
+    assert "distilled from other data" not in r.stderr
