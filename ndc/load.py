@@ -474,22 +474,28 @@ def _few(keys: list[str], n: int = 3) -> str:
 
 def guess_input_shape(model) -> tuple[int, ...] | None:
     """An input shape from the model itself: an ``input_shape`` attribute, or its first layer."""
+    return input_shape_guess(model)[0]
+
+
+def input_shape_guess(model) -> tuple[tuple[int, ...] | None, str | None]:
+    """:func:`guess_input_shape` and, when part of it is invented rather than read from the model (a convolution
+    says its channels, not the size of its images), what: ``"32x32"``."""
     declared = getattr(model, "input_shape", None)
     if isinstance(declared, (tuple, list)) and declared and all(isinstance(d, int) for d in declared):
-        return tuple(declared)
+        return tuple(declared), None
     config = getattr(model, "config", None)  # a Hugging Face model says what it reads
     if isinstance(getattr(config, "image_size", None), int) and isinstance(getattr(config, "num_channels", None), int):
-        return (1, config.num_channels, config.image_size, config.image_size)
+        return (1, config.num_channels, config.image_size, config.image_size), None
     if _reads_token_ids(model):
-        return (1, TOKENS)
+        return (1, TOKENS), None
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            return (1, m.in_channels, 32, 32)
+            return (1, m.in_channels, 32, 32), "32x32"
         if isinstance(m, nn.Conv1d):
-            return (1, m.in_channels, 128)
+            return (1, m.in_channels, 128), "length 128"
         if isinstance(m, nn.Linear):
-            return (1, m.in_features)
-    return None
+            return (1, m.in_features), None
+    return None, None
 
 
 TOKENS = 16  # sequence length traced when a language model's input shape is not given

@@ -79,6 +79,21 @@ def remember_data(ws: Workspace, options: DataOptions | None) -> None:
                                  "normalize": options.normalize})
 
 
+def shape_doubt(plan, data) -> str | None:
+    """What to say when ndc partition guessed the teacher's input size and ``data``'s examples have another one (a
+    28x28 data set zero-padded to a guessed 32x32 can wreck a teacher trained on 28x28)."""
+    from ndc.errors import fmt_shape
+
+    invented, want = plan.tracer.get("guessed"), tuple(plan.input_shape[1:])
+    raw = tuple(getattr(data, "raw_shape", None) or ())
+    if not invented or len(raw) != len(want) or raw[1:] == want[1:]:
+        return None
+    given = ",".join(map(str, (1, want[0], *raw[1:])))
+    return (f"ndc partition guessed the teacher's input shape {fmt_shape(want)} ({invented} is a guess), but the "
+            f"examples of {data.name} are {fmt_shape(raw)}, fitted to it: if the teacher was trained on them, "
+            f"partition again with --input-shape {given}")
+
+
 def absolute_spec(spec: str) -> str:
     """``spec`` with each part that names an existing file or folder relative to here made absolute
     (``mine.npz``, ``imagefolder:photos``, ``my_data.py:load``); built-in names (``digits``) stay as they are."""
@@ -120,7 +135,7 @@ def partition(ws: Workspace, model: str, *, input_shape: tuple[int, ...] | None 
               warn: Log = _quiet):
     """Load MODEL, trace it, cut it into neighbourhoods and write the plan and the teacher's weights; returns
     ``(plan, traced)``. Every plan is verified before it is written (:mod:`ndc.passes.verify`)."""
-    from ndc.load import guess_input_shape, input_spec, load_model
+    from ndc.load import input_shape_guess, input_spec, load_model
     from ndc.passes.partition import STRATEGIES
     from ndc.plan import partition_model, write_plan
 
@@ -132,14 +147,19 @@ def partition(ws: Workspace, model: str, *, input_shape: tuple[int, ...] | None 
             warn(f"{option} is ignored with --by {by}: it goes with --by {' or --by '.join(owner)}")
     loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
     inputs = input_spec(loaded, input_dtype)
-    shape = input_shape or loaded.input_shape
+    shape, invented = input_shape or loaded.input_shape, None
     if shape is None:
-        shape = guess_input_shape(loaded.model)
+        shape, invented = input_shape_guess(loaded.model)
         if shape is None:
             raise NdcError("cannot tell the model's input shape; pass --input-shape, e.g. 1,3,32,32")
-        warn(f"no --input-shape given; using {','.join(map(str, shape))} from the model")
+        text = ",".join(map(str, shape))
+        warn(f"no --input-shape given; using {text} from the model" if invented is None else
+             f"no --input-shape given; guessing {text}: the channels are the first layer's, {invented} is a guess "
+             f"(give --input-shape with the size the teacher was trained on)")
     plan, traced = partition_model(loaded, shape, by=by, depth=depth, every=every, cuts=tuple(cuts), leaves=tuple(leaves),
                                    frontend=frontend, inputs=inputs, output=output)
+    if invented is not None:
+        plan.tracer["guessed"] = invented  # later stages doubt it when the data's examples have another size
     with ws.writing("ndc partition", create=True):
         write_plan(ws, plan, loaded.model)
     return plan, traced
@@ -199,6 +219,8 @@ def distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, *, source: str
         if not plan_candidates(plan, specs, only):
             raise NdcError("the plan has no neighbourhood to distil (all are kept); try ndc partition --by module or --by layers")
         data = data_for(ws, cfg, plan.input_shape[1:], fresh=True) if cfg.data else None
+        if data is not None and (doubt := shape_doubt(plan, data)) and warn is not None:
+            warn(doubt)
         options = DataOptions(cfg.data, cfg.limit, cfg.normalize) if data is not None else None
         remembered = False
 
@@ -282,6 +304,8 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
         source, calibrated = None, 0
         if data:
             source = open_data(data, plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
+            if (doubt := shape_doubt(plan, source)) and warn is not None:
+                warn(doubt)
             _say_if_distilled_on_other_data(ws, selection, source, data, calibrate, warn)
             calibrated = recalibrate_batchnorm(model.to(device), on_device(source, device), calibrate)
         model.cpu()

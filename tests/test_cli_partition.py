@@ -49,10 +49,21 @@ def test_a_model_no_cut_divides_is_one_neighbourhood_and_said_so(run_cli, tmp_pa
 def test_input_shape_is_guessed_with_a_warning(run_cli):
     r = run_cli("partition", "ndc.zoo:resnet20", "--format", "json", "--depth", "2", "--cut", "layer2.0")
     assert r.exit_code == 0
-    assert "no --input-shape given; using 1,3,32,32" in r.stderr
+    assert ("no --input-shape given; guessing 1,3,32,32: the channels are the first layer's, 32x32 is a guess (give "
+            "--input-shape with the size the teacher was trained on)") in r.stderr
     assert "--depth is ignored with --by auto: it goes with --by module" in r.stderr
     assert "--cut is ignored with --by auto: it goes with --by cuts" in r.stderr
     assert json.loads(r.stdout)["input_shape"] == [1, 3, 32, 32]
+    # a guessed size that the data does not have is doubted wherever the teacher meets the data (a 28x28 teacher
+    # padded to 32x32 can lose most of its accuracy)
+    doubt = ("ndc partition guessed the teacher's input shape 3x32x32 (32x32 is a guess), but the examples of digits "
+             "are 1x8x8, fitted to it: if the teacher was trained on them, partition again with --input-shape 1,3,8,8")
+    r = run_cli("eval", "--data", "digits", "--limit", "50")
+    assert r.exit_code == 0 and doubt in r.stderr, r.stderr
+    r = run_cli("partition", "ndc.zoo:resnet20", "--input-shape", "1,3,8,8")
+    assert r.exit_code == 0 and "guess" not in r.stderr
+    r = run_cli("eval", "--data", "digits", "--limit", "50")
+    assert r.exit_code == 0 and "guessed" not in r.stderr, r.stderr
 
 
 def test_pickled_model_needs_trust(run_cli, tmp_path):

@@ -65,7 +65,7 @@ def command(model, data_spec, limit, batch_size, trust_pickle, device, metric, n
             warn(f"no plan in workspace {ws.root}: reporting accuracy only (no teacher to compare with)")
         payload = _evaluate_file(model, ws if has_plan else None, data_spec, limit, normalize, batch_size, device,
                                  trust_pickle, metric)
-    for message in (payload.get("note"), payload.pop("doubt", None)):
+    for message in (payload.pop("shape_doubt", None), payload.get("note"), payload.pop("doubt", None)):
         if message:
             warn(message)
     emit(fmt, payload, lambda: _text(payload))
@@ -91,7 +91,7 @@ def _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device, met
         note = ("the stitched student in the workspace was made from another teacher or partition, or is unreadable "
                 "(rerun ndc stitch); evaluated the teacher only" if stale else
                 "no stitched student in the workspace yet (run ndc stitch); evaluated the teacher only")
-        return _payload("teacher", "teacher", metric, {**result, "agreement": None}, data, ws, note)
+        return _payload("teacher", "teacher", metric, {**result, "agreement": None}, data, ws, note, teacher.plan)
     student = load_student(ws, folder, teacher=teacher)
     result = evaluate(student, data, metric=metric, teacher=teacher.gm, batch_size=batch_size, device=device)
     label = "stitched student"
@@ -99,7 +99,7 @@ def _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device, met
         finetuned = student_document(ws, folder).get("finetuned") or {}
         label = ("stitched student (ndc finetune kept it: no epoch beat it)" if finetuned.get("best_epoch") == 0
                  else "fine-tuned student")
-    return _payload("student", label, metric, result, data, ws, None)
+    return _payload("student", label, metric, result, data, ws, None, teacher.plan)
 
 
 # ----------------------------------------------------------------------- file
@@ -128,7 +128,7 @@ def _evaluate_file(model, ws, data_spec, limit, normalize, batch_size, device, t
                          without_teacher="" if teacher else f"pass -w with the workspace {model} was made from")
     result = evaluate(predictor, data, metric=metric, teacher=teacher.gm if teacher is not None else None,
                       batch_size=batch_size, device=device)
-    return _payload("model", str(model), metric, result, data, ws, None)
+    return _payload("model", str(model), metric, result, data, ws, None, teacher.plan if teacher is not None else None)
 
 
 def _input_shape(predictor, teacher, model: str) -> tuple[int, ...]:
@@ -153,9 +153,10 @@ def _input_shape(predictor, teacher, model: str) -> tuple[int, ...]:
 # --------------------------------------------------------------------- output
 
 
-def _payload(evaluated: str, label: str, metric, result: dict, data, ws, note) -> dict:
+def _payload(evaluated: str, label: str, metric, result: dict, data, ws, note, plan=None) -> dict:
     """The JSON of ``ndc eval``; ``accuracy`` and ``teacher_accuracy`` are the scores when the metric is accuracy."""
     from ndc.scoring import teacher_doubt
+    from ndc.stages import shape_doubt
 
     accuracy = metric.kind == "accuracy"
     teacher_score = result["score"] if evaluated == "teacher" else result.get("teacher_score")
@@ -178,6 +179,7 @@ def _payload(evaluated: str, label: str, metric, result: dict, data, ws, note) -
         "workspace": str(ws.root) if ws is not None else None,
         "note": note,
         "doubt": teacher_doubt(metric, teacher_score, data),  # warned, not part of the JSON
+        "shape_doubt": shape_doubt(plan, data) if plan is not None else None,  # warned, not part of the JSON
     }
 
 
