@@ -273,3 +273,17 @@ def test_onnx_files_carry_no_per_node_debugging_metadata(tmp_path):
     model = onnx.load(str(tmp_path / "m.onnx"))
     assert model.graph.node and not any(node.metadata_props for node in model.graph.node)
     assert not any(value.metadata_props for value in [*model.graph.value_info, *model.graph.input, *model.graph.output])
+
+
+def test_the_exporters_chatter_is_kept_off_the_terminal(capfd):
+    # onnxscript logs "Evaluation failed: ..." for every constant it cannot fold (a BERT student printed four)
+    import logging
+
+    from ndc.passes.export import _quiet_exporter
+
+    folding = logging.getLogger("onnxscript.optimizer._constant_folding")
+    with _quiet_exporter():
+        folding.warning("Evaluation failed: cannot reshape array of size 1 into shape (1,16)")
+    folding.warning("after the export: heard")
+    err = capfd.readouterr().err
+    assert "Evaluation failed" not in err and "after the export: heard" in err

@@ -467,17 +467,21 @@ def _fsync(path: Path) -> None:
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """Keep the exporters' chatter off stdout (``--format json`` owns it) and drop their internal deprecations."""
-    # torch.onnx logs one warning per missing torchvision op at every export.
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level
-    registration.setLevel(logging.ERROR)
+    # torch.onnx logs one warning per missing torchvision op at every export; onnxscript's constant folding one per
+    # constant it could not fold ("Evaluation failed: cannot reshape ..."), which it then leaves as it was.
+    loggers = [logging.getLogger(name) for name in ("torch.onnx._internal.exporter._registration",
+                                                    "onnxscript.optimizer._constant_folding")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             yield
     finally:
-        registration.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _export_failure(what: str, e: BaseException) -> str:
