@@ -275,7 +275,7 @@ def test_onnx_files_carry_no_per_node_debugging_metadata(tmp_path):
     assert not any(value.metadata_props for value in [*model.graph.value_info, *model.graph.input, *model.graph.output])
 
 
-def test_the_exporters_chatter_is_kept_off_the_terminal(capfd):
+def test_the_exporters_chatter_is_kept_off_the_terminal(caplog):
     # onnxscript logs "Evaluation failed: ..." for every constant it cannot fold (a BERT student printed four)
     import logging
 
@@ -285,5 +285,4 @@ def test_the_exporters_chatter_is_kept_off_the_terminal(capfd):
     with _quiet_exporter():
         folding.warning("Evaluation failed: cannot reshape array of size 1 into shape (1,16)")
     folding.warning("after the export: heard")
-    err = capfd.readouterr().err
-    assert "Evaluation failed" not in err and "after the export: heard" in err
+    assert [r.getMessage() for r in caplog.records] == ["after the export: heard"]
