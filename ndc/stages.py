@@ -468,7 +468,7 @@ def finetune(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str
         payload = {**score_keys(cfg.metric, score=result["best_accuracy"], initial_score=result["initial_accuracy"],
                                 teacher_score=teacher_score),
                    "loss": cfg.loss, "lr": cfg.lr, "epochs": result["epochs"], "best_epoch": result["best_epoch"],
-                   "seconds": result["seconds"], "history": result["history"]}
+                   "seconds": result["seconds"], "history": result["history"], "selection": stitched["selection"]}
         _say_if_better_replaced(ws, cfg.metric, payload["score"], stitched["weights_sha256"], warn)
         save_student(ws, model, {k: Spec.parse(v) for k, v in stitched["selection"].items()}, stitched["candidates"],
                      {"teacher": teacher.identity, "from_student": stitched["weights_sha256"],

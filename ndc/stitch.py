@@ -127,6 +127,16 @@ def load_candidate(ws: Workspace, teacher, name: str, spec: Spec) -> tuple[nn.Mo
                            "final_error": metrics.get("final_error")}
 
 
+def selection_phrase(selection: dict) -> str:
+    """A stitched student's selection in a few words: its one spec (``width=0.5``), or each spec with its count."""
+    from collections import Counter
+
+    counts = Counter(str(spec) for spec in selection.values())
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{n}x {spec}" for spec, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
 def made_for_now(teacher, name: str) -> str:
     """What a student of neighbourhood ``name`` must have been distilled from to fit this teacher now."""
     return made_for(teacher.sha256, teacher.plan[name].to_json())

@@ -41,6 +41,7 @@ def test_finetune_raises_an_undertrained_student(run_cli, ws, tmp_path):
     r = run_cli("eval", *DATA, "--format", "json")  # the workspace's latest student: the fine-tuned one
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["accuracy"] == pytest.approx(doc["accuracy"], abs=1e-9)
+    assert json.loads(r.stdout)["model"] == "fine-tuned student (width=0.5)"
     # a later, worse run replaces it, and says so
     r = run_cli("finetune", *DATA, "--epochs", "1", "--lr", "1e-6", "--no-augment", "--format", "json")
     assert r.exit_code == 0, r.stderr
@@ -50,7 +51,8 @@ def test_finetune_raises_an_undertrained_student(run_cli, ws, tmp_path):
             f"against this run's {worse:.2%})") in r.stderr
     assert json.loads(r.stdout)["best_epoch"] == 0  # no epoch beat the stitched student: eval says whose weights these are
     r = run_cli("eval", *DATA)
-    assert "stitched student (ndc finetune kept it: no epoch beat it)" in r.stdout and "fine-tuned student" not in r.stdout
+    assert "stitched student (width=0.5; ndc finetune kept it: no epoch beat it)" in r.stdout
+    assert "fine-tuned student" not in r.stdout
 
 
 def test_data_free_finetune_never_returns_a_worse_student(run_cli, ws):
@@ -223,3 +225,13 @@ def test_compile_reaches_the_training_step_and_its_failure_is_one_line(run_cli, 
                                          "try without --compile") and "Traceback" not in r.stderr, r.stderr
     r = run_cli(*command, *DATA, "--compile", "fast")
     assert r.exit_code == 2 and "'fast' is not one of" in r.stderr
+
+
+def test_a_student_that_already_scores_full_marks_is_not_blamed_on_the_learning_rate(run_cli, ws):
+    r = run_cli("distill", "--width", "1.0", *DATA, "--steps", "2", "--batch-size", "32", "--val-size", "64", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    assert run_cli("stitch", "-o", "t.onnx", "--width", "1.0", "--calibrate", "0").exit_code == 0  # the teacher, as it is
+    r = run_cli("finetune", *DATA, "--metric", "agreement", "--epochs", "1", "--lr", "1e-9", "--no-augment")
+    assert r.exit_code == 0, r.stderr
+    assert "stitched student (width=1.0)" in r.stdout
+    assert "no epoch beat the stitched student, which already scores 100.00%: it is kept unchanged" in r.stdout

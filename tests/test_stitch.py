@@ -196,3 +196,11 @@ def test_stitching_on_other_data_than_the_students_learned_from_is_said(run_cli,
     assert r.exit_code == 0, r.stderr
     assert ("the students of layer1.0, layer2.0, layer3.0 were distilled from other data than --data mine.npz, on which "
             "the stitched student is recalibrated and measured") in r.stderr
+
+
+def test_a_selection_reads_as_its_spec_or_its_counts():
+    from ndc.stitch import selection_phrase
+
+    assert selection_phrase({"a": Spec(width=0.5), "b": Spec(width=0.5)}) == "width=0.5"
+    assert selection_phrase({"a": "width=0.25", "b": "sparsity=0.5", "c": "width=0.25", "d": "teacher"}) == \
+        "2x width=0.25, 1x sparsity=0.5, 1x teacher"

@@ -78,7 +78,7 @@ def _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device, met
     from ndc.data import open_data
     from ndc.evaluate import evaluate
     from ndc.plan import load_teacher
-    from ndc.stitch import latest_student, load_student, student_document
+    from ndc.stitch import latest_student, load_student, selection_phrase, student_document
 
     teacher = load_teacher(ws)
     data = open_data(data_spec, teacher.plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
@@ -94,11 +94,12 @@ def _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device, met
         return _payload("teacher", "teacher", metric, {**result, "agreement": None}, data, ws, note, teacher.plan)
     student = load_student(ws, folder, teacher=teacher)
     result = evaluate(student, data, metric=metric, teacher=teacher.gm, batch_size=batch_size, device=device)
-    label = "stitched student"
+    doc = student_document(ws, folder)
+    spec = selection_phrase(doc["selection"])
+    label = f"stitched student ({spec})"
     if folder == "finetune":
-        finetuned = student_document(ws, folder).get("finetuned") or {}
-        label = ("stitched student (ndc finetune kept it: no epoch beat it)" if finetuned.get("best_epoch") == 0
-                 else "fine-tuned student")
+        label = (f"stitched student ({spec}; ndc finetune kept it: no epoch beat it)"
+                 if (doc.get("finetuned") or {}).get("best_epoch") == 0 else f"fine-tuned student ({spec})")
     return _payload("student", label, metric, result, data, ws, None, teacher.plan)
 
 

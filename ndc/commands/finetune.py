@@ -96,6 +96,7 @@ def command(data_spec, limit, normalize, loss, metric, epochs, lr, batch_size, t
       ndc finetune --data targets.npz --loss mse --metric output-error
     """
     from ndc import stages
+    from ndc.stitch import selection_phrase
     from ndc.workspace import Workspace
 
     cfg = base_config(epochs, lr, stages.FINETUNE_LR, batch_size, tau, lam, patience, time_budget, no_augment, data_free, seed,
@@ -108,10 +109,14 @@ def command(data_spec, limit, normalize, loss, metric, epochs, lr, batch_size, t
     payload, metric = result.payload, result.metric
 
     def text() -> str:
-        rows = [["teacher", metric.format(payload["teacher_score"])], ["stitched student", metric.format(payload["initial_score"])]]
+        stitched = f"stitched student ({selection_phrase(payload['selection'])})"
+        rows = [["teacher", metric.format(payload["teacher_score"])], [stitched, metric.format(payload["initial_score"])]]
         if payload["best_epoch"]:
             rows.append([f"fine-tuned (epoch {payload['best_epoch']})", metric.format(payload["score"])])
+        perfect = payload["initial_score"] == (0.0 if metric.kind == "output-error" else 1.0) and metric.fraction
         tail = "" if payload["best_epoch"] else (
+            f"\nno epoch beat the stitched student, which already scores {metric.format(payload['initial_score'])}: "
+            "it is kept unchanged" if perfect else
             "\nno epoch beat the stitched student: it is kept unchanged (a lower learning rate, "
             f"--lr {payload['lr'] / 10:g}, or --no-augment may help: the first epochs can undo what distillation found)")
         tail += f"\nwrote {payload['output']}" if output else ""
