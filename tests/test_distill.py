@@ -188,6 +188,8 @@ def test_sparsity_reaches_the_target(run_cli, ws):
     assert stitched["params"] == stitched["teacher_params"] and stitched["nonzero_params"] < 0.75 * stitched["params"]
     r = run_cli("stitch", "-o", "s.pt2", "--spec", "sparsity=0.5", "--calibrate", "0")
     assert f"({human(stitched['nonzero_params'])} non-zero)" in r.stdout
+    r = run_cli("distill", "--sparsity", "0.5", *FAST[:-1])  # the table says what 'error before' means here
+    assert "(error before for sparsity=S, the dense start: the pruning ramps in during training)" in r.stdout
 
 
 def test_non_finite_loss_fails_the_job_with_a_clear_message(run_cli, ws):

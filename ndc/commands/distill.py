@@ -9,6 +9,7 @@ import click
 from ndc.commands.common import (common_options, compile_option, data_options, device_option, emit, given, human, normalize_option,
                                  table, user_errors, warn)
 from ndc.errors import NdcError
+from ndc.ir import Spec
 
 
 def parse_floats(text: str | None, what: str) -> list[float]:
@@ -197,7 +198,14 @@ def command(widths, sparsities, specs, slim_widths, assistant, gates, gate_penal
         done = sum(r["status"] == "done" for r in rows)
         skipped = sum(r["status"] == "skipped" for r in rows)
         where = f"{result.engine} engine, {result.backend} x{result.workers}, {','.join(result.devices)}"
-        return out + f"\n\n{done} trained, {skipped} already done, {len(failed)} failed in {seconds:.1f}s ({result.source}; {where})"
+        specs = [Spec.parse(r["spec"]) for r in rows]
+        starts = [what for what, used in (("for sparsity=S, the dense start: the pruning ramps in during training",
+                                           any(s.sparsity > 0 for s in specs)),
+                                          ("for gates=L, the teacher's size: the gates close during training",
+                                           any(s.gates is not None for s in specs))) if used]
+        note = f"\n(error before {'; '.join(starts)})" if starts else ""
+        return (out + note + f"\n\n{done} trained, {skipped} already done, {len(failed)} failed in {seconds:.1f}s "
+                f"({result.source}; {where})")
 
     emit(fmt, payload, text)
     if failed:
@@ -215,7 +223,6 @@ def _reason(metrics: dict) -> str:
 
 def _slimmable_specs(widths: list[float], assistant: str | None) -> list[str]:
     from ndc.distill.slimmable import ASSISTANTS
-    from ndc.ir import Spec
 
     if assistant is not None and not widths:
         raise NdcError("--assistant goes with --slimmable K[,K...]")
@@ -224,7 +231,6 @@ def _slimmable_specs(widths: list[float], assistant: str | None) -> list[str]:
 
 def _gate_specs(gates: bool, penalties: str | None) -> list[str]:
     from ndc.distill.gates import DEFAULT_PENALTY
-    from ndc.ir import Spec
 
     if penalties is not None and not gates:
         raise NdcError("--gate-penalty goes with --gates")
