@@ -145,6 +145,9 @@ def partition(ws: Workspace, model: str, *, input_shape: tuple[int, ...] | None 
                                  (every is not None, "--every", ("layers", "auto"))):
         if given and by not in owner:
             warn(f"{option} is ignored with --by {by}: it goes with --by {' or --by '.join(owner)}")
+    if ws.root.is_dir():
+        with ws.writing("ndc partition"):  # a busy workspace is said now, not after a long trace
+            pass
     loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
     inputs = input_spec(loaded, input_dtype)
     shape, invented = input_shape or loaded.input_shape, None

@@ -367,7 +367,8 @@ def test_a_second_writer_is_told_who_holds_the_workspace(run_cli, ws):
     holder = _hold(ws)
     try:
         for args in (["stitch", "-o", "s.onnx", "--width", "0.5"], ["distill", "--width", "0.5", *FAST],
-                     ["finetune", *DATA], ["eval", *DATA]):
+                     ["finetune", *DATA], ["eval", *DATA],
+                     ["partition", "not_loaded_yet.py:make"]):  # said before loading and tracing the model
             r = run_cli(*args)
             assert r.exit_code == 1 and one_line_error(r.stderr), (args, r.stderr)
             assert f"in use by `ndc distill` (pid {holder.pid})" in r.stderr
