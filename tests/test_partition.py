@@ -146,8 +146,13 @@ def test_layers_strategy_on_an_mlp_gives_one_layer_neighbourhoods():
 
 def test_layers_strategy_reports_residual_blocks_it_cannot_split():
     plan, _ = _plan(FAMILIES["resnet20"][0](), (1, 3, 32, 32), by="layers", every=1)
-    assert len(plan.notes) == 9
-    assert plan.notes[0].startswith("cannot cut between layer1.0.conv1 and layer1.0.conv2")
+    assert plan.notes == ["cannot cut 9 times (--explain says why each neighbourhood is not cut further), e.g. between "
+                          "layer1.0.conv1 and layer1.0.conv2: relu stays alive across it; those layers share neighbourhoods"]
+    from tests.models_for_tests import mha_encoder
+
+    plan, _ = _plan(mha_encoder(), (1, 6, 8), by="layers", every=1)  # a few: each said
+    assert plan.notes == [f"cannot cut between layers.{i}.fc1 and layers.{i}.fc2: {add} stays alive across it; they share a "
+                          "neighbourhood" for i, add in ((0, "add"), (1, "add_2"))]
 
 
 def test_cuts_strategy():

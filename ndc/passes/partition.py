@@ -364,7 +364,7 @@ def _layer_cuts(facts: GraphFacts, every: int, notes: list[str]) -> list[int]:
     layers = [facts.index[n] for n in facts.order if facts.is_weight_layer(n)]
     if not layers:
         raise NdcError("the model has no weight layers (conv or linear) to cut after; nothing to partition by layers")
-    positions = []
+    positions, uncut = [], []
     for k in range(every, len(layers), every):
         after, before = layers[k - 1], layers[k]
         inside = [p for p in facts.boundary_positions if after <= p < before]
@@ -372,9 +372,12 @@ def _layer_cuts(facts: GraphFacts, every: int, notes: list[str]) -> list[int]:
             positions.append(inside[-1])
         else:
             a, b = facts.order[after], facts.order[before]
-            alive = facts.alive_explanation(after)
-            notes.append(f"cannot cut between {_label(facts, a)} and {_label(facts, b)}: "
-                         f"{_stay(alive)} across it; they share a neighbourhood")
+            uncut.append(f"between {_label(facts, a)} and {_label(facts, b)}: {_stay(facts.alive_explanation(after))} across it")
+    if len(uncut) > 3:  # a transformer's q, k, v and every residual stream: one line, not one per pair
+        notes.append(f"cannot cut {len(uncut)} times (--explain says why each neighbourhood is not cut further), "
+                     f"e.g. {uncut[0]}; those layers share neighbourhoods")
+    else:
+        notes += [f"cannot cut {pair}; they share a neighbourhood" for pair in uncut]
     return positions
 
 
