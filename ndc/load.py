@@ -1,4 +1,4 @@
-"""Loading a teacher: a pickled module (trusted only), or a factory plus weights.
+"""Loading a teacher: a pickled module (trusted only), a factory plus weights, an archive or a Hugging Face folder.
 
 MODEL forms:
 
@@ -13,14 +13,24 @@ MODEL forms:
   unpickles nothing, so it needs no trust: the safe answer for a user who has
   only a saved model and no factory. Its graph is what ndc traces (the export
   frontend), and it says its own input shape and dtype.
+* ``folder/`` holding ``config.json``: a Hugging Face ``save_pretrained``
+  folder. The class ``config.architectures[0]`` names is taken from the
+  ``transformers`` package (a config that needs custom code, ``auto_map``, is
+  refused: no code from the folder ever runs, nothing is downloaded) and loaded
+  in float32 with the folder's ``model.safetensors`` (or sharded safetensors);
+  ``pytorch_model.bin`` is a pickle, read only with ``trust_pickle=True``. The
+  plan records the config itself, so later stages rebuild the architecture
+  without the folder (the workspace keeps the weights).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import io
+import json
 import logging
 import os
 import pickletools
@@ -48,6 +58,10 @@ class LoadedModel:
 
 def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False) -> LoadedModel:
     """Load MODEL as described in the module docstring; every failure is one :class:`NdcError` line."""
+    if Path(spec).is_dir() and (Path(spec) / "config.json").is_file():
+        if weights is not None:
+            raise NdcError(f"--weights goes with a factory MODEL; the Hugging Face folder {spec} holds its weights")
+        return _load_hf_folder(Path(spec), trust_pickle)
     if _is_factory(spec):
         model, source = _load_factory(spec)
         if weights is not None:
@@ -67,7 +81,7 @@ def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False
         what = "a folder" if path.is_dir() else "weights without an architecture"
         raise NdcError(f"{spec} is {what}; give a factory that builds the model and the weights file: "
                        f"ndc partition my_model.py:make --weights {path / 'model.safetensors' if path.is_dir() else path}"
-                       + (" (for a Hugging Face folder, make() returns e.g. AutoModelForImageClassification.from_config(...))"
+                       + (" (a Hugging Face save_pretrained folder would hold config.json, which names its architecture)"
                           if path.is_dir() else ""))
     if weights is not None:
         raise NdcError(f"--weights goes with a factory MODEL (file.py:factory or package.module:factory), not with the pickled module {spec}")
@@ -99,6 +113,8 @@ def reload_model(source: dict) -> nn.Module:
         if sha256_file(path) != source["sha256"]:
             raise NdcError(f"the teacher {path} changed since ndc partition trusted it; rerun ndc partition")
         return _load_pickled_module(path, trust_pickle=bool(source.get("trust_pickle")))
+    if source["kind"] == "huggingface":
+        return _rebuild_hf(source)
     model, _ = _load_factory(source["target"])
     return model
 
@@ -217,6 +233,144 @@ def _import_outputs_of(name: str) -> bool:
     except Exception:
         return False
     return True
+
+
+# ------------------------------------------------------- Hugging Face folders
+
+_HF_SAFE = ("model.safetensors", "model.safetensors.index.json")
+_HF_PICKLE = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _load_hf_folder(folder: Path, trust_pickle: bool) -> LoadedModel:
+    """A ``save_pretrained`` folder: the class its ``config.json`` names, from the ``transformers`` package, with the
+    folder's weights (safetensors; a ``pytorch_model.bin`` pickle only with ``trust_pickle``), in float32 and eval mode.
+    Nothing is downloaded and no code from the folder runs."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise NdcError(f"{folder / 'config.json'} is not readable JSON: {first_line(e, 160)}") from None
+    cls = _hf_class(config, folder)
+    safe = [name for name in _HF_SAFE if (folder / name).is_file()]
+    pickled = [name for name in _HF_PICKLE if (folder / name).is_file()]
+    if not safe and not pickled:
+        raise NdcError(f"{folder} has a config.json but no weights (model.safetensors, sharded model.safetensors.index.json "
+                       "or pytorch_model.bin); save the model with save_pretrained")
+    if not safe and not trust_pickle:
+        raise NdcError(f"{folder} holds its weights as {pickled[0]}, a pickle: unpickling can run arbitrary code. Pass "
+                       "--trust-pickle if you made or trust this folder, or save it again as safetensors "
+                       "(model.save_pretrained(folder))")
+    files = ["config.json"] + _hf_weight_files(folder, safe[0] if safe else pickled[0])
+    with _quiet_transformers():
+        try:
+            model, info = cls.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False,
+                                              use_safetensors=bool(safe), dtype=torch.float32, output_loading_info=True)
+        except Exception as e:
+            raise NdcError(f"transformers could not load {folder} as {cls.__name__}: {type(e).__name__}: "
+                           f"{first_line(e, 200)}") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise NdcError(f"the weights in {folder} do not fill {cls.__name__}: missing {len(missing)} key(s) ({_few(missing)}), "
+                       "which transformers would initialise at random; save the model with save_pretrained")
+    import transformers
+
+    source = {
+        "kind": "huggingface",
+        "path": str(folder.resolve()),
+        "architecture": cls.__name__,
+        "config": json.loads(model.config.to_json_string(use_diff=False)),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "transformers": transformers.__version__,
+        "files": files,
+        "sha256": _sha_files(folder, files),
+    }
+    return LoadedModel(model.eval(), source)
+
+
+def _hf_class(config: dict, folder: Path):
+    """The ``transformers`` class ``config.json``'s ``architectures`` names; custom code is refused."""
+    if not isinstance(config, dict):
+        raise NdcError(f"{folder / 'config.json'} does not hold a Hugging Face config (a JSON object)")
+    factory = f"give a factory that builds the model instead: ndc partition my_model.py:make --weights {folder / 'model.safetensors'}"
+    if config.get("auto_map"):
+        raise NdcError(f"{folder} needs custom code (config.json has auto_map), which ndc never runs; {factory}")
+    names = config.get("architectures")
+    if not isinstance(names, list) or not names or not isinstance(names[0], str):
+        raise NdcError(f"{folder / 'config.json'} names no architecture (no \"architectures\" list); {factory}")
+    try:
+        import transformers
+    except ImportError:
+        raise NdcError(f"{folder} is a Hugging Face model; loading it needs the transformers package (pip install transformers)") from None
+    try:
+        cls = getattr(transformers, names[0], None)
+    except Exception:  # a lazy import of an optional backend failed
+        cls = None
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module) or not hasattr(cls, "from_pretrained"):
+        raise NdcError(f"{folder}: transformers {transformers.__version__} has no model class {names[0]} "
+                       f"(config.json's architecture); {factory}")
+    return cls
+
+
+def _hf_weight_files(folder: Path, name: str) -> list[str]:
+    """``name`` and, for a sharded checkpoint's index, the shards it lists."""
+    if not name.endswith(".index.json"):
+        return [name]
+    try:
+        shards = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise NdcError(f"{folder / name} is not a readable index of shards: {first_line(e, 160)}") from None
+    for shard in shards:
+        if not (folder / shard).is_file():
+            raise NdcError(f"{folder / name} lists the shard {shard}, which is missing")
+    return [name, *shards]
+
+
+def _sha_files(folder: Path, names: list[str]) -> str:
+    """One hash of several files: the hash of their names and hashes."""
+    return hashlib.sha256("".join(f"{name} {_sha(folder / name)}\n" for name in names).encode()).hexdigest()
+
+
+def _rebuild_hf(source: dict) -> nn.Module:
+    """The architecture of a Hugging Face teacher from the plan alone (its weights come from the workspace)."""
+    name = source["architecture"]
+    try:
+        import transformers
+    except ImportError:
+        raise NdcError(f"the teacher is a Hugging Face {name}; rebuilding it needs the transformers package "
+                       "(pip install transformers)") from None
+    try:
+        cls = getattr(transformers, name, None)
+    except Exception:  # a lazy import of an optional backend failed
+        cls = None
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise NdcError(f"transformers {transformers.__version__} has no model class {name}, which the plan's teacher is "
+                       f"(ndc partition used transformers {source.get('transformers')}); rerun ndc partition")
+    kwargs = {"attn_implementation": source["attn_implementation"]} if source.get("attn_implementation") else {}
+    with _quiet_transformers():
+        try:
+            config = cls.config_class.from_dict(dict(source["config"]), **kwargs)
+            model = cls(config)
+        except Exception as e:
+            raise NdcError(f"transformers {transformers.__version__} cannot rebuild {source['architecture']} from the "
+                           f"config in plan.json ({type(e).__name__}: {first_line(e, 160)}); rerun ndc partition") from None
+    return model.to(torch.float32).eval()
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No progress bars or loading reports from transformers: ndc says what matters itself."""
+    from transformers.utils import logging as hf_logging
+
+    bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 # ------------------------------------------------------------------ factories

@@ -201,7 +201,17 @@ def load_teacher(ws: Workspace) -> Teacher:
 
 
 def _source_name(source: dict) -> str:
+    if source.get("kind") == "huggingface":  # its code is the transformers package's
+        return f"{source.get('architecture')} of transformers {source.get('transformers')}, now {_transformers_version()},"
     return str(source.get("target") or source.get("path") or "the model")
+
+
+def _transformers_version() -> str:
+    try:
+        import transformers
+    except ImportError:
+        return "not installed"
+    return transformers.__version__
 
 
 def partition_model(loaded: LoadedModel, input_shape, by: str = "auto", depth: int = 1, every: int | None = None,

@@ -35,7 +35,9 @@ def command(model, input_shape, by, depth, every, cuts, leaves, weights, trust_p
 
     MODEL is a pickled nn.Module (file.pt, needs --trust-pickle), a factory
     package.module:function or path/to/file.py:function (with optional --weights),
-    or a torch.export archive (file.pt2: only its tensors are unpickled, unless --trust-pickle).
+    a torch.export archive (file.pt2: only its tensors are unpickled, unless --trust-pickle),
+    or a Hugging Face save_pretrained folder (config.json and safetensors; pytorch_model.bin
+    needs --trust-pickle; nothing is downloaded and no custom code runs).
     Writes WORKSPACE/plan.json and the teacher's weights.
 
     \b
@@ -43,6 +45,7 @@ def command(model, input_shape, by, depth, every, cuts, leaves, weights, trust_p
       ndc partition model.pt --by residual --trust-pickle
       ndc partition examples/transformers_models.py:bert --input-shape 1,16
       ndc partition model.pt2
+      ndc partition my-bert/
     """
     from ndc import stages
     from ndc.passes.partition import explain as explain_plan
