@@ -253,14 +253,14 @@ def distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, *, source: str
             spec = Spec.parse(row["spec"])
             if (row["status"] == "done" and (spec.width < 1 or spec.gates is not None) and spec.sparsity == 0
                     and spec.nm is None and spec.slim is None and row.get("student_params") == row.get("teacher_params")):
-                why = ("ndc distill --dry-run says what kept each dimension" if spec.gates is None else
-                       "no gate closed; a larger --gate-penalty closes more" if (row.get("gates") or {}).get("groups") else
-                       "no channel group there can carry a gate: attention heads and groups meeting a layer norm keep "
-                       "the teacher's width")
-                same.setdefault((str(spec), why), []).append(row["neighbourhood"])
-        for (spec, why), names in same.items():
+                because = ("ndc distill --dry-run says what kept each dimension" if spec.gates is None else
+                           "no gate closed; a larger --gate-penalty closes more" if (row.get("gates") or {}).get("groups")
+                           else "no channel group there can carry a gate: attention heads and groups meeting a layer "
+                                "norm keep the teacher's width")
+                same.setdefault((str(spec), because), []).append(row["neighbourhood"])
+        for (spec, because), names in same.items():
             if warn is not None:
-                warn(f"{spec} shrank nothing in {', '.join(names)}: the student is the teacher's size ({why})")
+                warn(f"{spec} shrank nothing in {', '.join(names)}: the student is the teacher's size ({because})")
         return DistillResult(rows, chosen, why, engine, backend, workers, placed, time.perf_counter() - started)
 
 

@@ -222,3 +222,19 @@ def test_a_width_that_shrinks_nothing_is_said(tmp_path):
     assert r.exit_code == 0, r.stderr
     assert ("warning: width=0.5 shrank nothing in layers.0.attn: the student is the teacher's size "
             "(ndc distill --dry-run says what kept each dimension)") in r.stderr
+
+
+def test_the_library_result_keeps_why_its_source_was_chosen(tmp_path):
+    # the warning loop's own 'why' once replaced DistillResult.source_reason
+    from ndc import stages
+    from ndc.distill import DistillConfig
+    from ndc.ir import Spec
+    from ndc.workspace import Workspace
+
+    ws = tmp_path / "ws"
+    _cli("partition", MODELS["mha"][0], "--input-shape", MODELS["mha"][1], "-w", ws)
+    said = []
+    result = stages.distill(Workspace(ws), [Spec(width=0.5)], DistillConfig(source="noise", steps=2, batch_size=8, val_size=16),
+                            only=("layers.0.attn",), warn=said.append)
+    assert any("shrank nothing in layers.0.attn" in line for line in said)
+    assert result.source == "noise" and "shrank" not in result.source_reason and "dry-run" not in result.source_reason
