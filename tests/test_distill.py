@@ -144,6 +144,17 @@ def test_ray_backend_produces_the_same_artefacts(run_cli, ws, tmp_path):
         assert sha256_file(p) == sha256_file(other / p.relative_to(ws))
 
 
+def test_a_ray_cluster_nobody_answers_at_is_one_line(run_cli, ws):
+    pytest.importorskip("ray")
+    r, _ = distill(run_cli, "--width", "0.5", *FAST, "--backend", "ray", "--address", "127.0.0.1:1")  # it hung
+    assert r.exit_code == 1 and r.stderr.strip().endswith(
+        "Error: cannot reach the Ray cluster at 127.0.0.1:1 (Connection refused after at most 10s): is `ray start "
+        "--head` running there, and the port open?"), r.stderr
+    r, _ = distill(run_cli, "--width", "0.5", *FAST, "--backend", "ray", "--address", "head-node")
+    assert r.exit_code == 1 and "bad --address 'head-node': give HOST:PORT" in r.stderr
+    assert not list(ws.glob("jobs/*/*/weights.safetensors"))
+
+
 def test_recompute_source_needs_no_disk(run_cli, ws):
     r, doc = distill(run_cli, "--width", "0.5", *FAST, "--source", "recompute", "--cache-budget", "1G")
     assert r.exit_code == 0, r.stderr

@@ -17,9 +17,27 @@ from collections.abc import Callable
 
 from ndc.backends.base import Backend, largest_first
 from ndc.distill.engine import Unit
-from ndc.errors import NdcError
+from ndc.errors import NdcError, first_line
 
 RETRIES = 2
+CONNECT_TIMEOUT = 10.0  # seconds to reach --address before saying it cannot be reached
+
+
+def _check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """One line when nothing answers at ``--address`` (``host:port`` or ``ray://host:port``; ``auto`` is Ray's to find)."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        if address != "auto":
+            raise NdcError(f"bad --address {address!r}: give HOST:PORT of the cluster's head (e.g. 10.0.0.5:6379), "
+                           "ray://HOST:PORT or auto")
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise NdcError(f"cannot reach the Ray cluster at {address} ({e.strerror or type(e).__name__} after at most "
+                       f"{timeout:g}s): is `ray start --head` running there, and the port open?") from None
 
 
 def _run_remote(unit: Unit) -> list[dict]:
@@ -39,6 +57,8 @@ class RayBackend(Backend):
     def __init__(self, workers: int = 1, address: str | None = None, devices: list[str] | None = None):
         self.slots, self.address = workers, address
         self.devices = devices or ["cpu"]
+        if address:
+            _check_reachable(address)  # before any work: Ray itself retries an unreachable address for minutes
 
     def run(self, units: list[Unit], on_done: Callable[[dict], None], on_progress: Callable[[dict], None] | None = None) -> None:
         try:
@@ -48,7 +68,10 @@ class RayBackend(Backend):
         started_here = not ray.is_initialized()
         if started_here:
             if self.address:
-                ray.init(address=self.address, log_to_driver=False)
+                try:
+                    ray.init(address=self.address, log_to_driver=False)
+                except (ConnectionError, RuntimeError, ValueError) as e:
+                    raise NdcError(f"cannot join the Ray cluster at {self.address}: {first_line(e, 200)}") from None
             else:
                 # A throwaway local cluster: no auth token written to the home folder.
                 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
