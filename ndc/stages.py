@@ -360,9 +360,10 @@ class TrainResult:
     metric: Any = None  # the ndc.scoring.Metric of every score in the payload
 
 
-def training_setup(teacher, data, loss: str, metric: str, cfg, data_free: bool, warn: Log | None = None) -> dict:
-    """The :class:`~ndc.finetune.TrainConfig` fields that depend on the teacher and the data: the loss (``warn`` hears
-    auto's choice), whether its label term applies (never on noise: ``lam`` becomes 0), the per-epoch metric. Labels
+def training_setup(teacher, data, loss: str, metric: str, cfg, data_free: bool, warn: Log | None = None,
+                   log: Log | None = None) -> dict:
+    """The :class:`~ndc.finetune.TrainConfig` fields that depend on the teacher and the data: the loss (``log`` hears
+    auto's choice, ``warn`` when the labels go unused), whether its label term applies (never on noise: ``lam`` becomes 0), the per-epoch metric. Labels
     the teacher has no output for are refused here, naming the example, before any training; ``warn`` hears of a
     ``cfg.tau`` or ``cfg.lam`` the loss does not use."""
     from ndc.finetune import TrainConfig
@@ -376,9 +377,11 @@ def training_setup(teacher, data, loss: str, metric: str, cfg, data_free: bool, 
     if name == "ce" or labels and data.labels == "classes":
         hint = "train on the teacher's outputs alone with --lambda 0" if name == "kd" else "use --loss kd --lambda 0"
         data.check_classes(head.scores, hint)
+    if ";" in why and warn is not None:  # the labels go unused
+        warn(why)
+    elif loss == "auto" and log is not None:  # what auto chose
+        log(why)
     if warn is not None:
-        if loss == "auto" or ";" in why:  # say what auto chose, and when the labels go unused
-            warn(why)
         if name != "kd" and cfg.tau != TrainConfig.tau:
             warn(f"--tau {cfg.tau:g} is ignored: it softens --loss kd's scores, and the loss is {name}")
         if cfg.lam not in (0, TrainConfig.lam) and (name == "ce" or data_free):
@@ -461,7 +464,7 @@ def finetune(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str
         model = load_student(ws, STUDENT_DIR, teacher=teacher)
         stitched = student_document(ws, STUDENT_DIR)
         source = training_data(ws, plan, data, limit, data_free, normalize)
-        cfg = replace(cfg, **training_setup(teacher, getattr(source, "real", source), loss, metric, cfg, data_free, warn))
+        cfg = replace(cfg, **training_setup(teacher, getattr(source, "real", source), loss, metric, cfg, data_free, warn, log))
         made_from = {"teacher": teacher.identity, "student": stitched["weights_sha256"], "selection": stitched["selection"]}
         result = train(model, source, cfg, teacher=teacher.gm, ws=ws, folder="finetune", log=epoch_logger(log, on_epoch, cfg.metric),
                        resume=not restart, made_from=made_from, device=device)
@@ -561,7 +564,7 @@ def kd(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str = "au
         selection = resolve_selection(ws, plan, width, spec, selection_file, teacher)
         model = fresh_student(teacher, selection, cfg.seed, ws)
         source = training_data(ws, plan, data, limit, data_free, normalize)
-        cfg = replace(cfg, **training_setup(teacher, getattr(source, "real", source), loss, metric, cfg, data_free, warn))
+        cfg = replace(cfg, **training_setup(teacher, getattr(source, "real", source), loss, metric, cfg, data_free, warn, log))
         label = describe_selection(selection)
         folder = f"kd/{cfg.loss}{'-noise' if data_free else ''}-{folder_name(label)[:60]}"
         made_from = {"teacher": teacher.identity, "selection": {k: str(v) for k, v in selection.items()}}

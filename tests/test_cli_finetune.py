@@ -126,7 +126,10 @@ def test_stages_after_distill_read_its_data_options_unless_given(run_cli, ws):
     r = run_cli("finetune", "--epochs", "1", "--format", "json")
     assert r.exit_code == 0, r.stderr
     assert "data: --data digits --limit 300, as ndc distill used (give --data to choose)" in r.stderr
+    assert "loss kd: the teacher outputs 10 class scores" in r.stderr and "warning: loss" not in r.stderr  # information
     remembered = json.loads(r.stdout)
+    r = run_cli("kd", "--width", "0.5", "--epochs", "1", "--quiet")  # --quiet: warnings only
+    assert r.exit_code == 0 and r.stderr == "", r.stderr
     r = run_cli("eval", "--format", "json")  # the fine-tuned student, on the same 300 test examples
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["accuracy"] == pytest.approx(remembered["accuracy"], abs=1e-9)

@@ -92,8 +92,9 @@ def remembered_data(applies: Callable[[dict], bool] = lambda kwargs: True):
                         if not given(name):
                             kwargs[name] = getattr(found, name)
                     used = type(found)(found.data, kwargs["limit"], kwargs["normalize"])
-                    click.echo(f"data: {used.flags}, {'as' if used == found else 'from what'} ndc distill used "
-                               "(give --data to choose)", err=True)
+                    if not kwargs.get("quiet"):
+                        click.echo(f"data: {used.flags}, {'as' if used == found else 'from what'} ndc distill used "
+                                   "(give --data to choose)", err=True)
             return f(*args, **kwargs)
 
         return wrapper
