@@ -13,7 +13,8 @@ from ndc.commands.common import common_options, device_option, emit, human, tabl
 @click.option("--limit", type=click.IntRange(min=1), default=10_000, show_default=True, help="Training (and test) examples used.")
 @click.option("--width", type=float, default=0.5, show_default=True, help="Width of the student's neighbourhoods.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Distillation jobs in parallel.")
-@click.option("--quick", is_flag=True, help="Tiny settings (600 examples, one epoch per stage) to check that everything runs.")
+@click.option("--quick", is_flag=True, help="Tiny settings to check that everything runs: at most 600 examples, a 2-epoch "
+                                           "teacher, one epoch per other stage.")
 @device_option
 @common_options
 @user_errors
