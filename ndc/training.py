@@ -174,7 +174,7 @@ class BestWeights:
 
     @property
     def exhausted(self) -> bool:
-        return self.patience is not None and self.bad >= self.patience
+        return self.patience is not None and self.bad >= max(self.patience, 1)  # 0: stop at the first that is no better
 
     def restore(self) -> None:
         if self.state is not None:

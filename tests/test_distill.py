@@ -311,3 +311,14 @@ def test_track_running_stats_changes_only_norms_at_momentum_zero():
     cumulative = nn.BatchNorm1d(3, momentum=None)
     assert track_running_stats(nn.Sequential(still, default, untracked, cumulative)) == 1
     assert still.momentum == 0.1 and default.momentum == 0.1 and cumulative.momentum is None
+
+
+def test_patience_zero_stops_at_the_first_evaluation_that_is_no_better():
+    from ndc.training import BestWeights
+
+    best = BestWeights(torch.nn.Linear(1, 1), None, patience=0)
+    for error in (1.0, 0.5):  # improving: it went on (patience 0 stopped every job at its first evaluation)
+        best.offer(error)
+        assert not best.exhausted
+    best.offer(0.7)
+    assert best.exhausted

@@ -71,7 +71,7 @@ def parse_size(text: str) -> int:
               help="Extra randomly translated passes of the training set (cached, or fresh per epoch with recompute).")
 @click.option("--val-size", type=int, default=1000, show_default=True, help="Held-out examples for errors and early stopping.")
 @click.option("--evals", type=int, default=10, show_default=True, help="Held-out evaluations per job (for early stopping).")
-@click.option("--patience", type=int, default=3, show_default=True, help="Held-out evaluations without improvement before a job stops.")
+@click.option("--patience", type=int, default=3, show_default=True, help="Held-out evaluations without improvement before a job stops (0: at the first that is no better).")
 @click.option("--bn-stats", type=click.Choice(["auto", "batch", "frozen"]), default="auto", show_default=True,
               help="Students' batch norms learn batch statistics, or keep the teacher's (auto: frozen with noise inputs).")
 @click.option("--seed", type=int, default=0, show_default=True,
