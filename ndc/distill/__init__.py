@@ -132,7 +132,7 @@ def run_distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, backend: "
         (warn or log)(f"retraining {other_files} finished job(s): their students were distilled from other files of --data {cfg.data}")
     if other_settings:
         (warn or log)(f"replacing {other_settings} finished student(s) distilled with other settings (data, "
-                      "training options or teacher) by this run's")
+                      "training options or teacher) by this run's as they finish (a job that fails keeps its earlier one)")
 
     if pending:
         cache_dir, moments = None, {}
