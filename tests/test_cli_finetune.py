@@ -41,7 +41,7 @@ def test_finetune_raises_an_undertrained_student(run_cli, ws, tmp_path):
     r = run_cli("eval", *DATA, "--format", "json")  # the workspace's latest student: the fine-tuned one
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["accuracy"] == pytest.approx(doc["accuracy"], abs=1e-9)
-    assert json.loads(r.stdout)["model"] == "fine-tuned student (width=0.5)"
+    assert (json.loads(r.stdout)["model"], json.loads(r.stdout)["selection"]) == ("fine-tuned student", "width=0.5")
     # a later, worse run replaces it, and says so
     r = run_cli("finetune", *DATA, "--epochs", "1", "--lr", "1e-6", "--no-augment", "--format", "json")
     assert r.exit_code == 0, r.stderr

@@ -85,6 +85,51 @@ def test_ctrl_c_stops_the_workers_at_once_and_the_rerun_skips_what_finished(ws):
         assert path.stat().st_mtime_ns == mtime  # finished candidates were not redone
 
 
+def _own_group_default_sigint() -> None:
+    os.setpgrp()  # a terminal's Ctrl-C goes to the whole group: the command, its forkserver and its workers
+    _default_sigint()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="finds the forkserver through /proc")
+def test_a_terminal_ctrl_c_while_the_workers_start_is_a_clean_interrupt(ws):
+    # the forkserver, still importing torch, died of the Ctrl-C with a traceback, and the command said
+    # "Aborted!" with exit status 1
+    proc = subprocess.Popen([sys.executable, "-m", "ndc", *ARGS, "-w", str(ws)], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_own_group_default_sigint)  # noqa: PLW1509
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if any("forkserver" in _cmdline(p) for p in descendants(proc.pid)):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the command ended before it started its workers"
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert "interrupted; finished artefacts are kept" in stderr and "Traceback" not in stderr, stderr
+
+
+def test_an_error_that_a_ctrl_c_caused_while_workers_start_is_the_ctrl_c():
+    from ndc.backends.local import _interrupt_after
+
+    with pytest.raises(KeyboardInterrupt):
+        with _interrupt_after():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs: the Ctrl-C is held back
+            raise EOFError("the forkserver went away")
+
+
 @dataclass
 class _Item:
     neighbourhood: str

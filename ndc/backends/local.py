@@ -152,6 +152,10 @@ def _interrupt_after():
     previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
     try:
         yield
+    except Exception:
+        if caught:  # what the Ctrl-C broke (a worker process dying as it started) is the Ctrl-C
+            raise KeyboardInterrupt from None
+        raise
     finally:
         signal.signal(signal.SIGINT, previous)
     if caught and callable(previous):
@@ -184,8 +188,34 @@ def _context():
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["torch", "ndc.distill.engine"])
+        _start_forkserver()
         return ctx
     return mp.get_context("spawn")
+
+
+def _start_forkserver() -> None:
+    """Start the forkserver (if it is not running) ignoring Ctrl-C, which it and every worker it forks inherit.
+
+    A terminal's Ctrl-C reaches the whole process group. It killed a forkserver
+    still importing torch (a traceback, and "Aborted!" from the command) and
+    interrupted workers mid-unit; the command stops its workers itself. The
+    command's own Ctrl-C is blocked meanwhile (Linux keeps a blocked signal
+    pending even while it is ignored), so it arrives when this returns.
+    """
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread():
+        forkserver.ensure_running()
+        return
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited through exec, unlike a handler
+        try:
+            forkserver.ensure_running()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _drain(updates, on_progress, stop: threading.Event) -> None:
@@ -194,5 +224,7 @@ def _drain(updates, on_progress, stop: threading.Event) -> None:
             update = updates.get(timeout=0.2)
         except (queue.Empty, EOFError, OSError):
             continue
+        except ValueError:  # closed: the run is over (an interrupted one may not wait for this thread)
+            return
         if on_progress is not None:
             on_progress(update)

@@ -95,12 +95,10 @@ def _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device, met
     student = load_student(ws, folder, teacher=teacher)
     result = evaluate(student, data, metric=metric, teacher=teacher.gm, batch_size=batch_size, device=device)
     doc = student_document(ws, folder)
-    spec = selection_phrase(doc["selection"])
-    label = f"stitched student ({spec})"
-    if folder == "finetune":
-        label = (f"stitched student ({spec}; ndc finetune kept it: no epoch beat it)"
-                 if (doc.get("finetuned") or {}).get("best_epoch") == 0 else f"fine-tuned student ({spec})")
-    return _payload("student", label, metric, result, data, ws, None, teacher.plan)
+    kept = folder == "finetune" and (doc.get("finetuned") or {}).get("best_epoch") == 0  # no epoch beat it
+    label = "fine-tuned student" if folder == "finetune" and not kept else "stitched student"
+    spec = selection_phrase(doc["selection"]) + ("; ndc finetune kept it: no epoch beat it" if kept else "")
+    return {**_payload("student", label, metric, result, data, ws, None, teacher.plan), "selection": spec}
 
 
 # ----------------------------------------------------------------------- file
@@ -172,6 +170,7 @@ def _payload(evaluated: str, label: str, metric, result: dict, data, ws, note, p
         "higher_is_better": metric.higher_is_better,
         "evaluated": evaluated,
         "model": label,
+        "selection": None,  # a workspace student's specs ("width=0.5"), set by the caller
         "data": data.name,
         "split": "test",
         "split_source": data.split,
@@ -195,7 +194,8 @@ def _text(p: dict) -> str:
         if p["teacher_score"] is not None:
             rows.append(["teacher", metric.format(p["teacher_score"]), ""])
         agreement = "" if p["agreement"] is None else f"{100 * p['agreement']:.2f}%"
-        rows.append([p["model"], metric.format(p["score"]), agreement])
+        name = f"{p['model']} ({p['selection']})" if p.get("selection") else p["model"]
+        rows.append([name, metric.format(p["score"]), agreement])
     if metric.kind == "agreement":  # the score already is the agreement
         rows = [row[:2] for row in rows]
     headers = ["model", metric.title] + ([] if metric.kind == "agreement" else ["agreement with teacher"])
