@@ -40,8 +40,8 @@ def parse_size(text: str) -> int:
 @click.option("--sparsity", "sparsities", default=None, metavar="S[,S...]", help="Fractions of conv/linear weights pruned (combined with every --width).")
 @click.option("--spec", "specs", multiple=True, metavar="SPEC", help="An explicit spec such as width=0.5,sparsity=0.3 or nm=2:4 (repeatable).")
 @click.option("--slimmable", "slim_widths", default=None, metavar="K[,K...]",
-              help="One weight-shared job per neighbourhood trains all these widths at once; each width is a candidate "
-                   "of its own (spec width=K,slim=chain or slim=teacher).")
+              help="One job per neighbourhood trains all these widths at once, sharing their weights for its first 10% "
+                   "of steps; each width is a candidate of its own (spec width=K,slim=chain or slim=teacher).")
 @click.option("--assistant", type=click.Choice(["chain", "none"]), default=None,
               help="--slimmable: each width learns from the next wider one (chain: teacher assistants, IPKD-TA), "
                    "or every width from the teacher (none) [default: chain].")
