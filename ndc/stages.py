@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ndc.distill import DistillConfig, cache_layout, choose_source, plan_candidates, run_distill
+from ndc.distill import DistillConfig, cache_layout, cache_on_disk, choose_source, plan_candidates, run_distill
 from ndc.distill.store import JobStore
 from ndc.errors import NdcError
 from ndc.finetune import TrainConfig
@@ -235,7 +235,8 @@ def distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, *, source: str
             if on_done is not None:
                 on_done(metrics)
 
-        chosen, why = choose_source(cfg, source, data, cache_layout(plan, cfg.lookahead), ws, cache_budget)
+        chosen, why = choose_source(cfg, source, data, cache_layout(plan, cfg.lookahead), ws, cache_budget,
+                                    on_disk=data is not None and cache_on_disk(ws, teacher, cfg, data))
         if source is None:
             log(f"source: {chosen} ({why})")
         cfg = replace(cfg, source=chosen, engine=engine, device=placed[0])

@@ -155,6 +155,14 @@ def test_a_ray_cluster_nobody_answers_at_is_one_line(run_cli, ws):
     assert not list(ws.glob("jobs/*/*/weights.safetensors"))
 
 
+def test_a_cache_on_disk_is_used_whatever_the_budget_for_writing_one(run_cli, ws):
+    assert distill(run_cli, "--width", "0.5", *FAST)[1]["source"] == "cache"
+    r, doc = distill(run_cli, "--width", "0.5", *FAST, "--force", "--cache-budget", "1K")  # recomputed: 3x slower
+    assert r.exit_code == 0 and doc["source"] == "cache", r.stderr
+    r, doc = distill(run_cli, "--width", "0.5", *FAST, "--force", "--cache-budget", "1K", "--val-size", "32")
+    assert doc["source"] == "recompute"  # another cache would have to be written
+
+
 def test_recompute_source_needs_no_disk(run_cli, ws):
     r, doc = distill(run_cli, "--width", "0.5", *FAST, "--source", "recompute", "--cache-budget", "1G")
     assert r.exit_code == 0, r.stderr

@@ -418,7 +418,7 @@ def test_a_nearly_full_disk_says_how_much_is_free(monkeypatch, ws):
     cfg = DistillConfig(data="digits", limit=300)
     monkeypatch.setattr(distill_package, "free_bytes", lambda ws: 1000)
     source, why = choose_source(cfg, None, data_for(w, cfg, plan.input_shape[1:]), cache_layout(plan, 0), w)
-    assert source == "recompute" and "-0." not in why and "GiB free" in why
+    assert source == "recompute" and "-0." not in why and "has 1 KiB free" in why
 
 
 def test_a_publish_killed_between_its_two_renames_is_put_back(run_cli, ws):

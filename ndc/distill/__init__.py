@@ -71,21 +71,35 @@ def names_order(plan, boundary: str) -> int:
 
 
 def choose_source(cfg: DistillConfig, requested: str | None, data, layout: CacheLayout, ws: Workspace,
-                  budget: int = DEFAULT_CACHE_BUDGET) -> tuple[str, str]:
-    """The activation source to use and why: ``cache`` when it fits the disk budget, else ``recompute``."""
+                  budget: int = DEFAULT_CACHE_BUDGET, on_disk: bool = False) -> tuple[str, str]:
+    """The activation source to use and why: ``cache`` when it is ``on_disk`` already or fits the disk budget, else
+    ``recompute``."""
     if requested:
         return requested, "requested"
     if not cfg.data:
         return "noise", "no data: distilling from Gaussian noise"
     size = cache_size(data, layout, cfg.augment_passes, cfg.val_size)
+    if on_disk:  # the budget limits what is written, and nothing is
+        return "cache", f"the activation cache ({_size(size)}) is on disk already"
     free = free_bytes(ws) - DISK_MARGIN
     if size <= min(budget, free):
-        return "cache", f"the activation cache takes {size / 2**20:.1f} MiB"
+        return "cache", f"the activation cache takes {_size(size)}"
     if free < budget:
-        return "recompute", (f"the activation cache would take {size / 2**30:.2f} GiB and the disk has "
-                             f"{max(free + DISK_MARGIN, 0) / 2**30:.2f} GiB free: recomputing the teacher's prefix per batch")
-    return "recompute", (f"the activation cache would take {size / 2**30:.2f} GiB, over the --cache-budget "
-                         f"({budget / 2**30:.2f} GiB): recomputing the teacher's prefix per batch")
+        return "recompute", (f"the activation cache would take {_size(size)} and the disk has "
+                             f"{_size(max(free + DISK_MARGIN, 0))} free: recomputing the teacher's prefix per batch")
+    return "recompute", (f"the activation cache would take {_size(size)}, over the --cache-budget "
+                         f"({_size(budget)}): recomputing the teacher's prefix per batch")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def cache_on_disk(ws: Workspace, teacher, cfg: DistillConfig, data) -> bool:
+    """Whether the activation cache this run would use has been written (it is verified when used)."""
+    key = cache_key(teacher.identity, data, cache_layout(teacher.plan, cfg.lookahead), cfg.augment_passes,
+                    cfg.val_size, cfg.seed)
+    return (ws.path(f"cache/{key}") / "meta.json").is_file()
 
 
 def run_distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, backend: "Backend", *, teacher=None,
