@@ -17,14 +17,17 @@ end-to-end KD for the same wall time as distillation plus fine-tuning.
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ndc.errors import NdcError
-from ndc.workspace import Workspace, sha256_json
+from ndc.workspace import LOCK, Workspace, sha256_json
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 INPUT_SHAPE = (1, 1, 28, 28)
@@ -53,6 +56,19 @@ def default_data() -> str:
     return "fashion-mnist" if FASHION.is_dir() else "digits"
 
 
+@contextlib.contextmanager
+def _gone_if_nothing_kept(ws: Workspace) -> Iterator[None]:
+    """A workspace this run creates is removed again when it fails before writing anything but its lock (bad
+    --data): no empty folder is left behind."""
+    fresh = not ws.root.exists()
+    try:
+        yield
+    except BaseException:
+        if fresh and ws.root.is_dir() and all(p.name == LOCK for p in ws.root.iterdir()):
+            shutil.rmtree(ws.root, ignore_errors=True)
+        raise
+
+
 def run_demo(ws: Workspace, cfg: DemoConfig, log=lambda message: None) -> dict:
     """Run every stage (:mod:`ndc.stages`, as the commands do); returns the numbers of the final table."""
     from ndc import stages
@@ -67,9 +83,8 @@ def run_demo(ws: Workspace, cfg: DemoConfig, log=lambda message: None) -> dict:
 
     data_spec = cfg.data or default_data()
     stages.one_device(cfg.device)  # no GPU: one line now, not after training a teacher
-    ws.ensure()
     times: dict[str, float] = {}
-    with ws.writing("ndc demo", create=True):
+    with _gone_if_nothing_kept(ws), ws.writing("ndc demo", create=True):
         data = open_data(data_spec, INPUT_SHAPE[1:], limit=cfg.limit, workspace=ws)
         log(f"data: {data_spec} ({data.train_size} training, {data.test_size} test examples, "
             f"fitted to {'x'.join(map(str, data.shape))})")

@@ -32,3 +32,12 @@ def test_a_bad_width_is_refused_before_the_teacher_trains(run_cli, tmp_path):
     r = run_cli("demo", "--width", "7", "--data", "digits", "--quick")
     assert r.exit_code == 1 and r.stderr == "Error: bad spec: width must be in (0, 1], got 7.0\n"
     assert not (tmp_path / "ndc-work").exists()
+
+
+def test_bad_data_leaves_no_new_workspace_and_keeps_an_old_one(run_cli, tmp_path):
+    r = run_cli("demo", "--data", "nosuch", "--quick")
+    assert r.exit_code == 1 and r.stderr.startswith("Error: unknown data spec 'nosuch'")
+    assert not (tmp_path / "ndc-work").exists()  # an empty folder holding only its lock was left behind
+    (tmp_path / "ndc-work").mkdir()
+    assert run_cli("demo", "--data", "nosuch", "--quick").exit_code == 1
+    assert (tmp_path / "ndc-work").is_dir()
