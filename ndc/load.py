@@ -296,18 +296,26 @@ def _hf_class(config: dict, folder: Path):
     names = config.get("architectures")
     if not isinstance(names, list) or not names or not isinstance(names[0], str):
         raise NdcError(f"{folder / 'config.json'} names no architecture (no \"architectures\" list); {factory}")
-    try:
-        import transformers
-    except ImportError:
-        raise NdcError(f"{folder} is a Hugging Face model; loading it needs the transformers package (pip install transformers)") from None
-    try:
-        cls = getattr(transformers, names[0], None)
-    except Exception:  # a lazy import of an optional backend failed
-        cls = None
-    if not isinstance(cls, type) or not issubclass(cls, nn.Module) or not hasattr(cls, "from_pretrained"):
+    transformers, cls = _transformers_class(names[0], f"{folder} is a Hugging Face model; loading it")
+    if cls is None:
         raise NdcError(f"{folder}: transformers {transformers.__version__} has no model class {names[0]} "
                        f"(config.json's architecture); {factory}")
     return cls
+
+
+def _transformers_class(name: str, doing: str):
+    """The ``transformers`` package and its model class ``name`` (None when it has none); ``doing`` says what needs
+    the package when it is not installed."""
+    try:
+        import transformers
+    except ImportError:
+        raise NdcError(f"{doing} needs the transformers package (pip install transformers)") from None
+    try:
+        cls = getattr(transformers, name, None)
+    except Exception:  # a lazy import of an optional backend failed
+        cls = None
+    found = isinstance(cls, type) and issubclass(cls, nn.Module) and hasattr(cls, "from_pretrained")
+    return transformers, cls if found else None
 
 
 def _hf_weight_files(folder: Path, name: str) -> list[str]:
@@ -332,16 +340,8 @@ def _sha_files(folder: Path, names: list[str]) -> str:
 def _rebuild_hf(source: dict) -> nn.Module:
     """The architecture of a Hugging Face teacher from the plan alone (its weights come from the workspace)."""
     name = source["architecture"]
-    try:
-        import transformers
-    except ImportError:
-        raise NdcError(f"the teacher is a Hugging Face {name}; rebuilding it needs the transformers package "
-                       "(pip install transformers)") from None
-    try:
-        cls = getattr(transformers, name, None)
-    except Exception:  # a lazy import of an optional backend failed
-        cls = None
-    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+    transformers, cls = _transformers_class(name, f"the teacher is a Hugging Face {name}; rebuilding it")
+    if cls is None:
         raise NdcError(f"transformers {transformers.__version__} has no model class {name}, which the plan's teacher is "
                        f"(ndc partition used transformers {source.get('transformers')}); rerun ndc partition")
     kwargs = {"attn_implementation": source["attn_implementation"]} if source.get("attn_implementation") else {}

@@ -364,9 +364,9 @@ class TrainResult:
 def training_setup(teacher, data, loss: str, metric: str, cfg, data_free: bool, warn: Log | None = None,
                    log: Log | None = None) -> dict:
     """The :class:`~ndc.finetune.TrainConfig` fields that depend on the teacher and the data: the loss (``log`` hears
-    auto's choice, ``warn`` when the labels go unused), whether its label term applies (never on noise: ``lam`` becomes 0), the per-epoch metric. Labels
-    the teacher has no output for are refused here, naming the example, before any training; ``warn`` hears of a
-    ``cfg.tau`` or ``cfg.lam`` the loss does not use."""
+    auto's choice, ``warn`` when the labels go unused), whether its label term applies (never on noise: ``lam``
+    becomes 0), the per-epoch metric. Labels the teacher has no output for are refused here, naming the example,
+    before any training; ``warn`` hears of a ``cfg.tau`` or ``cfg.lam`` the loss does not use."""
     from ndc.finetune import TrainConfig
     from ndc.heads import teacher_head
     from ndc.losses import choose_loss

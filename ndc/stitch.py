@@ -127,16 +127,6 @@ def load_candidate(ws: Workspace, teacher, name: str, spec: Spec) -> tuple[nn.Mo
                            "final_error": metrics.get("final_error")}
 
 
-def selection_phrase(selection: dict) -> str:
-    """A stitched student's selection in a few words: its one spec (``width=0.5``), or each spec with its count."""
-    from collections import Counter
-
-    counts = Counter(str(spec) for spec in selection.values())
-    if len(counts) == 1:
-        return next(iter(counts))
-    return ", ".join(f"{n}x {spec}" for spec, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
-
-
 def made_for_now(teacher, name: str) -> str:
     """What a student of neighbourhood ``name`` must have been distilled from to fit this teacher now."""
     return made_for(teacher.sha256, teacher.plan[name].to_json())
@@ -342,6 +332,17 @@ def latest_student(ws: Workspace, teacher=None) -> str | None:
 def describe_selection(selection: dict[str, Spec]) -> str:
     specs = sorted({str(s) for s in selection.values()})
     return specs[0] if len(specs) == 1 else json.dumps({k: str(v) for k, v in selection.items()})
+
+
+def selection_phrase(selection: dict) -> str:
+    """A stitched student's selection in a few words, to show: its one spec (``width=0.5``), or each spec with its
+    count (:func:`describe_selection` names every neighbourhood's instead: it is part of a kd folder's name)."""
+    from collections import Counter
+
+    counts = Counter(str(spec) for spec in selection.values())
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{n}x {spec}" for spec, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
 def copy_module(model: nn.Module) -> nn.Module:

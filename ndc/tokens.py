@@ -26,6 +26,7 @@ torch.int64
 
 from __future__ import annotations
 
+import functools
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -110,7 +111,7 @@ class TokenData:
                 break
             yield torch.from_numpy(x[idx].astype(np.int64)), torch.from_numpy(y[idx].astype(np.int64))
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> list:
         """What the ids are: a hash of both splits (in memory, so hashed rather than stamped; wherever they were read)."""
         import hashlib

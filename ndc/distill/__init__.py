@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ndc.distill.config import Candidate, DistillConfig, expand_specs
@@ -95,11 +96,15 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
+def cache_folder(ws: Workspace, teacher, cfg: DistillConfig, data) -> Path:
+    """The folder of the activation cache this run uses, written or not (its name is the cache's key)."""
+    layout = cache_layout(teacher.plan, cfg.lookahead)
+    return ws.path(f"cache/{cache_key(teacher.identity, data, layout, cfg.augment_passes, cfg.val_size, cfg.seed)}")
+
+
 def cache_on_disk(ws: Workspace, teacher, cfg: DistillConfig, data) -> bool:
     """Whether the activation cache this run would use has been written (it is verified when used)."""
-    key = cache_key(teacher.identity, data, cache_layout(teacher.plan, cfg.lookahead), cfg.augment_passes,
-                    cfg.val_size, cfg.seed)
-    return (ws.path(f"cache/{key}") / "meta.json").is_file()
+    return (cache_folder(ws, teacher, cfg, data) / "meta.json").is_file()
 
 
 def run_distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, backend: "Backend", *, teacher=None,
@@ -186,8 +191,8 @@ def _cache(ws: Workspace, teacher, cfg: DistillConfig, data, log, warn, on_progr
     """The activation cache's folder (workspace-relative): reused when it verifies, else (re)built."""
     plan = teacher.plan
     layout = cache_layout(plan, cfg.lookahead)
-    key = cache_key(teacher.identity, data, layout, cfg.augment_passes, cfg.val_size, cfg.seed)
-    folder = ws.path(f"cache/{key}")
+    folder = cache_folder(ws, teacher, cfg, data)
+    key = folder.name
     if (folder / "meta.json").is_file():
         problem = verify_cache(folder)
         if problem is None:
