@@ -183,3 +183,17 @@ def test_plan_json_round_trip():
     again = Plan.from_json(__import__("json").loads(plan.dumps()))
     assert again.dumps() == plan.dumps()
     assert again["blocks.0.mlp"].params == plan["blocks.0.mlp"].params
+
+
+def test_layers_every_n_cuts_at_the_next_gap_where_a_residual_block_has_none():
+    """ResNet-20 --every 2: the wanted cut after the stem and the first conv of layer1.0 falls inside the block; the
+    cut moves to the block's end and counting starts again there (it used to give one neighbourhood)."""
+    model = FAMILIES["resnet20"][0]().eval()
+    plan, traced = _plan(model, (1, 3, 32, 32), by="layers", every=2)
+    assert [nb.name for nb in plan.neighbourhoods] == ["layer1.0", "layer1.1", "layer1.2", "layer2.0", "layer2.1",
+                                                       "layer2.2", "layer3.0", "layer3.1", "layer3.2", "fc"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(compose(_parts(plan, traced))(x), model(x))
+    plan3, _ = _plan(model, (1, 3, 32, 32), by="layers", every=3)
+    assert len(plan3.neighbourhoods) == 6

@@ -16,7 +16,9 @@ Strategies (``--by``):
   joins the region before it; the chains in between
   (stem, transitions, head) stay with the teacher (``kept``).
 * ``module``: cut after every submodule at ``depth`` (1 = children of the root).
-* ``layers``: cut after every ``every`` weight layers (conv, linear).
+* ``layers``: cut after every ``every`` weight layers (conv, linear); where no
+  boundary follows the ``every``-th (inside a residual block), at the next gap
+  between weight layers that has one, counting on from there.
 * ``cuts``: cut exactly at the named nodes or modules.
 
 A cut that cannot be made (values other than the boundary stay alive across
@@ -364,12 +366,18 @@ def _layer_cuts(facts: GraphFacts, every: int, notes: list[str]) -> list[int]:
     layers = [facts.index[n] for n in facts.order if facts.is_weight_layer(n)]
     if not layers:
         raise NdcError("the model has no weight layers (conv or linear) to cut after; nothing to partition by layers")
-    positions, uncut = [], []
-    for k in range(every, len(layers), every):
+    # Cut after `every` layers since the last cut; where no boundary lies before the next layer (inside a residual
+    # block), cut at the first gap between layers that has one, and count on from there.
+    positions, uncut, since = [], [], 0
+    for k in range(1, len(layers)):
+        since += 1
+        if since < every:
+            continue
         after, before = layers[k - 1], layers[k]
         inside = [p for p in facts.boundary_positions if after <= p < before]
         if inside:
             positions.append(inside[-1])
+            since = 0
         else:
             a, b = facts.order[after], facts.order[before]
             uncut.append(f"between {_label(facts, a)} and {_label(facts, b)}: {_stay(facts.alive_explanation(after))} across it")
