@@ -223,3 +223,32 @@ def test_a_cache_held_in_memory_gives_the_students_of_the_memory_mapped_one(ws, 
     assert [r["status"] for r in held] == [r["status"] for r in mapped] and {r["status"] for r in held} == {"done"}
     for p in ws.glob("jobs/*/*/weights.safetensors"):
         assert sha256_file(p) == sha256_file(other / p.relative_to(ws))
+
+
+def test_a_fused_units_candidates_split_its_time_by_cost(ws, monkeypatch):
+    """Each candidate's ``seconds`` is its share of the unit's wall time (FLOPs x steps): they add up to the unit."""
+    from ndc.backends import make_backend
+    from ndc.distill import DistillConfig, engine, run_distill
+    from ndc.ir import Spec
+    from ndc.workspace import Workspace
+
+    walls = []
+    real = engine.run_unit
+
+    def timed(unit, progress=None):
+        start = time.perf_counter()
+        try:
+            return real(unit, progress)
+        finally:
+            walls.append(time.perf_counter() - start)
+
+    monkeypatch.setattr(engine, "run_unit", timed)
+    cfg = DistillConfig(data="digits", limit=200, steps=40, batch_size=32, val_size=64, engine="fused")
+    rows = run_distill(Workspace(ws), [Spec(width=0.25), Spec(width=1.0)], cfg, make_backend("local"))
+    assert len(walls) == 1 and all(r["status"] == "done" for r in rows)
+    total = sum(r["seconds"] for r in rows)
+    assert 0.7 * walls[0] <= total <= walls[0], (total, walls)
+    by_width: dict = {}
+    for r in rows:
+        by_width[r["spec"]] = by_width.get(r["spec"], 0.0) + r["seconds"]
+    assert by_width["width=1.0"] > by_width["width=0.25"]

@@ -178,6 +178,8 @@ class _Run:
         self.precision = Precision(self.cfg.precision, unit.device)
         self.rows: list[dict] = []
         self._reported, self._advanced = time.perf_counter(), 0
+        self._seconds = {item.key: 0.0 for item in unit.items}  # each candidate's share of the unit's wall time
+        self._clock = self.started
 
     def run(self) -> list[dict]:
         ws, cfg, unit = self.ws, self.cfg, self.unit
@@ -197,6 +199,7 @@ class _Run:
             t.compile(cfg.compile)
             self._resume(t)
             groups.setdefault(t.steps, []).append(t)
+        self._charge([t.key for t in trainers])
         for start in sorted(groups, reverse=True):  # resumed candidates first: they are closest to done
             self._train(groups[start], feed, total)
         return self.rows
@@ -288,6 +291,7 @@ class _Run:
                 self._advance(len(losses), step, total)
                 if step % eval_every == 0 or step == total:
                     self._evaluate([t for t in active if t.failed is None], feed)
+                self._charge([t.key for t in active])
                 self._finish([t for t in active if not t.active], feed)
                 if time.perf_counter() - last_checkpoint > self.unit.checkpoint_seconds:
                     self._checkpoint([t for t in trainers if t.active])
@@ -310,6 +314,16 @@ class _Run:
             tensors, meta = t.state()
             self.ws.save_tensors(self.store.checkpoint(t.name, t.spec), tensors, metadata={"ndc": json.dumps(meta)})
 
+    def _charge(self, keys: list[str]) -> None:
+        """Share the time since the last charge among ``keys`` by cost (FLOPs x steps): a candidate's ``seconds`` is
+        its part of the unit's wall time, so a unit's candidates add up to it (a lone job's is the whole)."""
+        now = time.perf_counter()
+        elapsed, self._clock = now - self._clock, now
+        costs = {i.key: max(i.cost, 0.0) for i in self.unit.items if i.key in keys}
+        total = sum(costs.values())
+        for key, cost in costs.items():
+            self._seconds[key] += elapsed * (cost / total if total > 0 else 1 / len(costs))
+
     def _advance(self, candidate_steps: int, step: int, total: int) -> None:
         self._advanced += candidate_steps
         now = time.perf_counter()
@@ -328,7 +342,9 @@ class _Run:
             else:
                 t.settle()
                 done.append(t)
-        for t, final in zip(done, heldout_errors(done, feed.heldout())):
+        finals = heldout_errors(done, feed.heldout())
+        self._charge([t.key for t in done])
+        for t, final in zip(done, finals):
             self._publish(t, final)
 
     def _publish(self, t: CandidateTrainer, final: dict) -> None:
@@ -350,7 +366,7 @@ class _Run:
                 "steps": t.steps,
                 "stopped_early": t.stopped_early,
                 "resumed_from": t.resumed_from,
-                "seconds": time.perf_counter() - self.started,
+                "seconds": self._seconds[t.key],
                 "engine": self.unit.engine,
                 "teacher_params": nb.params,
                 "student_params": count_params(model),
@@ -366,9 +382,10 @@ class _Run:
         t.release()  # free the device memory of a published trainer
 
     def _failed(self, item: Item, message: str) -> None:
+        self._charge([item.key])
         for spec in item.extra.get("members", [item.spec]):  # a slimmable job fails every width it makes
             metrics = {"key": item.key, "neighbourhood": item.neighbourhood, "spec": spec, "status": "failed",
-                       "error": " ".join(message.split()), "seconds": time.perf_counter() - self.started,
+                       "error": " ".join(message.split()), "seconds": self._seconds[item.key],
                        "engine": self.unit.engine}
             self.rows.append(self.store.fail(item.neighbourhood, Spec.parse(spec), metrics, fence=self.unit.fence))
 
