@@ -246,7 +246,7 @@ def distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, *, source: str
         started = time.perf_counter()
         rows = run_distill(ws, specs, cfg, runner, teacher=teacher, only=only, force=force, log=log, warn=warn, on_start=on_start,
                            on_progress=on_progress, on_done=published, fence=fence, checkpoint_seconds=checkpoint_seconds,
-                           memory_budget=memory_budget)
+                           memory_budget=memory_budget, cache_budget=cache_budget)
         if not remembered and any(row["status"] in ("done", "skipped") for row in rows):
             remember_data(ws, options)
         same = {}

@@ -163,6 +163,21 @@ def test_a_cache_on_disk_is_used_whatever_the_budget_for_writing_one(run_cli, ws
     assert doc["source"] == "recompute"  # another cache would have to be written
 
 
+def test_a_new_cache_deletes_the_least_recently_used_others_beyond_the_budget(run_cli, ws):
+    args = ["--width", "0.5", "--data", "digits", "--steps", "4", "--batch-size", "32", "--val-size", "64", "--force"]
+    caches = lambda: {p.name: sum(f.stat().st_size for f in p.iterdir()) for p in (ws / "cache").iterdir()}  # noqa: E731
+    assert distill(run_cli, *args, "--limit", "200")[0].exit_code == 0
+    (a, size_a), = caches().items()
+    assert distill(run_cli, *args, "--limit", "300")[0].exit_code == 0
+    (b, size_b), = ((k, v) for k, v in caches().items() if k != a)
+    r, doc = distill(run_cli, *args, "--limit", "200")  # reused: now the most recently used
+    assert doc["source"] == "cache" and "removed" not in r.stderr
+    r, doc = distill(run_cli, *args, "--limit", "250", "--cache-budget", str(size_a + size_b - 1))
+    assert r.exit_code == 0 and doc["source"] == "cache", r.stderr
+    assert a in caches() and b not in caches() and len(caches()) == 2
+    assert f"removed activation cache {b} (" in r.stderr and "to make room within --cache-budget" in r.stderr
+
+
 def test_recompute_source_needs_no_disk(run_cli, ws):
     r, doc = distill(run_cli, "--width", "0.5", *FAST, "--source", "recompute", "--cache-budget", "1G")
     assert r.exit_code == 0, r.stderr

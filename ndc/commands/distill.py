@@ -90,7 +90,8 @@ def parse_size(text: str) -> int:
 @click.option("--address", default=None, help="--backend ray: join this cluster instead of starting a local one.")
 @device_option
 @click.option("--devices", default=None, metavar="N[,N...]", help="--device cuda: these GPUs only [default: every visible GPU].")
-@click.option("--cache-budget", default="16G", show_default=True, metavar="SIZE", help="Largest activation cache the default source may write.")
+@click.option("--cache-budget", default="16G", show_default=True, metavar="SIZE", help="Disk for the workspace's activation caches: the default source writes none larger, and a new one "
+              "deletes the least recently used others to fit.")
 @click.option("--checkpoint-every", type=click.FloatRange(min=1), default=60, show_default=True, metavar="SECONDS",
               help="Checkpoint unfinished candidates this often; a killed run resumes from there.")
 @click.option("--force", is_flag=True, help="Redo every job, even those already done.")

@@ -14,7 +14,10 @@ The pipeline of ``ndc distill``::
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,8 +25,8 @@ from typing import TYPE_CHECKING
 from ndc.distill.config import Candidate, DistillConfig, expand_specs
 from ndc.distill.engine import (CHECKPOINT_SECONDS, ENGINES, Item, data_for, make_units, planned_steps, steps_per_epoch,
                                 unit_config)
-from ndc.distill.sources import (CacheLayout, TeacherChain, build_cache, cache_key, cache_size, channel_moments,
-                                 free_bytes, verify_cache, DISK_MARGIN)
+from ndc.distill.sources import (CACHE_DIR, DISK_MARGIN, CacheLayout, TeacherChain, build_cache, cache_key, cache_size,
+                                 channel_moments, free_bytes, verify_cache)
 from ndc.distill.slimmable import jobs_of, key_of
 from ndc.distill.store import JobStore, data_files, from_other_files
 from ndc.errors import NdcError
@@ -82,7 +85,7 @@ def choose_source(cfg: DistillConfig, requested: str | None, data, layout: Cache
     size = cache_size(data, layout, cfg.augment_passes, cfg.val_size)
     if on_disk:  # the budget limits what is written, and nothing is
         return "cache", f"the activation cache ({_size(size)}) is on disk already"
-    free = free_bytes(ws) - DISK_MARGIN
+    free = free_bytes(ws) - DISK_MARGIN + sum(b for _, b, _ in older_caches(ws))  # older caches make room (_make_room)
     if size <= min(budget, free):
         return "cache", f"the activation cache takes {_size(size)}"
     if free < budget:
@@ -102,6 +105,34 @@ def cache_folder(ws: Workspace, teacher, cfg: DistillConfig, data) -> Path:
     return ws.path(f"cache/{cache_key(teacher.identity, data, layout, cfg.augment_passes, cfg.val_size, cfg.seed)}")
 
 
+def older_caches(ws: Workspace, keep: Path | None = None) -> list[tuple[float, int, Path]]:
+    """The workspace's activation caches but ``keep``: (last use, bytes, folder), least recently used first (a
+    folder a killed build left incomplete first of all)."""
+    root = ws.path(CACHE_DIR)
+    found = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if folder.is_dir() and folder != keep:
+            files = [p.stat() for p in folder.iterdir() if p.is_file()]
+            meta = folder / "meta.json"
+            used = meta.stat().st_mtime if meta.is_file() else float("-inf")  # meta.json is touched on each reuse
+            found.append((used, sum(f.st_size for f in files), folder))
+    return sorted(found, key=lambda t: t[0])
+
+
+def _make_room(ws: Workspace, keep: Path, size: int, budget: int, log: Callable[[str], None]) -> None:
+    """Delete the least recently used other caches until one of ``size`` bytes fits: the caches within ``budget`` in
+    all, and on the disk."""
+    older = older_caches(ws, keep)
+    kept, free = sum(b for _, b, _ in older), free_bytes(ws)
+    while older and (kept + size > budget or size + DISK_MARGIN > free):
+        used, b, folder = older.pop(0)
+        shutil.rmtree(folder, ignore_errors=True)
+        kept, free = kept - b, free + b
+        when = "an unfinished build" if used == float("-inf") else f"last used {time.strftime('%Y-%m-%d %H:%M', time.localtime(used))}"
+        log(f"removed activation cache {folder.name} ({_size(b)}, {when}) to make room within --cache-budget "
+            f"({_size(budget)}) and the disk")
+
+
 def cache_on_disk(ws: Workspace, teacher, cfg: DistillConfig, data) -> bool:
     """Whether the activation cache this run would use has been written (it is verified when used)."""
     return (cache_folder(ws, teacher, cfg, data) / "meta.json").is_file()
@@ -112,14 +143,16 @@ def run_distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, backend: "
                 warn: Callable[[str], None] | None = None,
                 on_progress: Callable[[dict], None] | None = None, on_done: Callable[[dict], None] | None = None,
                 on_start: Callable[[int, int], None] | None = None, fence: str | None = None, checkpoint_seconds: float = CHECKPOINT_SECONDS,
-                memory_budget: int | None = None) -> list[dict]:
+                memory_budget: int | None = None, cache_budget: int = DEFAULT_CACHE_BUDGET) -> list[dict]:
     """Train every candidate of ``specs`` over the plan's trainable neighbourhoods; returns one row per candidate.
 
     ``log`` hears progress, ``warn`` what the user should hear even when quiet.
     ``fence`` is the token of the workspace lock the caller holds (workers
     publish nothing once it no longer holds); ``memory_budget`` bounds the
     activation cache a unit loads into (device) memory (default: half the free
-    memory of a GPU, none on a CPU, where the memory map is as fast).
+    memory of a GPU, none on a CPU, where the memory map is as fast);
+    ``cache_budget`` the workspace's activation caches on disk in all (a new
+    one deletes the least recently used others to fit).
     """
     from ndc.plan import load_teacher
 
@@ -156,7 +189,7 @@ def run_distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, backend: "
     if pending:
         cache_dir, moments = None, {}
         if cfg.source == "cache":
-            cache_dir = _cache(ws, teacher, cfg, data, log, warn or log, on_progress)
+            cache_dir = _cache(ws, teacher, cfg, data, log, warn or log, on_progress, cache_budget)
         elif cfg.source == "noise" and cfg.noise == "matched":
             indices = sorted({plan.names.index(job.neighbourhood) for job in pending})
             moments = channel_moments(TeacherChain(teacher, backend.devices[0]), data, indices, cfg.calibration)
@@ -187,8 +220,9 @@ def run_distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, backend: "
     return [rows[c] for c in candidates if c in rows]
 
 
-def _cache(ws: Workspace, teacher, cfg: DistillConfig, data, log, warn, on_progress) -> str:
-    """The activation cache's folder (workspace-relative): reused when it verifies, else (re)built."""
+def _cache(ws: Workspace, teacher, cfg: DistillConfig, data, log, warn, on_progress, budget: int) -> str:
+    """The activation cache's folder (workspace-relative): reused when it verifies, else (re)built, after deleting
+    the least recently used other caches that it would not fit beside."""
     plan = teacher.plan
     layout = cache_layout(plan, cfg.lookahead)
     folder = cache_folder(ws, teacher, cfg, data)
@@ -196,10 +230,13 @@ def _cache(ws: Workspace, teacher, cfg: DistillConfig, data, log, warn, on_progr
     if (folder / "meta.json").is_file():
         problem = verify_cache(folder)
         if problem is None:
+            with contextlib.suppress(OSError):
+                os.utime(folder / "meta.json")  # used now: the last to be deleted for room
             return str(folder.relative_to(ws.root))
         warn(f"activation cache {folder.name}: {problem}; rebuilding it")
         shutil.rmtree(folder, ignore_errors=True)
     size = cache_size(data, layout, cfg.augment_passes, cfg.val_size)
+    _make_room(ws, folder, size, budget, warn)
     log(f"activation cache: {len(layout.boundaries)} boundaries, "
         f"{data.train_size * (1 + cfg.augment_passes)} + {min(cfg.val_size, data.test_size)} examples, "
         f"{size / 2**20:.1f} MiB (fp16)")
