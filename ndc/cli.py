@@ -7,6 +7,8 @@ Each command parses its options, calls the library, and prints. Shared options
 from __future__ import annotations
 
 import importlib
+import signal
+import threading
 
 import click
 
@@ -69,7 +71,8 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ndc")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """ndc, the Neighbourhood Distillation Compiler.
 
     Cut a trained teacher into neighbourhoods, distil a smaller student for each
@@ -80,3 +83,18 @@ def main() -> None:
       ndc distill --width 0.5 --data fashion-mnist
       ndc stitch -o student.onnx
     """
+    _stop_on_sigterm(ctx)
+
+
+def _stop_on_sigterm(ctx: click.Context) -> None:
+    """A SIGTERM (``kill``, a batch scheduler, systemd) stops a command as a Ctrl-C does: workers stopped, finished
+    artefacts kept, exit status 143 (it used to die at once, leaving the pool's semaphores to the resource tracker)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    from ndc.errors import Terminated
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))

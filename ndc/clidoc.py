@@ -19,6 +19,7 @@ with `json` exactly one JSON document goes to stdout, progress and warnings to s
 one line, `Error: ...`, with exit status 1. Exit status 2 is a command line that does not parse (an unknown
 option, a value of the wrong type or outside a declared range: click's usage error); a value that parses but
 is checked later (a spec, a shape, a device, a NaN rate) is a user error, exit status 1.
+Ctrl-C exits with status 130, SIGTERM with 143; either stops the command's workers and keeps what it finished.
 """
 
 

@@ -9,6 +9,11 @@ what goes into such messages.
 from __future__ import annotations
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM to a command: raised in its main thread like a Ctrl-C, so that it stops its workers, keeps what it
+    finished, and exits 143."""
+
+
 class NdcError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 

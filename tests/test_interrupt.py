@@ -1,4 +1,4 @@
-"""Ctrl-C stops ``ndc distill --workers N`` at once, leaves no worker behind, and the rerun resumes.
+"""Ctrl-C (or SIGTERM) stops ``ndc distill --workers N`` at once, leaves no worker behind, and the rerun resumes.
 
 A SIGINT to the command (not to its whole process group, as a terminal's
 Ctrl-C would send) used to wait until every queued unit had finished: the
@@ -44,7 +44,9 @@ def _default_sigint() -> None:
 
 
 @pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
-def test_ctrl_c_stops_the_workers_at_once_and_the_rerun_skips_what_finished(ws):
+@pytest.mark.parametrize("signum, status, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_stops_the_workers_at_once_and_the_rerun_skips_what_finished(ws, signum, status, said):
+    # SIGTERM (kill, a scheduler) killed the command alone: no message, and the resource tracker's "leaked semaphore"
     command = [sys.executable, "-m", "ndc", *ARGS, "-w", str(ws)]
     proc = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=_default_sigint)  # noqa: PLW1509 (it only resets one signal)
@@ -57,7 +59,7 @@ def test_ctrl_c_stops_the_workers_at_once_and_the_rerun_skips_what_finished(ws):
         assert proc.poll() is None and published, "the run should have published a candidate and still be running"
         children = descendants(proc.pid)
         assert len(children) >= 4, "forkserver, resource tracker and two workers should be running"
-        proc.send_signal(signal.SIGINT)  # the command's process only: its workers see no signal
+        proc.send_signal(signum)  # the command's process only: its workers see no signal
         sent = time.time()
         _, stderr = proc.communicate(timeout=60)
         took = time.time() - sent
@@ -65,16 +67,18 @@ def test_ctrl_c_stops_the_workers_at_once_and_the_rerun_skips_what_finished(ws):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130, stderr
-    assert "interrupted; finished artefacts are kept, run the command again to resume" in stderr
+    assert proc.returncode == status, stderr
+    assert f"{said}; finished artefacts are kept, run the command again to resume" in stderr
     assert "Traceback" not in stderr and "leaked" not in stderr, stderr
-    assert took < 10, f"the command took {took:.1f}s to stop after Ctrl-C"
+    assert took < 10, f"the command took {took:.1f}s to stop after {signum.name}"
     after = _published(ws)
     assert len(after) < CANDIDATES, "the queued units should have been cancelled, not run"
     deadline = time.time() + 10
     while time.time() < deadline and any(running(p) for p in children):
         time.sleep(0.1)
     assert not [p for p in children if running(p)], "workers outlived the interrupted command"
+    if signum == signal.SIGTERM:
+        return  # the rerun is the same as after a Ctrl-C
 
     rerun = subprocess.run(command, check=False, env=ENV, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr

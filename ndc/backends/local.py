@@ -138,9 +138,12 @@ class LocalBackend(Backend):
             updates.join_thread()
 
 
+STOPS = (signal.SIGINT, signal.SIGTERM)  # what stops a command: a Ctrl-C, and a SIGTERM (ndc.cli)
+
+
 @contextlib.contextmanager
 def _interrupt_after():
-    """Hold a Ctrl-C back until the block ends (in the main thread; elsewhere signals cannot arrive).
+    """Hold a Ctrl-C (or SIGTERM) back until the block ends (in the main thread; elsewhere signals cannot arrive).
 
     A Ctrl-C while the pool starts a worker could land after the worker is
     forked but before the pool records it, and so escape :func:`_stop`.
@@ -149,7 +152,7 @@ def _interrupt_after():
         yield
         return
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in STOPS}
     try:
         yield
     except Exception:
@@ -157,9 +160,10 @@ def _interrupt_after():
             raise KeyboardInterrupt from None
         raise
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught and callable(previous):
-        previous(signal.SIGINT, None)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if caught and callable(previous[caught[0]]):
+        previous[caught[0]](caught[0], None)
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
@@ -207,6 +211,7 @@ def _start_forkserver() -> None:
     if threading.current_thread() is not threading.main_thread():
         forkserver.ensure_running()
         return
+    # (SIGTERM stays unblocked: the mask is inherited through exec, and a worker must die of _stop's terminate())
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited through exec, unlike a handler

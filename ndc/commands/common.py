@@ -26,7 +26,7 @@ from typing import Any
 
 import click
 
-from ndc.errors import NdcError
+from ndc.errors import NdcError, Terminated
 
 DEFAULT_WORKSPACE = "ndc-work"
 
@@ -222,6 +222,9 @@ def user_errors(f: Callable) -> Callable:
             raise click.ClickException(str(e)) from None
         except OSError as e:
             raise click.ClickException(os_error_line(e)) from None
+        except Terminated:
+            click.echo("terminated; finished artefacts are kept, run the command again to resume", err=True)
+            sys.exit(143)
         except KeyboardInterrupt:
             click.echo("interrupted; finished artefacts are kept, run the command again to resume", err=True)
             sys.exit(130)

@@ -85,12 +85,14 @@ def choose_source(cfg: DistillConfig, requested: str | None, data, layout: Cache
     size = cache_size(data, layout, cfg.augment_passes, cfg.val_size)
     if on_disk:  # the budget limits what is written, and nothing is
         return "cache", f"the activation cache ({_size(size)}) is on disk already"
-    free = free_bytes(ws) - DISK_MARGIN + sum(b for _, b, _ in older_caches(ws))  # older caches make room (_make_room)
+    disk, older = free_bytes(ws), sum(b for _, b, _ in older_caches(ws))
+    free = disk - DISK_MARGIN + older  # older caches are deleted to make room (_make_room)
     if size <= min(budget, free):
         return "cache", f"the activation cache takes {_size(size)}"
     if free < budget:
-        return "recompute", (f"the activation cache would take {_size(size)} and the disk has "
-                             f"{_size(max(free + DISK_MARGIN, 0))} free: recomputing the teacher's prefix per batch")
+        return "recompute", (f"the activation cache would take {_size(size)} and the disk has {_size(max(disk, 0))} free"
+                             f"{f' (and {_size(older)} of older caches)' if older else ''}: recomputing the teacher's "
+                             "prefix per batch")
     return "recompute", (f"the activation cache would take {_size(size)}, over the --cache-budget "
                          f"({_size(budget)}): recomputing the teacher's prefix per batch")
 
