@@ -20,9 +20,15 @@ The target is KD's final accuracy − 0.5 points. ``kd_seconds_to_target`` is
 KD's training time (evaluation excluded, as ``ndc kd`` logs it) when it first
 reached the target; ``nd_seconds_to_target`` is distil + stitch + the
 fine-tuning time when ND first reached it (0 fine-tuning epochs if the
-stitched student already does). Epoch times: one fused ND epoch (distil time
-without the teacher pass, over ``--nd-epochs``) and the median KD epoch.
-Writes benchmarks/results/gpu.json (``--out`` to change).
+stitched student already does; stitch counts building, recalibrating and
+saving the student, not its evaluation, as KD's time counts no evaluation).
+Epoch times: one fused ND epoch (the training loop's rate between its first
+and last progress reports: steps per epoch x seconds per step, held-out
+evaluations included, setup and the teacher pass not) and the median KD
+epoch. Writes benchmarks/results/gpu.json (``--out`` to change), atomically,
+after KD, after ND and after each mode: a run cut short or a route that fails
+keeps what was measured (a failure is recorded with its traceback and the next
+mode still runs).
 
 ``--compile`` (default ``none,reduce-overhead``) runs both routes again for
 each further ``torch.compile`` mode, KD and ND alike (a baseline as good as
@@ -34,9 +40,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import time
+import traceback
 
 import torch
 
@@ -87,8 +95,9 @@ def first_reaching(history: list[dict], target: float) -> dict | None:
     return next((h for h in history if h["accuracy"] >= target), None)
 
 
-def routes(args, ws: Workspace, compile_mode: str) -> dict:
-    """KD from scratch, then ND (fused distil, stitch, fine-tuning), both through ``torch.compile`` in ``compile_mode``."""
+def routes(args, ws: Workspace, compile_mode: str, run: dict, save) -> None:
+    """KD from scratch, then ND (fused distil, stitch, fine-tuning), both through ``torch.compile`` in ``compile_mode``;
+    ``run`` is filled as they finish (``save()`` writes it out)."""
     data_args = {"data": args.data, "limit": args.examples}
     spec = Spec(width=args.width)
 
@@ -100,6 +109,10 @@ def routes(args, ws: Workspace, compile_mode: str) -> dict:
     reached = first_reaching(kd["history"], target)
     kd_seconds = reached["seconds"]
     kd_epochs = [b["seconds"] - a["seconds"] for a, b in zip([{"seconds": 0.0}] + kd["history"], kd["history"])]
+    run.update({"kd_final_accuracy": kd["accuracy"], "target_accuracy": target, "kd_seconds_to_target": kd_seconds,
+                "kd_epochs_to_target": reached["epoch"], "kd_epoch_seconds": statistics.median(kd_epochs),
+                "kd_first_epoch_seconds": kd_epochs[0], "kd": {"history": kd["history"], "params": kd["params"]}})
+    save()
 
     # ---- ND: fused distillation (cache included), stitch + recalibration, fine-tuning; every stage timed
     log(f"ND: fused distillation, {args.nd_epochs} epochs, --compile {compile_mode}")
@@ -107,18 +120,31 @@ def routes(args, ws: Workspace, compile_mode: str) -> dict:
     synchronize(args.device)
     t = time.perf_counter()
     cache_done: list[float] = []
+    steps: list[tuple[float, int, int]] = []  # (time, loop step, planned steps) at each progress report
+
+    def progress(u: dict) -> None:
+        if u.get("event") == "teacher" and u["step"] == u["total"]:
+            cache_done.append(time.perf_counter())  # the last: arrays written and hashed
+        elif u.get("event") == "advance":
+            steps.append((time.perf_counter(), u["step"], u["total"]))
+
     distilled = stages.distill(ws, [spec], DistillConfig(epochs=args.nd_epochs, compile=compile_mode, **data_args), source="cache",
-                               engine="fused", device=args.device, force=True,
-                               on_progress=lambda u: u.get("event") == "teacher" and u["step"] == u["total"]
-                               and cache_done.append(time.perf_counter()))
+                               engine="fused", device=args.device, force=True, on_progress=progress)
     synchronize(args.device)
     distill_seconds = time.perf_counter() - t
     assert not distilled.failed, distilled.failed
     cache_seconds = cache_done[-1] - t if cache_done else 0.0
-    t = time.perf_counter()
+    if len(steps) >= 2 and steps[-1][1] > steps[0][1]:  # the loop's rate, from its first report to its last
+        nd_epoch = (steps[-1][0] - steps[0][0]) / (steps[-1][1] - steps[0][1]) * steps[-1][2] / args.nd_epochs
+    else:
+        nd_epoch = (distill_seconds - cache_seconds) / args.nd_epochs
+    run.update({"nd_epoch_seconds": nd_epoch, "nd_epoch_over_kd_epoch": nd_epoch / run["kd_epoch_seconds"],
+                "nd": {"distill_seconds": distill_seconds, "cache_seconds": cache_seconds,
+                       "epoch_seconds_with_setup": (distill_seconds - cache_seconds) / args.nd_epochs,
+                       "engine": distilled.engine, "final_errors": [r.get("final_error") for r in distilled.rows]}})
+    save()
     stitched = stages.stitch(ws, None, width=args.width, calibrate=20, device=args.device, **data_args).summary
-    synchronize(args.device)
-    stitch_seconds = time.perf_counter() - t
+    stitch_seconds = stitched["seconds"]["stitch"]  # built, recalibrated, saved; its evaluation is not counted
     log(f"ND: distil {distill_seconds:.1f}s (teacher pass {cache_seconds:.1f}s), stitch {stitch_seconds:.1f}s, "
         f"stitched student {stitched['accuracy']:.2%}; KD target {target:.2%}")
     finetune = stages.finetune(ws, TrainConfig(loss="kd", epochs=args.finetune_epochs, lr=stages.FINETUNE_LR, keep_initial=True,
@@ -131,27 +157,13 @@ def routes(args, ws: Workspace, compile_mode: str) -> dict:
         hit = first_reaching(finetune["history"], target)
         if hit is not None:
             nd_seconds, ft_epochs = distill_seconds + stitch_seconds + hit["seconds"], hit["epoch"]
-    nd_epoch = (distill_seconds - cache_seconds) / args.nd_epochs
-    return {
-        "compile": compile_mode,
-        "teacher_accuracy": stitched["teacher_accuracy"],
-        "kd_final_accuracy": kd["accuracy"],
-        "target_accuracy": target,
-        "kd_seconds_to_target": kd_seconds,
-        "kd_epochs_to_target": reached["epoch"],
-        "nd_seconds_to_target": nd_seconds,
-        "nd_finetune_epochs_to_target": ft_epochs if nd_seconds is not None else None,
-        "speedup": kd_seconds / nd_seconds if nd_seconds else None,
-        "nd_epoch_seconds": nd_epoch,
-        "kd_epoch_seconds": statistics.median(kd_epochs),
-        "kd_first_epoch_seconds": kd_epochs[0],
-        "nd_epoch_over_kd_epoch": nd_epoch / statistics.median(kd_epochs),
-        "nd": {"distill_seconds": distill_seconds, "cache_seconds": cache_seconds, "stitch_seconds": stitch_seconds,
-               "stitched_accuracy": stitched["accuracy"], "finetuned_accuracy": finetune["accuracy"],
-               "finetune_history": finetune["history"], "engine": distilled.engine,
-               "final_errors": [r.get("final_error") for r in distilled.rows]},
-        "kd": {"history": kd["history"], "params": kd["params"]},
-    }
+    run["teacher_accuracy"] = stitched["teacher_accuracy"]
+    run["nd"].update({"stitch_seconds": stitch_seconds, "stitch_evaluate_seconds": stitched["seconds"].get("evaluate"),
+                      "stitched_accuracy": stitched["accuracy"], "finetuned_accuracy": finetune["accuracy"],
+                      "finetune_history": finetune["history"]})
+    run.update({"nd_seconds_to_target": nd_seconds,
+                "nd_finetune_epochs_to_target": ft_epochs if nd_seconds is not None else None,
+                "speedup": run["kd_seconds_to_target"] / nd_seconds if nd_seconds else None})
 
 
 def main() -> None:
@@ -178,27 +190,35 @@ def main() -> None:
         plan, _ = partition_model(loaded, INPUT_SHAPE, by="residual")
         write_plan(ws, plan, loaded.model)
     result: dict = {"device": device_name(args.device), "machine": machine(), "settings": vars(args), "by_compile": {}}
-    for k, mode in enumerate(args.compile.split(",")):
+
+    def save() -> None:  # atomically, after every part: a run cut short keeps what it measured
+        tmp = f"{args.out}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, args.out)
+
+    headline = None
+    for mode in args.compile.split(","):
+        run = result["by_compile"][mode] = {"compile": mode}
         try:
-            run = routes(args, ws, mode)
-        except Exception as e:  # a later mode failing must not lose the ones measured (one GPU run is all there is)
-            if k == 0:
-                raise
+            routes(args, ws, mode, run, save)
+        except Exception as e:  # a mode failing must not lose what was measured (one GPU run is all there is)
             log(f"--compile {mode} failed: {type(e).__name__}: {e}")
-            result["by_compile"][mode] = {"error": f"{type(e).__name__}: {e}"}
+            run.update({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
         else:
-            result["by_compile"][mode] = run
-            if k == 0:
-                result.update({key: value for key, value in run.items() if key != "compile"})
+            if headline is None:  # the top-level figures: the first mode that completed
+                headline = mode
+                result.update({key: value for key, value in run.items() if key != "compile"}, headline_compile=mode)
             speedup = f"{run['speedup']:.2f}x" if run["speedup"] else "never reached the target"
             nd = run["nd_seconds_to_target"]
             print(f"\n{result['device']}, --compile {mode}: ND epoch {run['nd_epoch_seconds']:.2f}s vs KD epoch "
                   f"{run['kd_epoch_seconds']:.2f}s ({run['nd_epoch_over_kd_epoch']:.2f}x); to KD's final - 0.5 pt "
                   f"({run['target_accuracy']:.2%}): KD {run['kd_seconds_to_target']:.1f}s, "
                   f"ND {nd if nd is None else round(nd, 1)}s -> {speedup}", flush=True)
-        with open(args.out, "w") as f:  # after every mode: a run cut short keeps what it measured
-            json.dump(result, f, indent=2)
+        save()
         log(f"wrote {args.out}")
+    if headline is None:
+        raise SystemExit(f"every mode failed; {args.out} has the tracebacks")
 
 
 if __name__ == "__main__":

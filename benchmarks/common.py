@@ -10,6 +10,7 @@ kept in ``benchmarks/results/cache/`` (git-ignored); every later run reuses it.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
@@ -28,7 +29,7 @@ from ndc.plan import load_teacher, partition_model, write_plan  # noqa: E402
 from ndc.workspace import Workspace  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-CACHE = RESULTS / "cache"
+CACHE = Path(os.environ.get("NDC_BENCH_CACHE") or RESULTS / "cache")  # teachers and workspaces (tests use their own)
 DATA = "fashion-mnist"
 INPUT_SHAPE = (1, 3, 32, 32)
 TEACHER = CACHE / "teacher-resnet20-fmnist.safetensors"

@@ -21,6 +21,8 @@ paths run (projections, attention, feed-forward), so an fx leaf
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -115,9 +117,10 @@ def count_flops(module: nn.Module, input_shape: tuple[int, ...] | list[int], inp
     shape = tuple(input_shape)
     was_training = module.training
     module.eval()
+    device = next(itertools.chain(module.parameters(), module.buffers()), torch.empty(0)).device  # a student on a GPU
     try:
         with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
-            module(inputs.zeros(shape) if inputs is not None else torch.zeros(shape))
+            module((inputs.zeros(shape) if inputs is not None else torch.zeros(shape)).to(device))
     finally:
         module.train(was_training)
     return int(counter.get_total_flops() // max(shape[0], 1))

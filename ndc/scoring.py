@@ -570,6 +570,7 @@ def scores(model: Any, batches: Batches, metrics: Sequence[Metric], *, teacher: 
         run = stack.enter_context(runner(model, device, "the model", source))
         run_teacher = stack.enter_context(runner(teacher, device, "the teacher", source)) if use_teacher else None
         for x, y in batches:
+            y = y.cpu() if isinstance(y, torch.Tensor) else y  # data held on a GPU; the runners return host outputs
             out = run(x)
             t = run_teacher(x) if run_teacher is not None else None
             for tally in tallies:

@@ -284,7 +284,6 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
     exported (``output`` None: saved and measured only).
     """
     from ndc.data import open_data
-    from ndc.devicedata import on_device
     from ndc.evaluate import evaluate
     from ndc.heads import teacher_head
     from ndc.metrics import count_flops, count_nonzero_params, count_params
@@ -299,6 +298,7 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
     if calibrate < 0:
         raise NdcError("--calibrate must be 0 or more")
     with ws.writing("ndc stitch"):
+        started = time.perf_counter()
         JobStore(ws).recover()
         teacher = load_teacher(ws)
         plan = teacher.plan
@@ -311,13 +311,15 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
             if (doubt := shape_doubt(plan, source)) and warn is not None:
                 warn(doubt)
             _say_if_distilled_on_other_data(ws, selection, source, data, calibrate, warn)
-            calibrated = recalibrate_batchnorm(model.to(device), on_device(source, device), calibrate)
+            calibrated = recalibrate_batchnorm(model.to(device), source, calibrate)  # a few batches: no copy of the set
         model.cpu()
         save_student(ws, model, selection, made_from, {"calibrated_batches": calibrate if calibrated else 0, "data": data,
                                                         "teacher": teacher.identity})
+        seconds = {"stitch": time.perf_counter() - started}
         report = {} if output is None else export_model(model, output, plan.input_shape, fold_bn=fold_bn,
                                                          report_dir=ws.path("student/export-failure"), inputs=plan.inputs)
         theirs = _teacher_export(ws, teacher, report["format"], fold_bn) if report else {}
+        seconds["export"] = time.perf_counter() - started - seconds["stitch"]
         summary = {
             "output": report.get("output"), "format": report.get("format"),
             "teacher_bytes": theirs.get("bytes"), "teacher_latency_ms": theirs.get("latency_ms"),
@@ -326,6 +328,7 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
             "bytes": report.get("bytes"), "max_abs_diff": report.get("max_abs_diff"), "latency_ms": report.get("latency_ms"),
             "selection": {k: str(v) for k, v in selection.items()}, "calibrated_norms": calibrated,
             "calibration_batches": min(calibrate, -(-source.train_size // 128)) if calibrated else 0,
+            "seconds": seconds,
             "selection_file": selection_file or (str(ws.path(SELECTION)) if searched else None),
             **{k: report[k] for k in ("checked_batch_sizes", "folded_bn", "trusted_only") if k in report},
         }
@@ -339,7 +342,9 @@ def stitch(ws: Workspace, output: str | None, *, width: float | None = None, spe
         summary.update(dict.fromkeys(("accuracy", "teacher_accuracy", "agreement", "metric", "score", "teacher_score")))
         if source is not None:
             metric = pick_metric("auto", source, teacher_head(teacher), warn=warn)
+            t = time.perf_counter()
             scores = evaluate(model, source, teacher=teacher.gm, metric=metric, device=device)
+            seconds["evaluate"] = time.perf_counter() - t
             summary.update({k: scores.get(k) for k in ("accuracy", "teacher_accuracy", "agreement")})
             summary.update(metric=metric.name, score=scores["score"],
                            teacher_score=scores.get("teacher_score", 0.0 if metric.kind == "output-error" else 1.0))

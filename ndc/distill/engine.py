@@ -162,6 +162,8 @@ def run_unit(unit: Unit, progress: Callable[[dict], None] | None = None) -> list
     threads = torch.get_num_threads()
     if unit.device == "cpu":
         torch.set_num_threads(1)
+    elif unit.device.startswith("cuda:"):
+        torch.cuda.set_device(unit.device)  # kernels and caches of this worker on its own GPU, none on GPU 0
     try:
         return _Run(unit, progress).run()
     finally:
@@ -250,7 +252,7 @@ class _Run:
         try:
             from safetensors import safe_open
 
-            with safe_open(str(path), "pt", device=self.unit.device if self.unit.device != "cpu" else "cpu") as f:
+            with safe_open(str(path), "pt", device="cpu") as f:  # load_state moves them (Adam's step stays on the host)
                 meta = json.loads(f.metadata()["ndc"])
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             if meta.get("key") == t.key and 0 < meta["steps"] < t.total:
@@ -415,7 +417,7 @@ class Precision:
     def step(self, trainers: list[CandidateTrainer]) -> None:
         for t in trainers:
             t.step(self.scaler)
-        if self.scaler is not None:
+        if self.scaler is not None and any(t.optimizer is not None for t in trainers):  # update() needs one that stepped
             self.scaler.update()
 
 

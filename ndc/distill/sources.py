@@ -177,6 +177,8 @@ def build_cache(ws: Workspace, chain: TeacherChain, boundary_of_part: list[str],
     write_json_atomic(folder / "meta.json", {"key": key, "train": n_train, "test": n_test, "boundaries": layout.boundaries,
                                              "augment_passes": augment_passes, "dtype": "float16", "bytes": size,
                                              "sha256": checksums})
+    if progress:
+        progress(done_examples, total)  # again once the arrays are flushed and hashed: the cache is ready
     return folder
 
 

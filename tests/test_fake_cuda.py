@@ -1,0 +1,93 @@
+"""The GPU code paths, run on a simulated CUDA device (tests/fakecuda.py): no test may need a GPU, and none ran there.
+
+A review found two crashes that only a GPU would have shown (labels on the
+device scored against host outputs in every training loop's first evaluation;
+the FLOPs of a student on the device counted with a host input when the first
+candidate was published); both would have ended the lent GPU's one
+benchmark run before it wrote anything. Here the benchmark's whole pipeline
+(teacher training, ``kd``, fused ``distill`` from a device-resident cache,
+``stitch``, ``finetune``) runs with every tensor "on cuda" and must not mix
+devices anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+RUN = """
+import runpy, sys
+sys.path[:0] = [{tests!r}, {benchmarks!r}]
+import torch
+torch.set_num_threads(1)
+import fakecuda
+fakecuda.install()
+sys.argv = ["bench_gpu.py", *{argv!r}]
+try:
+    runpy.run_path({script!r}, run_name="__main__")
+finally:
+    for message, stack in fakecuda.LOG[:2]:
+        print("FAKECUDA:", message, stack, file=sys.stderr)
+"""
+
+
+def test_the_gpu_benchmark_runs_end_to_end_on_a_simulated_gpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    argv = ["--device", "cuda", "--data", "digits", "--examples", "256", "--teacher-examples", "256", "--teacher-epochs", "1",
+            "--nd-epochs", "1", "--finetune-epochs", "1", "--kd-epochs", "2", "--compile", "none", "--out", str(out)]
+    code = RUN.format(tests=str(HERE), benchmarks=str(ROOT / "benchmarks"), argv=argv, script=str(ROOT / "benchmarks/bench_gpu.py"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "NDC_BENCH_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "FAKECUDA" not in r.stderr, r.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["device"] == "FakeCUDA H100" and doc["headline_compile"] == "none"
+    run = doc["by_compile"]["none"]
+    assert "error" not in run, run.get("traceback")
+    for key in ("kd_seconds_to_target", "nd_epoch_seconds", "kd_epoch_seconds", "nd_epoch_over_kd_epoch", "speedup"):
+        assert key in doc, key
+    assert run["nd"]["engine"] == "fused" and len(run["nd"]["final_errors"]) == 9
+
+
+STAGES = """
+import sys
+sys.path[:0] = [{tests!r}]
+import torch
+torch.set_num_threads(1)
+import fakecuda
+fakecuda.install()
+from ndc.cli import main
+data = ["--data", "digits", "--limit", "200"]
+fast = ["--steps", "12", "--batch-size", "32", "--val-size", "64", "--quiet", "--device", "cuda"]
+for args in (["distill", "--width", "0.75", "--data-free", *fast],
+             ["distill", "--width", "0.5", *data, *fast, "--source", "recompute"],
+             ["distill", "--width", "0.5,0.25", *data, *fast, "--lookahead", "1", "--force"],
+             ["stitch", "-o", "s.pt", "--width", "0.5", "--device", "cuda"],  # (torch.export cannot trace the simulation)
+             ["eval", "--device", "cuda"],
+             ["finetune", "--epochs", "1", "--device", "cuda"],
+             ["kd", "--epochs", "1", "--width", "0.5", "--device", "cuda"],
+             ["search", "--budget", "params=60%", "--eval-size", "64", "--device", "cuda"],
+             ["probe", "--eps", "0.1", "--eval-size", "64", "--device", "cuda"]):
+    print("RUNNING", args[0], file=sys.stderr, flush=True)
+    try:
+        main([*args, "-w", {ws!r}], standalone_mode=False)
+    except SystemExit as e:
+        if e.code:
+            raise
+"""
+
+
+def test_every_stage_runs_with_device_cuda_on_a_simulated_gpu(ws, tmp_path):
+    code = STAGES.format(tests=str(HERE), ws=str(ws))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, check=False,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "FAKECUDA" not in r.stderr and r.stderr.count("RUNNING") == 9, r.stderr[-3000:]
+    assert (tmp_path / "s.pt").is_file() and (ws / "selection.json").is_file()
