@@ -384,7 +384,7 @@ def _is_factory(spec: str) -> bool:
     return True
 
 
-def _load_factory(spec: str) -> tuple[nn.Module, dict]:
+def _load_factory(spec: str, seed: int = 0) -> tuple[nn.Module, dict]:
     target, _, attr = spec.rpartition(":")
     if target.endswith(".py") or os.sep in target:
         path = Path(target)
@@ -404,7 +404,7 @@ def _load_factory(spec: str) -> tuple[nn.Module, dict]:
         raise NdcError(f"{target} has no callable {attr!r}")
     # A fixed seed makes a factory without --weights give the same teacher every
     # time, so the same MODEL always gives the same plan.
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     try:
         model = factory()
     except Exception as e:
@@ -412,6 +412,38 @@ def _load_factory(spec: str) -> tuple[nn.Module, dict]:
     if not isinstance(model, nn.Module):
         raise NdcError(f"factory {spec} returned {type(model).__name__}, not an nn.Module")
     return model, {"kind": "factory", "target": resolved, "sha256": _sha(file) if file else None}
+
+
+RANDOM_CHECK_PARAMS = 50_000_000  # a larger model is not built twice to find out
+
+
+def random_parameters(spec: str, model: nn.Module) -> list[str]:
+    """The parameters of ``model``, built by the factory ``spec``, that the factory initialises at random: built again
+    under another seed, they differ (a factory that loads its weights gives the same values)."""
+    if not _is_factory(spec) or sum(p.numel() for p in model.parameters()) > RANDOM_CHECK_PARAMS:
+        return []
+    state = torch.random.get_rng_state()
+    try:
+        other, _ = _load_factory(spec, seed=1)
+    except NdcError:
+        return []
+    finally:
+        torch.random.set_rng_state(state)
+    theirs = dict(other.named_parameters())
+    return [name for name, p in model.named_parameters()
+            if name in theirs and p.shape == theirs[name].shape and p.is_floating_point()
+            and not torch.equal(p.detach().cpu(), theirs[name].detach().cpu())]
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'1,3,32,32' (or '1x3x32x32') -> (1, 3, 32, 32)."""
+    try:
+        shape = tuple(int(p) for p in re.split(r"[,x]", text.strip()))
+    except ValueError:
+        raise NdcError(f"bad --input-shape {text!r}: expected comma-separated sizes such as 1,3,32,32") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise NdcError(f"bad --input-shape {text!r}: expected positive sizes such as 1,3,32,32")
+    return shape
 
 
 def _import_file(path: Path):

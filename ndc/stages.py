@@ -23,7 +23,7 @@ from typing import Any
 
 from ndc.distill import DistillConfig, cache_layout, cache_on_disk, choose_source, plan_candidates, run_distill
 from ndc.distill.store import JobStore
-from ndc.errors import NdcError
+from ndc.errors import NdcError, count
 from ndc.finetune import TrainConfig
 from ndc.ir import Spec
 from ndc.workspace import Workspace
@@ -134,13 +134,20 @@ def partition(ws: Workspace, model: str, *, input_shape: tuple[int, ...] | None 
               trust_pickle: bool = False, frontend: str = "auto", input_dtype: str | None = None, output: str | None = None,
               warn: Log = _quiet):
     """Load MODEL, trace it, cut it into neighbourhoods and write the plan and the teacher's weights; returns
-    ``(plan, traced)``. Every plan is verified before it is written (:mod:`ndc.passes.verify`)."""
-    from ndc.load import input_shape_guess, input_spec, load_model
+    ``(plan, traced)``. Every plan is verified before it is written (:mod:`ndc.passes.verify`). ``input_shape`` is
+    a tuple or text ("1,3,32,32"); ``warn`` hears what ``ndc partition`` warns of, the plan's notes included."""
+    from ndc.load import input_shape_guess, input_spec, load_model, parse_shape, random_parameters
     from ndc.passes.partition import STRATEGIES
     from ndc.plan import partition_model, write_plan
 
     if by not in STRATEGIES:
         raise NdcError(f"unknown partition strategy {by!r}; valid strategies: {', '.join(STRATEGIES)}")
+    if input_dtype not in (None, "float32", "int64"):
+        raise NdcError(f"unknown --input-dtype {input_dtype!r}; valid: float32, int64")
+    if isinstance(input_shape, str):
+        input_shape = parse_shape(input_shape)
+    elif input_shape is not None:
+        input_shape = tuple(int(d) for d in input_shape)
     for given, option, owner in ((cuts, "--cut", ("cuts",)), (depth != 1, "--depth", ("module",)),
                                  (every is not None, "--every", ("layers", "auto"))):
         if given and by not in owner:
@@ -165,6 +172,12 @@ def partition(ws: Workspace, model: str, *, input_shape: tuple[int, ...] | None 
         plan.tracer["guessed"] = invented  # later stages doubt it when the data's examples have another size
     with ws.writing("ndc partition", create=True):
         write_plan(ws, plan, loaded.model)
+    if weights is None and (random := random_parameters(model, loaded.model)):
+        warn(f"{model} builds a model with random weights ({count(len(random), 'parameter tensor')}, e.g. {random[0]}, "
+             "differ from one build to the next) and no --weights was given: the teacher is untrained; pass --weights "
+             "FILE.safetensors (or load the weights in the factory)")
+    for note in plan.notes:
+        warn(note)
     return plan, traced
 
 
@@ -194,7 +207,18 @@ def resolve_engine(engine: str, devices: list[str]) -> str:
     return engine
 
 
-def distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, *, source: str | None = None, engine: str = "auto",
+def _as_spec(spec) -> Spec:
+    """A candidate as the Python API takes it: a :class:`Spec`, a width (0.5) or a spec's text ("width=0.5")."""
+    if isinstance(spec, Spec):
+        return spec
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        return Spec(width=float(spec))
+    if isinstance(spec, str):
+        return Spec.parse(spec)
+    raise NdcError(f"a candidate is a Spec, a width such as 0.5 or a spec such as 'width=0.5', not a {type(spec).__name__}")
+
+
+def distill(ws: Workspace, specs: list[Spec | float | str], cfg: DistillConfig, *, source: str | None = None, engine: str = "auto",
             backend: str = "local", workers: int = 1, address: str | None = None, device: str = "cpu",
             devices: str | None = None, only: tuple[str, ...] = (), force: bool = False,
             cache_budget: int = DEFAULT_CACHE_BUDGET, memory_budget: int | None = None, checkpoint_seconds: float = 60.0,
@@ -212,6 +236,11 @@ def distill(ws: Workspace, specs: list[Spec], cfg: DistillConfig, *, source: str
     from ndc.distill.engine import data_for
     from ndc.plan import load_teacher
 
+    specs = [_as_spec(s) for s in specs]
+    if cfg.data is not None and not isinstance(cfg.data, str):
+        raise NdcError(f"data is a data spec such as 'fashion-mnist', 'data.npz' or 'my_data.py:load', not a "
+                       f"{type(cfg.data).__name__}: put arrays in an .npz or return them from a my_data.py:load function "
+                       "(docs/data.md)")
     placed = resolve_devices(device, devices)
     engine = resolve_engine(engine, placed)
     if cfg.data:  # a file named relatively or not is one file, for the job keys and for workers elsewhere

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ndc.commands.common import common_options, emit, given, normalize_option, table, user_errors
-from ndc.commands.partition import parse_shape
+from ndc.load import parse_shape
 from ndc.errors import NdcError
 
 

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import re
 import sys
 
 import click
 
 from ndc.commands.common import common_options, emit, human, model_options, table, trace_options, user_errors, warn
-from ndc.errors import NdcError, count
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """'1,3,32,32' (or '1x3x32x32') -> (1, 3, 32, 32)."""
-    try:
-        shape = tuple(int(p) for p in re.split(r"[,x]", text.strip()))
-    except ValueError:
-        raise NdcError(f"bad --input-shape {text!r}: expected comma-separated sizes such as 1,3,32,32") from None
-    if not shape or any(d <= 0 for d in shape):
-        raise NdcError(f"bad --input-shape {text!r}: expected positive sizes such as 1,3,32,32")
-    return shape
+from ndc.errors import count
 
 
 @click.command("partition")
@@ -52,7 +40,7 @@ def command(model, input_shape, by, depth, every, cuts, leaves, weights, trust_p
     from ndc.workspace import Workspace
 
     ws = Workspace(workspace)
-    plan, traced = stages.partition(ws, model, input_shape=parse_shape(input_shape) if input_shape else None, by=by,
+    plan, traced = stages.partition(ws, model, input_shape=input_shape, by=by,
                                     depth=depth, every=every, cuts=tuple(cuts), leaves=tuple(leaves), weights=weights,
                                     trust_pickle=trust_pickle, frontend=frontend, input_dtype=input_dtype, output=output,
                                     warn=warn)
@@ -63,8 +51,6 @@ def command(model, input_shape, by, depth, every, cuts, leaves, weights, trust_p
         index = {n.name: i for i, n in enumerate(order)}
         spans = [(nb.name, index[nb.input], index[nb.output] if nb.output != "output" else len(order) - 1) for nb in plan.neighbourhoods]
         explanations = explain_plan(traced, spans)
-    for note in plan.notes:
-        warn(note)
 
     payload = {
         "plan": str(ws.path("plan.json")),
