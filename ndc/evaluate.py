@@ -67,3 +67,102 @@ def evaluate(model: Any, data: DataSource, *, split: str = "test", teacher: Any 
             result["teacher_accuracy"] = teacher_values[0]
     result["examples"] = n
     return result
+
+
+# ----------------------------------------------------------- what a model file reads
+
+
+def file_inputs(predictor):
+    """The :class:`~ndc.passes.inputs.InputSpec` of a loaded model file: token ids below the vocabulary of the
+    embedding that reads its input, floats, or None when the file does not say (a pickled module that is no graph).
+
+    ONNX: the input's element type, and the rows of the initializer a ``Gather`` looks the input up in; a graph
+    (.pt2, or a pickled fx graph): the rows of the weight an ``embedding`` looks the input up in. Only reshapes and
+    casts may stand between the input and the lookup; several lookups give the smallest table.
+    """
+    from ndc.passes.inputs import FLOAT, InputSpec
+
+    if predictor.kind == "onnx":
+        session_inputs = getattr(predictor.latency_target, "get_inputs", lambda: [])()
+        if session_inputs and session_inputs[0].type != "tensor(int64)":
+            return FLOAT  # known without reading the graph
+        integer, rows = _onnx_lookup(predictor.path)
+    else:
+        integer, rows = _graph_lookup(predictor.module)
+    if integer is False:
+        return FLOAT
+    if rows:
+        return InputSpec("int64", min(rows))
+    return None
+
+
+_PASS_THROUGH = {"reshape", "view", "flatten", "squeeze", "unsqueeze", "cast", "identity", "to", "_to_copy", "clone",
+                 "contiguous", "expand", "transpose", "permute", "_unsafe_view"}
+
+
+def _onnx_lookup(path) -> tuple[bool | None, list[int]]:
+    try:
+        import onnx
+
+        graph = onnx.load(str(path)).graph
+    except Exception:
+        return None, []
+    tables = {t.name: list(t.dims) for t in graph.initializer}
+    real = [i for i in graph.input if i.name not in tables]
+    if not real:
+        return None, []
+    if real[0].type.tensor_type.elem_type != onnx.TensorProto.INT64:
+        return False, []
+    reads, rows = {real[0].name}, []
+    for node in graph.node:  # topologically sorted
+        if node.op_type.lower() in _PASS_THROUGH and node.input and node.input[0] in reads:
+            reads.update(node.output)
+        elif (node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in reads
+              and len(tables.get(node.input[0], [])) == 2
+              and all(a.i == 0 for a in node.attribute if a.name == "axis")):
+            rows.append(int(tables[node.input[0]][0]))
+    return True, rows
+
+
+def _graph_lookup(module) -> tuple[bool | None, list[int]]:
+    graph = getattr(module, "graph", None)
+    if graph is None or not hasattr(graph, "nodes"):
+        return None, []
+    first = next((n for n in graph.nodes if n.op == "placeholder"), None)
+    if first is None:
+        return None, []
+    reads, rows = {first}, []
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module") or not node.args or node.args[0] is None:
+            continue
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        name = name.split(".")[0].lower()
+        if node.op == "call_module":
+            sub = module.get_submodule(node.target)
+            if isinstance(sub, torch.nn.Embedding) and node.args[0] in reads:
+                rows.append(sub.num_embeddings)
+        elif name in _PASS_THROUGH and node.args[0] in reads:
+            reads.add(node)
+        elif name == "embedding" and len(node.args) > 1 and node.args[1] in reads:
+            weight = _value(module, node.args[0])
+            if weight is not None and weight.dim() == 2:
+                rows.append(int(weight.shape[0]))
+    if rows:
+        return True, rows
+    value = first.meta.get("val")
+    if isinstance(value, torch.Tensor):
+        return not value.dtype.is_floating_point, []
+    return None, []
+
+
+def _value(module, node):
+    """The tensor behind a weight node of a graph: an attribute (get_attr) or the recorded value of a placeholder."""
+    import operator
+
+    if getattr(node, "op", None) == "get_attr":
+        try:
+            return operator.attrgetter(node.target)(module)
+        except AttributeError:
+            return None
+    value = getattr(node, "meta", {}).get("val")
+    return value if hasattr(value, "shape") else None

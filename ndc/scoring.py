@@ -224,7 +224,9 @@ def pick_metric(requested: str, data: Any, head: Head, *, labels_must_fit: bool 
     teacher to compare with, and this says how to give one."""
     if (labels_must_fit and requested == "auto" and head.scores and head.scores > 1 and not head.sigmoid
             and label_kind(head, data) == "classes" and labels_fit(head, data)):
-        data.check_classes(head.scores, "score by agreement with the teacher instead with --metric agreement")
+        # without a teacher, --metric agreement is one more error: say how to give one
+        data.check_classes(head.scores, f"to score by agreement with the teacher instead, {without_teacher}" if without_teacher
+                           else "score by agreement with the teacher instead with --metric agreement")
     metric, why = choose_metric(requested, data, head)
     if without_teacher and metric.needs_teacher:
         raise NdcError(f"{metric.title} compares with the teacher: {without_teacher}")

@@ -283,15 +283,28 @@ def distill(ws: Workspace, specs: list[Spec | float | str], cfg: DistillConfig, 
             spec = Spec.parse(row["spec"])
             if (row["status"] == "done" and (spec.width < 1 or spec.gates is not None) and spec.sparsity == 0
                     and spec.nm is None and spec.slim is None and row.get("student_params") == row.get("teacher_params")):
-                because = ("ndc distill --dry-run says what kept each dimension" if spec.gates is None else
-                           "no gate closed; a larger --gate-penalty closes more" if (row.get("gates") or {}).get("groups")
-                           else "no channel group there can carry a gate: attention heads and groups meeting a layer "
-                                "norm keep the teacher's width")
+                because = ("ndc distill --dry-run says what kept each dimension" if spec.gates is None
+                           else _why_no_gate_closed(row))
                 same.setdefault((str(spec), because), []).append(row["neighbourhood"])
         for (spec, because), names in same.items():
             if warn is not None:
                 warn(f"{spec} shrank nothing in {', '.join(names)}: the student is the teacher's size ({because})")
         return DistillResult(rows, chosen, why, engine, backend, workers, placed, time.perf_counter() - started)
+
+
+def _why_no_gate_closed(row: dict) -> str:
+    from ndc.distill.gates import CLOSING_STEPS
+
+    gates = row.get("gates") or {}
+    steps = (row.get("job") or {}).get("gate_steps")
+    if gates.get("groups") and steps is not None and steps < CLOSING_STEPS:
+        return (f"no gate closed in {count(steps, 'gate step')}; a gate needs some {CLOSING_STEPS} to close: more "
+                "--steps or --epochs")
+    if gates.get("groups"):
+        return "no gate closed; a larger --gate-penalty closes more"
+    if gates.get("ungated"):
+        return "no channel group there can carry a gate: " + "; ".join(f"{g}: {why}" for g, why in gates["ungated"].items())
+    return "no channel group there can shrink: ndc distill --dry-run --width 0.5 says what keeps each dimension"
 
 
 # ---------------------------------------------------------------------- stitch

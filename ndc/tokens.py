@@ -56,6 +56,8 @@ def token_source(spec: str, input_shape: Sequence[int] | None = None, *, limit: 
         data = _text(spec, input_shape, limit)
     elif spec.endswith(".npz") and (integer or (integer is None and _integer_npz(Path(spec).expanduser()))):
         data = _npz(spec, input_shape, limit)
+    elif spec.endswith(".npz") and integer is False and _integer_npz(Path(spec).expanduser(), pixels=False):
+        _refuse_ids(spec, input_shape)  # a model reading floats: not pixels (uint8) but ids
     elif integer:
         raise NdcError(f"{spec}: the model reads integer token ids, and this is not token data; give an .npz whose x "
                        "holds integer ids (N, L), or text:FILE")
@@ -158,13 +160,29 @@ class TokenData:
 # ------------------------------------------------------------------ npz
 
 
-def _integer_npz(path: Path) -> bool:
-    """True when ``path`` is an npz whose ``x`` holds integers (read from the array header only)."""
+def _integer_npz(path: Path, pixels: bool = True) -> bool:
+    """True when ``path`` is an npz whose ``x`` holds integers (uint8 too unless not ``pixels``), (N, L) (read from
+    the array header only)."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return "x" in z.files and np.issubdtype(z["x"].dtype, np.integer) and z["x"].ndim == 2
+            return ("x" in z.files and np.issubdtype(z["x"].dtype, np.integer) and z["x"].ndim == 2
+                    and (pixels or z["x"].dtype != np.uint8))
     except (OSError, ValueError, zipfile.BadZipFile):
         return False  # not ours: the image/vector parser reports what is wrong with it
+
+
+def _not_ids(spec: str, x: np.ndarray, input_shape) -> NdcError:
+    """Token ids ``x`` given to a model that reads images or floats: what the data is and what the model reads (no
+    advice to re-partition: another sequence length does not make an image model read ids)."""
+    shape = list(input_shape) if input_shape is not None else []
+    reads = f"images {shape}" if len(shape) == 3 else (f"floats of shape {shape}" if shape else "floats")
+    return NdcError(f"{spec} holds token ids ({x.dtype} sequences of length {x.shape[1]}), but the model reads "
+                    f"{reads}, not token ids")
+
+
+def _refuse_ids(spec: str, input_shape) -> None:
+    with np.load(Path(spec).expanduser(), allow_pickle=False) as z:
+        raise _not_ids(spec, z["x"], input_shape)
 
 
 def _npz(spec: str, input_shape, limit) -> TokenData:
@@ -227,6 +245,8 @@ def _hold_out(x: np.ndarray, y: np.ndarray):
 
 
 def _check_length(x: np.ndarray, input_shape, spec: str) -> None:
+    if input_shape is not None and len(input_shape) == 3:  # an image model: another length would not help
+        raise _not_ids(spec, x, input_shape)
     if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
         raise NdcError(f"{spec} has sequences of length {x.shape[1]}; the model reads {list(input_shape)} "
                        "(partition with --input-shape 1,L for that length)")

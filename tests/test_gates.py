@@ -125,7 +125,7 @@ def test_attention_alone_carries_no_gate_and_keeps_the_teachers_weights(run_cli,
     assert row["gates"]["groups"] == {} and row["student_params"] == row["teacher_params"]
     assert row["final_error"] == row["initial_error"] < 1e-3  # trained gateless, it only drifted from the teacher
     assert ("gates=0.3 shrank nothing in layers.0.attn: the student is the teacher's size (no channel group there can "
-            "carry a gate: attention heads and groups meeting a layer norm keep the teacher's width)") in r.stderr
+            "shrink: ndc distill --dry-run --width 0.5 says what keeps each dimension)") in r.stderr
 
 
 def test_a_resumed_gated_job_continues_exactly_across_the_gate_phase(partitioned):

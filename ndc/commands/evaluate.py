@@ -47,7 +47,7 @@ def command(model, data_spec, limit, batch_size, trust_pickle, device, metric, n
     device = one_device(device)
 
     if not data_spec:
-        raise NdcError("ndc eval needs --data SPEC, e.g. --data fashion-mnist or --data digits")
+        raise NdcError("ndc eval needs --data SPEC" + _data_example(model, workspace, trust_pickle))
     if trust_pickle and (model is None or Path(model).suffix.lower() not in (".pt", ".pth", ".pt2")):
         warn("--trust-pickle lets ndc unpickle a .pt or .pt2 MODEL; there is none here; ignored")
     workspace_given = given("workspace")
@@ -106,23 +106,30 @@ def _evaluate_workspace(ws, data_spec, limit, normalize, batch_size, device, met
 
 def _evaluate_file(model, ws, data_spec, limit, normalize, batch_size, device, trust_pickle, metric) -> dict:
     from ndc.data import open_data
-    from ndc.evaluate import evaluate, load_for_eval
+    from ndc.evaluate import evaluate, file_inputs, load_for_eval
     from ndc.heads import head_of
     from ndc.scoring import runner
 
     predictor = load_for_eval(model, trust_pickle=trust_pickle)
-    teacher = None
+    teacher = inputs = None
     if ws is not None:
         from ndc.plan import load_teacher
 
-        teacher = load_teacher(ws)
-    shape = _input_shape(predictor, teacher, model)
-    data = open_data(data_spec, shape, limit=limit, workspace=ws, normalize=normalize)
+        teacher = load_teacher(ws)  # its plan's input spec checks the data (token ids below its vocabulary)
+    else:
+        inputs = file_inputs(predictor)  # the file's own: token ids below the vocabulary of its embedding
+    shape = _input_shape(predictor, teacher, model, inputs)
+    data = open_data(data_spec, shape, limit=limit, workspace=ws, normalize=normalize, inputs=inputs)
     if teacher is not None:
         head = teacher_head(teacher)
     else:
+        vocabulary = getattr(getattr(predictor.module, "config", None), "vocab_size", None)
+        if data.kind == "tokens" and inputs is None and isinstance(vocabulary, int):
+            data.check_vocabulary(vocabulary)  # a pickled Hugging Face model
         with runner(predictor, device, str(model), data.name) as run:
             head = head_of(predictor, run(next(data.batches("test", 2))[0]).shape)
+        if data.kind == "tokens" and inputs is None and getattr(data, "next_tokens", False) and len(head.shape) == 2:
+            data.check_vocabulary(head.shape[-1])  # vocabulary unknown: a language model predicts every id it reads
     metric = pick_metric(metric, data, head, labels_must_fit=True,
                          without_teacher="" if teacher else f"pass -w with the workspace {model} was made from")
     result = evaluate(predictor, data, metric=metric, teacher=teacher.gm if teacher is not None else None,
@@ -130,14 +137,17 @@ def _evaluate_file(model, ws, data_spec, limit, normalize, batch_size, device, t
     return _payload("model", str(model), metric, result, data, ws, None, teacher.plan if teacher is not None else None)
 
 
-def _input_shape(predictor, teacher, model: str) -> tuple[int, ...]:
-    """The per-example input shape: the file's own, checked against the teacher's; else the teacher's; else guessed."""
+def _input_shape(predictor, teacher, model: str, inputs=None) -> tuple[int, ...] | None:
+    """The per-example input shape: the file's own, checked against the teacher's; else the teacher's; else, for a
+    model reading token ids, None (the data's sequence length); else guessed."""
     teacher_shape = tuple(teacher.plan.input_shape[1:]) if teacher is not None else None
     own = predictor.input_shape
     if own is not None and teacher_shape is not None and own != teacher_shape:
         raise NdcError(f"{model} takes inputs of shape {fmt_shape(own)} but the workspace's teacher takes {fmt_shape(teacher_shape)}; "
                        "pass -w with the workspace this model was made from")
     shape = own or teacher_shape
+    if shape is None and inputs is not None and inputs.is_integer:
+        return None
     if shape is None:
         from ndc.load import guess_input_shape
 
@@ -147,6 +157,32 @@ def _input_shape(predictor, teacher, model: str) -> tuple[int, ...]:
         shape = tuple(guessed[1:])
         warn(f"{model} does not record its input shape; using {fmt_shape(shape)} from its first layer")
     return shape
+
+
+# ----------------------------------------------------------- what a model reads
+
+TOKEN_DATA_EXAMPLE = ("; the model reads token ids: e.g. --data ids.npz (an integer array x of shape (N, L)) or "
+                      "--data text:FILE (tokenised with the tokenizer.json beside it)")
+
+
+def _data_example(model, workspace, trust_pickle: bool) -> str:
+    """How to finish "needs --data SPEC": token data for a model reading token ids, else images."""
+    from ndc.workspace import PLAN, Workspace
+
+    images = ", e.g. --data fashion-mnist or --data digits"
+    integer = None
+    try:
+        ws = Workspace(model if model is not None and Path(model).is_dir() else workspace)
+        if ws.exists(PLAN):
+            integer = ws.load_plan().inputs.is_integer
+        elif model is not None and Path(model).is_file():
+            from ndc.evaluate import file_inputs, load_for_eval
+
+            spec = file_inputs(load_for_eval(model, trust_pickle=trust_pickle))
+            integer = spec is not None and spec.is_integer
+    except (NdcError, OSError):
+        pass  # the missing --data is the error to report
+    return TOKEN_DATA_EXAMPLE if integer else images
 
 
 # --------------------------------------------------------------------- output

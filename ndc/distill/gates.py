@@ -30,10 +30,14 @@ Where a gate acts: on the weights of the layers that *consume* the group (a
 convolution's input channels, a linear layer's input features), so closing a
 gate removes exactly that channel's contribution whatever lies between its
 producer and its consumers (batch norms, activations, residual additions of
-the same group). A group is gated only when every use of it is such a consumer
+the same group). The layers are modules (fx) or, in exported graphs, their
+ATen functions on ``get_attr`` weights: ``linear``, the convolutions, and
+``addmm``/``mm`` by an ``(in, out)`` matrix (GPT-2's ``Conv1D``, a decomposed
+``nn.Linear``). A group is gated only when every use of it is such a consumer
 or passes it on channel by channel; a group that meets a layer norm, a softmax
 or a contraction without weights (attention's ``q·kᵀ``) keeps the teacher's
-width.
+width, and ``metrics.json``'s ``"gates": {"ungated": ...}`` and the report say
+which use stopped it.
 
 Training has two phases: for the first ``GATE_PHASE`` of the steps gates are
 sampled and penalised; then (the cosine learning rate restarted) each
@@ -63,7 +67,9 @@ from ndc.distill.views import borrow, lend, parameter_names
 from ndc.ir import Spec
 from ndc.passes.rewrite import Student, analyse, rebuild_student
 from ndc.passes.rewrite.analysis import Analysis
+from ndc.passes.rewrite.aten import _CONVS as _ATEN_CONVS, _matrix
 from ndc.passes.rewrite.dims import Layout
+from ndc.passes.rewrite.rules import _arg
 from ndc.passes.rewrite.width import apply_width, make_record, reinitialise, report
 
 DEFAULT_PENALTY = 0.3
@@ -72,6 +78,8 @@ OPEN = 2.5  # initial log α: every gate open (deterministic value 1 from log 11
 LIMIT = math.log(11) + 0.5  # log α stays in [-LIMIT, LIMIT]: just past where the deterministic gate is 0 and 1
 GATE_PHASE = 0.7  # fraction of the steps with sampled, penalised gates; the rest settles the weights with the gates fixed
 GATE_LR = 0.1  # log α moves on a scale of units whatever --lr the weights use
+# The fewest gate steps in which a gate can close: Adam moves log α by about GATE_LR a step (at full learning rate)
+CLOSING_STEPS = math.ceil((OPEN + math.log(11)) / GATE_LR)
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -86,6 +94,9 @@ _MIXING_FUNCTIONS = {F.layer_norm, F.group_norm, F.local_response_norm, F.softma
                      _aten._log_softmax.default, _aten.rms_norm.default, _aten.linalg_vector_norm.default}
 _MIXING_METHODS = {"softmax", "log_softmax", "norm"}
 _LINEAR_FUNCTIONS = {F.linear, _aten.linear.default}
+# Matrix products by a weight of shape (in, out) in exported graphs: GPT-2's Conv1D (``addmm(bias, x, weight)``), and
+# nn.Linear decomposed (``addmm(bias, x, t(weight))``).
+_MATRIX_FUNCTIONS = {_aten.addmm.default, _aten.mm.default}
 
 
 # ------------------------------------------------------------------ analysis
@@ -93,11 +104,8 @@ _LINEAR_FUNCTIONS = {F.linear, _aten.linear.default}
 
 def consumer(an: Analysis, node: fx.Node) -> tuple[str, int, Layout] | None:
     """``(weight name, axis, layout)`` when ``node`` consumes channels through a weight axis a gate can scale."""
-    if node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:  # a linear layer of an exported graph
-        x, w = (list(node.args) + [None, None])[:2]
-        if an.is_tensor(x) and isinstance(w, fx.Node) and w.op == "get_attr":
-            return str(w.target), 1, an.axes(x)[-1]
-        return None
+    if node.op == "call_function":
+        return _consumer_function(an, node)
     if node.op != "call_module":
         return None
     m = an.module(node)
@@ -110,6 +118,35 @@ def consumer(an: Analysis, node: fx.Node) -> tuple[str, int, Layout] | None:
     if isinstance(m, _CONVS + _TRANSPOSED) and m.groups == 1 and len(node.args) == 1 and not node.kwargs:
         ch = len(an.shape(x)) - (m.weight.dim() - 1)
         return f"{node.target}.weight", 0 if isinstance(m, _TRANSPOSED) else 1, axes[ch]
+    return None
+
+
+def _consumer_function(an: Analysis, node: fx.Node) -> tuple[str, int, Layout] | None:
+    """:func:`consumer` for the function forms of the layers: ``F.linear`` and the ATen operators of exported graphs."""
+    try:
+        target = node.target
+        kind = ("linear" if target in _LINEAR_FUNCTIONS else "matrix" if target in _MATRIX_FUNCTIONS
+                else "conv" if target in _ATEN_CONVS else None)
+    except TypeError:  # an unhashable callable: no layer
+        return None
+    if kind == "linear":  # F.linear(x, weight, bias): weight (out, in)
+        x, w = node.args[0] if node.args else None, _arg(node, 1, "weight")
+        if an.is_tensor(x) and isinstance(w, fx.Node) and w.op == "get_attr":
+            return str(w.target), 1, an.axes(x)[-1]
+    elif kind == "matrix":  # addmm(bias, x, w) / mm(x, w): w (in, out), the parameter itself or a transposed nn.Linear weight
+        x, w = (list(node.args) + [None] * 3)[1:3] if target == _aten.addmm.default else (list(node.args) + [None] * 2)[:2]
+        found = _matrix(an, w) if not node.kwargs else None
+        if an.is_tensor(x) and found is not None:
+            name, out_axis = found
+            return str(name), 1 - out_axis, an.axes(x)[-1]
+    elif kind == "conv":  # conv2d(x, weight, ...) / convolution(...): weight (out, in, ...), transposed (in, out, ...)
+        groups_at, transposed = _ATEN_CONVS[target]
+        if transposed is None:
+            transposed = bool(_arg(node, 6, "transposed", False))
+        x, w = node.args[0] if node.args else None, _arg(node, 1, "weight")
+        if (an.is_tensor(x) and isinstance(w, fx.Node) and w.op == "get_attr" and _arg(node, groups_at, "groups", 1) == 1):
+            ch = len(an.shape(x)) - (an.tensor(str(w.target)).dim() - 1)
+            return str(w.target), 0 if transposed else 1, an.axes(x)[ch]
     return None
 
 
@@ -130,10 +167,11 @@ def _leaves(an: Analysis, value) -> set[int]:
     return {g for layout in layouts for g in an.dims.leaves(layout)}
 
 
-def gated_groups(part: fx.GraphModule, an: Analysis) -> tuple[list[int], list[tuple[str, int, Layout]]]:
-    """The channel groups that can carry gates, and the weight axes the gates scale (see the module docstring)."""
+def gated_groups(part: fx.GraphModule, an: Analysis) -> tuple[list[int], list[tuple[str, int, Layout]], dict[int, str]]:
+    """The channel groups that can carry gates, the weight axes the gates scale (see the module docstring), and why
+    each other free group carries none."""
     free = set(an.free_groups())
-    bad: set[int] = set()
+    bad: dict[int, str] = {}  # a group -> the first use of it that a gate cannot act through
     points: dict[tuple[str, int], Layout] = {}
     for node in part.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
@@ -148,14 +186,21 @@ def gated_groups(part: fx.GraphModule, an: Analysis) -> tuple[list[int], list[tu
             points.setdefault(point[:2], point[2])  # a module called twice: its weight is scaled once
             consumed = set(an.dims.leaves(point[2])) & free
         passed = _leaves(an, an.layouts.get(node))
-        for g in reads - consumed:
-            if g not in passed or _mixes(an, node):
-                bad.add(g)
+        mixes = _mixes(an, node)
+        for g in sorted(reads - consumed):
+            if mixes:
+                bad.setdefault(g, f"it meets {an.where(node)}, taken to mix the channels of every group it reads (a "
+                                  "norm, a softmax)")
+            elif g not in passed:
+                bad.setdefault(g, f"{an.where(node)} combines its channels without a weight a gate can scale (a "
+                                  "product such as attention's q·kᵀ, a sum over them, a grouped convolution)")
     gated = [g for g in an.free_groups() if g not in bad
              and any(g in an.dims.leaves(layout) for layout in points.values())]
     used = [(name, axis, layout) for (name, axis), layout in points.items()
             if any(g in gated for g in an.dims.leaves(layout))]
-    return gated, used
+    why = {g: bad.get(g, "no layer here takes its channels as inputs through a weight a gate can scale")
+           for g in an.free_groups() if g not in gated}
+    return gated, used, why
 
 
 # ------------------------------------------------------------------- student
@@ -171,7 +216,7 @@ class GatedStudent(nn.Module):
     def __init__(self, part: fx.GraphModule):
         super().__init__()
         self.an = an = analyse(part)
-        self.groups, points = gated_groups(part, an)
+        self.groups, points, self.ungated = gated_groups(part, an)  # ungated: why each other free group isn't
         self.full = copy.deepcopy(part).requires_grad_(True)
         self.net = copy.deepcopy(part)
         self.names = parameter_names(self.full)
@@ -311,11 +356,12 @@ class GatedStudent(nn.Module):
         rows = report(self.an, kept, spec)
         keys = self.an.keys()
         gated = {keys[g] for g in self.groups}
+        ungated = {keys[g]: why for g, why in self.ungated.items() if g in keys}
         for row in rows:
             if not row["shrunk"] and row["dim"] in gated:
                 row["why"] = "its gates kept every channel"
-            elif not row["shrunk"] and row["dim"] in {keys[g] for g in self.an.free_groups()}:
-                row["why"] = "not gated: a use of it mixes its channels (a norm, a softmax, a product without weights)"
+            elif not row["shrunk"] and row["dim"] in ungated:
+                row["why"] = f"not gated: {ungated[row['dim']]}"
         return apply_width(folded, self.an, kept), make_record(self.an, kept, spec, init, round_to, seed), rows
 
 
@@ -396,7 +442,9 @@ class GatedTrainer(CandidateTrainer):
         job = {"kind": "gates", "penalty": self.penalty, "gate_steps": self.gate_steps}
         info = {"penalty": self.penalty,
                 "groups": {keys[g]: {"teacher": self.model.an.dims.sizes[g], "kept": len(idx)}
-                           for g, idx in zip(self.model.groups, self.model.kept)}}
+                           for g, idx in zip(self.model.groups, self.model.kept)},
+                # the groups the width rewrite could shrink that carry no gate, and why (a "shrank nothing" says it)
+                "ungated": {keys.get(g, self.model.an.name(g)): why for g, why in self.model.ungated.items()}}
         doc = {"neighbourhood": self.name, "spec": str(self.spec), "record": record, "key": self.key, "report": rows,
                "job": job}
         return [Result(self.spec, rebuilt, doc, self.initial, final, self.history, {"job": job, "gates": info})]

@@ -242,18 +242,31 @@ def _input_or(error: NdcError, model: nn.Module, input_shape: tuple[int, ...], i
     except NdcError as e:
         return e
     entered: list[str] = []  # modules whose forward started and did not return: the innermost is where it failed
+    looked_up: dict[str, object] = {}  # an embedding's indices, to tell positions past its table
+
+    def enter(module, args, name):
+        entered.append(name)
+        if isinstance(module, nn.Embedding) and args:
+            looked_up[name] = args[0]
 
     def leave(_module, _args, _output):
         entered.pop()  # and return None: the output stays as it is
 
     hooks = [h for name, m in model.named_modules() if name for h in (
-        m.register_forward_pre_hook(lambda _m, _args, name=name: entered.append(name)), m.register_forward_hook(leave))]
+        m.register_forward_pre_hook(lambda m, args, name=name: enter(m, args, name)), m.register_forward_hook(leave))]
+    x = inputs.sample(input_shape, torch.Generator().manual_seed(0))
     try:
         with torch.no_grad():
-            model(inputs.sample(input_shape, torch.Generator().manual_seed(0)))
+            model(x)
         return error
     except Exception as e:
         where = f" in module {entered[-1]} ({type(model.get_submodule(entered[-1])).__name__})" if entered else ""
+        table = model.get_submodule(entered[-1]) if entered else None
+        longer = (past_positions(looked_up.get(entered[-1]), table.num_embeddings, x)
+                  if isinstance(table, nn.Embedding) else None)
+        if longer:
+            return NdcError(f"the model does not run on the example input {list(input_shape)} ({inputs.dtype}): "
+                            f"{longer[0]}{where}; give --input-shape 1,L with L at most {longer[1]}")
         return NdcError(f"the model does not run on the example input {list(input_shape)} ({inputs.dtype}): "
                         f"{type(e).__name__}: {_one_line(e).rstrip('.')}{where}; check --input-shape / --input-dtype"
                         + _dtype_hint(e))
@@ -294,6 +307,7 @@ class _ShapeInterpreter(fx.Interpreter):
         super().__init__(gm)
         self.key, self.record_tensors = key, record_tensors
         self.failure: str | None = None
+        self.ids: torch.Tensor | None = None
 
     def run_node(self, n: fx.Node):
         try:
@@ -301,9 +315,14 @@ class _ShapeInterpreter(fx.Interpreter):
         except Exception as e:
             if self.failure is None:
                 where = f" ({n.target})" if n.op == "call_module" else ""
-                self.failure = (f"the model does not run on the example input: {type(e).__name__}: {_one_line(e)} "
+                longer = self._past_positions(n)
+                self.failure = (f"the model does not run on the example input: {longer[0]} at node {n.name}{where}; "
+                                f"give --input-shape 1,L with L at most {longer[1]}" if longer else
+                                f"the model does not run on the example input: {type(e).__name__}: {_one_line(e)} "
                                 f"at node {n.name}{where}; check --input-shape" + _dtype_hint(e))
             raise
+        if n.op == "placeholder" and self.ids is None and isinstance(result, torch.Tensor) and not result.is_floating_point():
+            self.ids = result  # the model's input of token ids
         if self.record_tensors:
             meta = _tensor_meta(result)
             if meta is not None:
@@ -318,6 +337,36 @@ class _ShapeInterpreter(fx.Interpreter):
         if value is not None:
             n.meta[self.key] = value
         return result
+
+    def _past_positions(self, n: fx.Node) -> tuple[str, int] | None:
+        """When ``n`` is an embedding lookup that failed on positions past its table: what to say, and the table's size."""
+        try:
+            if n.op == "call_module":
+                table = self.module.get_submodule(n.target)
+                if not isinstance(table, nn.Embedding):
+                    return None
+                rows, indices = table.num_embeddings, self.fetch_args_kwargs_from_env(n)[0][0]
+            elif n.op == "call_function" and "embedding" in str(getattr(n.target, "__name__", n.target)):
+                args = self.fetch_args_kwargs_from_env(n)[0]
+                rows, indices = int(args[0].shape[0]), args[1]
+            else:
+                return None
+        except Exception:
+            return None
+        return past_positions(indices, rows, self.ids)
+
+
+def past_positions(indices, rows: int, ids) -> tuple[str, int] | None:
+    """("its sequence of L positions is longer than the model's position table (R positions)", R) when an embedding
+    of R ``rows`` failed on ``indices`` that are positions: not the input ids ``ids`` (B, L) themselves, with L above
+    R. None otherwise."""
+    if not (isinstance(indices, torch.Tensor) and isinstance(ids, torch.Tensor) and ids.dim() == 2
+            and indices.numel() and int(indices.max()) >= rows and ids.shape[-1] > rows):
+        return None
+    if indices.shape == ids.shape and torch.equal(indices, ids):
+        return None  # the token ids themselves: not a position table
+    return (f"its sequence of {ids.shape[-1]} positions is longer than the model's position table ({rows} positions)",
+            rows)
 
 
 def _dtype_hint(e: BaseException) -> str:
