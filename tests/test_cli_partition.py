@@ -113,3 +113,10 @@ def test_plan_is_byte_identical_across_hash_seeds(tmp_path):
                         "-w", str(ws)], cwd=tmp_path, env=env, check=True, capture_output=True)
         plans.append((ws / "plan.json").read_bytes())
     assert plans[0] == plans[1]
+
+
+def test_an_unknown_leaf_is_the_whole_error_under_frontend_auto(run_cli):
+    # auto went on to torch.export, which takes no --leaf, and appended its failure in brackets
+    r = run_cli("partition", "ndc.zoo:resnet20", "--input-shape", "1,3,32,32", "--leaf", "nosuch")
+    assert r.exit_code == 1 and "--leaf nosuch: the model has no submodule of that name" in r.stderr, r.stderr
+    assert "torch.export" not in r.stderr and r.stderr.count("\n") == 1, r.stderr

@@ -191,6 +191,7 @@ def test_eval_pt2_without_workspace_reports_accuracy_only(run_cli, workspace, tm
     assert doc["teacher_accuracy"] is None and doc["agreement"] is None and 0 <= doc["accuracy"] <= 1
     r = run_cli("eval", "teacher.pt2", "-w", "elsewhere", *DATA)  # an explicit -w without a plan: say so
     assert r.exit_code == 0 and "accuracy only" in r.stderr
+    assert "agreement with teacher" not in r.stdout  # no column left blank in every row
 
 
 def test_eval_pt_needs_trust(run_cli, workspace, tmp_path):

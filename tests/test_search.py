@@ -391,7 +391,7 @@ def test_greedy_falls_back_and_says_so():
                       "b": [("teacher", 40, 40, 0.0)]})
     result = greedy(table, 1.0)
     assert result.choice["a"].teacher and result.choice["b"].teacher
-    assert "no candidate has a drop below --max-drop 1 (best 2.00 points)" in result.notes[0]
+    assert "no candidate has a drop below --max-drop 1 (best width=0.75, 2.00 points)" in result.notes[0]
     assert "no trained candidates" in result.notes[1]
     widest = greedy(table, 1.0, fallback="widest")
     assert str(widest.choice["a"].spec) == "width=0.75"

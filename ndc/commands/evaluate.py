@@ -232,8 +232,9 @@ def _text(p: dict) -> str:
         agreement = "" if p["agreement"] is None else f"{100 * p['agreement']:.2f}%"
         name = f"{p['model']} ({p['selection']})" if p.get("selection") else p["model"]
         rows.append([name, metric.format(p["score"]), agreement])
-    if metric.kind == "agreement":  # the score already is the agreement
+    agreed = metric.kind != "agreement" and not all(row[2] == "" for row in rows)  # (the score is it, or none was measured)
+    if not agreed:
         rows = [row[:2] for row in rows]
-    headers = ["model", metric.title] + ([] if metric.kind == "agreement" else ["agreement with teacher"])
+    headers = ["model", metric.title] + (["agreement with teacher"] if agreed else [])
     out = table(headers, rows, "lrr")
     return f"{out}\n\n{p['examples']} test examples of {p['data']} ({p['split_source']})"

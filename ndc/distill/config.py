@@ -201,7 +201,7 @@ def expand_specs(widths: list[float], sparsities: list[float], specs: list[str])
                 out.append(Spec(width=w, sparsity=s))
     out += [Spec.parse(s) for s in specs]
     if not out:
-        raise NdcError("nothing to distil: give --width K[,K...], --sparsity S[,S...] or --spec SPEC")
+        raise NdcError("nothing to distil: give --width K[,K...], --sparsity S[,S...], --spec SPEC, --slimmable K[,K...] or --gates")
     seen, unique = set(), []
     for s in out:
         if s not in seen:

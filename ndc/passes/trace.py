@@ -136,7 +136,7 @@ def trace(model: nn.Module, input_shape: tuple[int, ...] | list[int], leaves: li
     try:
         made = _fx_frontend(model, input_shape, leaves)
     except NdcError as fx_error:
-        if frontend == "fx":
+        if frontend == "fx" or str(fx_error).startswith("--leaf"):  # (torch.export takes no --leaf: no use trying it)
             raise _input_or(fx_error, model, input_shape, inputs) from None
         try:
             made = _export_frontend(model, input_shape, leaves, inputs)

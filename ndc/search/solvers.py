@@ -45,14 +45,14 @@ def greedy(table: QualityTable, max_drop: float, fallback: str = "teacher") -> S
             choice[name] = table.teacher_option(name)
             notes.append(f"{name}: no trained candidates; keeping the teacher's neighbourhood")
             continue
-        best = min(o.drop for o in trained)
+        best = min(trained, key=lambda o: (o.drop, o.params))
         if fallback == "widest":
             choice[name] = max(trained, key=lambda o: (o.params, o.flops, -o.drop))
             what = f"the widest trained candidate, {choice[name].spec} (drop {choice[name].drop:.2f})"
         else:
             choice[name] = table.teacher_option(name)
             what = "the teacher's neighbourhood"
-        notes.append(f"{name}: no candidate has a drop below --max-drop {max_drop:g} (best {best:.2f} points); keeping {what}")
+        notes.append(f"{name}: no candidate has a drop below --max-drop {max_drop:g} (best {best.spec}, {best.drop:.2f} points); keeping {what}")
     return SearchResult(table, choice, {"rule": "max-drop", "max_drop": max_drop, "fallback": fallback}, notes)
 
 
