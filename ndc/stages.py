@@ -676,8 +676,10 @@ def search(ws: Workspace, *, data: str | None, limit: int | None = None, normali
         raise NdcError("--objective is what --budget minimises; --max-drop compares each candidate's drop")
     device = one_device(device)
     if not data:
-        raise NdcError("ndc search scores every candidate inside the teacher: give --data SPEC "
-                       "(the data the teacher was trained on), e.g. --data fashion-mnist")
+        from ndc.tokens import data_example, reads_token_ids
+
+        raise NdcError("ndc search scores every candidate inside the teacher: give --data SPEC (the data the teacher "
+                       f"was trained on), {data_example(reads_token_ids(ws))}")
     with ws.writing("ndc search"):
         JobStore(ws).recover()
         teacher = load_teacher(ws)

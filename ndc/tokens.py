@@ -287,3 +287,25 @@ def _text(spec: str, input_shape, limit) -> TokenData:
     following = np.append(ids[length: n * length: length], ids[n * length] if len(ids) > n * length else -100)
     x, y, test, split = _hold_out(x, next_tokens(x, following))
     return TokenData(spec, f"{path} tokenised with {tok_path}", (x, y), test, split, limit)
+
+
+# ---------------------------------------------------------- what to suggest
+
+IMAGE_DATA = "e.g. --data fashion-mnist or --data digits"
+TOKEN_DATA = ("the model reads token ids: e.g. --data ids.npz (an integer array x of shape (N, L)) or --data text:FILE "
+              "(tokenised with the tokenizer.json beside it)")
+
+
+def data_example(integer: bool | None) -> str:
+    """How to give --data, for a message: token data for a model reading token ids, else images."""
+    return TOKEN_DATA if integer else IMAGE_DATA
+
+
+def reads_token_ids(ws) -> bool | None:
+    """Whether the workspace's teacher reads token ids (None: no readable plan)."""
+    from ndc.workspace import PLAN
+
+    try:
+        return ws.load_plan().inputs.is_integer if ws.exists(PLAN) else None
+    except (NdcError, OSError):
+        return None

@@ -111,6 +111,11 @@ def test_eval_without_data_suggests_token_data_for_a_token_model(here):
     assert _error(_cli("eval", "-w", "lm")) == token
     assert _error(_cli("eval", "lm.onnx")) == token
     assert _error(_cli("eval", "cnn.onnx", "-w", "cnn")) == "ndc eval needs --data SPEC, e.g. --data fashion-mnist or --data digits"
+    # the other stages that need data say the same for a token workspace
+    tail = token.split("; ", 1)[1]
+    assert _error(_cli("distill", "--width", "0.5", "-w", "lm")) == f"give --data SPEC ({tail}) or --data-free"
+    assert _error(_cli("probe", "-w", "lm")) == f"ndc probe measures accuracy under noise: give --data SPEC, {tail}"
+    assert _error(_cli("search", "--max-drop", "1", "-w", "lm")).endswith(f"(the data the teacher was trained on), {tail}")
 
 
 def test_a_sequence_longer_than_the_position_table_is_named(here):

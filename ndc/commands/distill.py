@@ -130,7 +130,9 @@ def command(widths, sparsities, specs, slim_widths, assistant, gates, gate_penal
             raise NdcError(f"--data-free trains on noise; it cannot be combined with --source {source}")
         source = "noise"
     if source is None and not data_spec and not dry_run:
-        raise NdcError("give --data SPEC (e.g. --data fashion-mnist) or --data-free")
+        from ndc.tokens import data_example, reads_token_ids
+
+        raise NdcError(f"give --data SPEC ({data_example(reads_token_ids(ws))}) or --data-free")
     # Validated before any work, a dry run's included: a bad option costs nothing.
     cfg = DistillConfig(data=data_spec, limit=limit, normalize=normalize, source=source or ("recompute" if data_spec else "noise"),
                         noise=noise, calibration=calibration, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr,

@@ -161,28 +161,21 @@ def _input_shape(predictor, teacher, model: str, inputs=None) -> tuple[int, ...]
 
 # ----------------------------------------------------------- what a model reads
 
-TOKEN_DATA_EXAMPLE = ("; the model reads token ids: e.g. --data ids.npz (an integer array x of shape (N, L)) or "
-                      "--data text:FILE (tokenised with the tokenizer.json beside it)")
-
-
 def _data_example(model, workspace, trust_pickle: bool) -> str:
     """How to finish "needs --data SPEC": token data for a model reading token ids, else images."""
-    from ndc.workspace import PLAN, Workspace
+    from ndc.tokens import data_example, reads_token_ids
+    from ndc.workspace import Workspace
 
-    images = ", e.g. --data fashion-mnist or --data digits"
-    integer = None
+    integer = reads_token_ids(Workspace(model if model is not None and Path(model).is_dir() else workspace))
     try:
-        ws = Workspace(model if model is not None and Path(model).is_dir() else workspace)
-        if ws.exists(PLAN):
-            integer = ws.load_plan().inputs.is_integer
-        elif model is not None and Path(model).is_file():
+        if integer is None and model is not None and Path(model).is_file():
             from ndc.evaluate import file_inputs, load_for_eval
 
             spec = file_inputs(load_for_eval(model, trust_pickle=trust_pickle))
             integer = spec is not None and spec.is_integer
     except (NdcError, OSError):
         pass  # the missing --data is the error to report
-    return TOKEN_DATA_EXAMPLE if integer else images
+    return ("; " if integer else ", ") + data_example(integer)
 
 
 # --------------------------------------------------------------------- output

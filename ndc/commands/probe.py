@@ -61,7 +61,10 @@ def command(model, data_spec, limit, eps_text, relative, tolerance, eval_size, m
     from ndc.workspace import Workspace
 
     if not data_spec:
-        raise NdcError("ndc probe measures accuracy under noise: give --data SPEC, e.g. --data fashion-mnist")
+        from ndc.tokens import data_example, reads_token_ids
+
+        integer = None if model is not None else reads_token_ids(Workspace(workspace))
+        raise NdcError(f"ndc probe measures accuracy under noise: give --data SPEC, {data_example(integer)}")
     eps = parse_eps(eps_text)
     teacher, ws, what = _teacher(model, workspace, input_shape, by, depth, every, cuts, leaves, weights, trust_pickle)
     folder = Path(out_dir) if out_dir else Workspace(workspace if ws is None else ws.root).path("probe")
