@@ -200,6 +200,7 @@ def install():
     nn.Module.cpu = module_cpu
     nn.Module.cuda = module_cuda
     torch.Generator = make_gen
+    real_available = torch.cuda.is_available
     torch.cuda.is_available = lambda: True
     torch.cuda.device_count = lambda: 1
     torch.cuda.mem_get_info = lambda device=None: (80 * 2**30, 80 * 2**30)
@@ -209,5 +210,22 @@ def install():
     torch.cuda.set_device = lambda device: None
     torch.cuda.is_current_stream_capturing = lambda: False
     mode = FakeCuda()
+
+    def outside(fn):  # exporters trace a model on the host; the simulation's mode would only get in their way
+        def run(*args, **kwargs):
+            for value in [*args, *kwargs.values()]:
+                if isinstance(value, nn.Module) and any(tagged(t) for t in value.parameters()):
+                    fail(f"{fn.__name__} of a model on the device")
+            mode.__exit__(None, None, None)
+            torch.cuda.is_available = real_available  # the exporters would look for CUDA kernels
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.is_available = lambda: True
+                mode.__enter__()
+        return run
+
+    torch.export.export = outside(torch.export.export)
+    torch.onnx.export = outside(torch.onnx.export)
     mode.__enter__()
     return mode

@@ -55,7 +55,7 @@ def test_the_gpu_benchmark_runs_end_to_end_on_a_simulated_gpu(tmp_path):
     assert run["nd"]["engine"] == "fused" and len(run["nd"]["final_errors"]) == 9
 
 
-STAGES = """
+COMMANDS = """
 import sys
 sys.path[:0] = [{tests!r}]
 import torch
@@ -63,31 +63,45 @@ torch.set_num_threads(1)
 import fakecuda
 fakecuda.install()
 from ndc.cli import main
-data = ["--data", "digits", "--limit", "200"]
-fast = ["--steps", "12", "--batch-size", "32", "--val-size", "64", "--quiet", "--device", "cuda"]
-for args in (["distill", "--width", "0.75", "--data-free", *fast],
-             ["distill", "--width", "0.5", *data, *fast, "--source", "recompute"],
-             ["distill", "--width", "0.5,0.25", *data, *fast, "--lookahead", "1", "--force"],
-             ["stitch", "-o", "s.pt", "--width", "0.5", "--device", "cuda"],  # (torch.export cannot trace the simulation)
-             ["eval", "--device", "cuda"],
-             ["finetune", "--epochs", "1", "--device", "cuda"],
-             ["kd", "--epochs", "1", "--width", "0.5", "--device", "cuda"],
-             ["search", "--budget", "params=60%", "--eval-size", "64", "--device", "cuda"],
-             ["probe", "--eps", "0.1", "--eval-size", "64", "--device", "cuda"]):
+for args in {commands!r}:
     print("RUNNING", args[0], file=sys.stderr, flush=True)
     try:
-        main([*args, "-w", {ws!r}], standalone_mode=False)
+        main(args, standalone_mode=False)
     except SystemExit as e:
         if e.code:
             raise
 """
 
 
-def test_every_stage_runs_with_device_cuda_on_a_simulated_gpu(ws, tmp_path):
-    code = STAGES.format(tests=str(HERE), ws=str(ws))
+def _on_a_simulated_gpu(commands: list[list[str]], cwd) -> subprocess.CompletedProcess:
+    """Run ndc ``commands`` in one process with the simulated GPU."""
+    code = COMMANDS.format(tests=str(HERE), commands=commands)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, check=False,
-                       cwd=tmp_path)
+                       cwd=cwd)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "FAKECUDA" not in r.stderr and r.stderr.count("RUNNING") == 9, r.stderr[-3000:]
-    assert (tmp_path / "s.pt").is_file() and (ws / "selection.json").is_file()
+    assert "FAKECUDA" not in r.stderr and r.stderr.count("RUNNING") == len(commands), r.stderr[-3000:]
+    return r
+
+
+def test_every_stage_runs_with_device_cuda_on_a_simulated_gpu(ws, tmp_path):
+    data = ["--data", "digits", "--limit", "200"]
+    fast = ["--steps", "12", "--batch-size", "32", "--val-size", "64", "--quiet", "--device", "cuda"]
+    commands = [["distill", "--width", "0.75", "--data-free", *fast],
+                ["distill", "--width", "0.5", *data, *fast, "--source", "recompute"],
+                ["distill", "--width", "0.5,0.25", *data, *fast, "--lookahead", "1", "--force"],
+                ["stitch", "-o", "s.onnx", "--width", "0.5", "--device", "cuda"],
+                ["eval", "--device", "cuda"],
+                ["finetune", "--epochs", "1", "--device", "cuda"],
+                ["kd", "--epochs", "1", "--width", "0.5", "--device", "cuda"],
+                ["search", "--budget", "params=60%", "--eval-size", "64", "--device", "cuda"],
+                ["probe", "--eps", "0.1", "--eval-size", "64", "--device", "cuda"]]
+    _on_a_simulated_gpu([[*args, "-w", str(ws)] for args in commands], tmp_path)
+    assert (tmp_path / "s.onnx").is_file() and (ws / "selection.json").is_file()
+
+
+def test_the_demo_runs_with_device_cuda_on_a_simulated_gpu(tmp_path):
+    r = _on_a_simulated_gpu([["demo", "--quick", "--data", "digits", "--workers", "1", "--device", "cuda", "--format", "json",
+                              "-w", str(tmp_path / "demo")]], tmp_path)
+    doc = json.loads(r.stdout)
+    assert doc["device"] == "cuda" and doc["finetuned"]["max_abs_diff"] < 1e-3 and doc["kd_baseline"]["epochs"] >= 1
