@@ -84,7 +84,7 @@ def file_inputs(predictor):
 
     if predictor.kind == "onnx":
         session_inputs = getattr(predictor.latency_target, "get_inputs", lambda: [])()
-        if session_inputs and session_inputs[0].type != "tensor(int64)":
+        if session_inputs and not session_inputs[0].type.startswith("tensor(int"):  # ids: int64, int32, ...
             return FLOAT  # known without reading the graph
         integer, rows = _onnx_lookup(predictor.path)
     else:
@@ -111,7 +111,8 @@ def _onnx_lookup(path) -> tuple[bool | None, list[int]]:
     real = [i for i in graph.input if i.name not in tables]
     if not real:
         return None, []
-    if real[0].type.tensor_type.elem_type != onnx.TensorProto.INT64:
+    integers = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8}
+    if real[0].type.tensor_type.elem_type not in integers:
         return False, []
     reads, rows = {real[0].name}, []
     for node in graph.node:  # topologically sorted

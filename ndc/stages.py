@@ -142,8 +142,10 @@ def partition(ws: Workspace, model: str, *, input_shape: tuple[int, ...] | None 
 
     if by not in STRATEGIES:
         raise NdcError(f"unknown partition strategy {by!r}; valid strategies: {', '.join(STRATEGIES)}")
-    if input_dtype not in (None, "float32", "int64"):
-        raise NdcError(f"unknown --input-dtype {input_dtype!r}; valid: float32, int64")
+    from ndc.passes.inputs import DTYPES
+
+    if input_dtype is not None and input_dtype not in DTYPES:
+        raise NdcError(f"unknown --input-dtype {input_dtype!r}; valid: {', '.join(DTYPES)}")
     if isinstance(input_shape, str):
         input_shape = parse_shape(input_shape)
     elif input_shape is not None:

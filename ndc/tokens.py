@@ -46,7 +46,8 @@ def token_source(spec: str, input_shape: Sequence[int] | None = None, *, limit: 
 
     ``inputs``: the model's :class:`~ndc.passes.inputs.InputSpec`, when known. For a model reading token ids, ids at
     or above its vocabulary and data that is not ids (a float .npz, images) are one line each; for a model reading
-    floats, an integer .npz is image or vector data and text is refused.
+    floats, a uint8 .npz is image data, another integer one (N, L) is refused (ids or integer features), and text
+    is refused.
     """
     integer = getattr(inputs, "is_integer", None)
     if spec.startswith("text:"):
@@ -175,9 +176,12 @@ def _not_ids(spec: str, x: np.ndarray, input_shape) -> NdcError:
     """Token ids ``x`` given to a model that reads images or floats: what the data is and what the model reads (no
     advice to re-partition: another sequence length does not make an image model read ids)."""
     shape = list(input_shape) if input_shape is not None else []
-    reads = f"images {shape}" if len(shape) == 3 else (f"floats of shape {shape}" if shape else "floats")
-    return NdcError(f"{spec} holds token ids ({x.dtype} sequences of length {x.shape[1]}), but the model reads "
-                    f"{reads}, not token ids")
+    if len(shape) == 3:  # (N, L) integers beside an image model: a token file
+        return NdcError(f"{spec} holds token ids ({x.dtype} sequences of length {x.shape[1]}), but the model reads "
+                        f"images {shape}, not token ids")
+    reads = f"floats of shape {shape}" if shape else "floats"  # integer features, or ids for a model traced for floats
+    return NdcError(f"{spec}: x holds integers ({x.dtype}, {x.shape[1]} per example), but the model reads {reads}: "
+                    "save x as float32 if they are features; token ids need a teacher partitioned with --input-dtype int64")
 
 
 def _refuse_ids(spec: str, input_shape) -> None:

@@ -54,3 +54,23 @@ def test_distill_takes_widths_as_numbers_and_text_and_refuses_arrays_as_data(ws)
         stages.distill(Workspace(ws), [[0.5]], cfg)
     with pytest.raises(NdcError, match="data is a data spec such as 'fashion-mnist'.*not a tuple"):
         stages.distill(Workspace(ws), [0.5], DistillConfig(data=([1.0], None)))
+
+
+def test_a_factory_with_lazy_modules_partitions(tmp_path):
+    factory = tmp_path / "lazy.py"
+    factory.write_text("from torch import nn\n\ndef make():\n"
+                       "    return nn.Sequential(nn.LazyLinear(32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))\n")
+    plan, _ = stages.partition(Workspace(tmp_path / "ws"), f"{factory}:make", input_shape="1,16")
+    assert plan.input_shape == [1, 16]
+
+
+def test_integer_features_for_a_float_model_say_how_to_give_them(tmp_path):
+    import numpy as np
+
+    from ndc.data import open_data
+    from ndc.passes.inputs import FLOAT
+
+    np.savez(tmp_path / "ints.npz", x=np.arange(40 * 8).reshape(40, 8).astype(np.int64), y=np.arange(40) % 2)
+    with pytest.raises(NdcError, match=r"x holds integers \(int64, 8 per example\), but the model reads floats of shape "
+                                       r"\[8\]: save x as float32 if they are features"):
+        open_data(str(tmp_path / "ints.npz"), (8,), inputs=FLOAT)

@@ -176,6 +176,9 @@ def test_a_new_cache_deletes_the_least_recently_used_others_beyond_the_budget(ru
     assert r.exit_code == 0 and doc["source"] == "cache", r.stderr
     assert a in caches() and b not in caches() and len(caches()) == 2
     assert f"removed activation cache {b} (" in r.stderr and "to make room within --cache-budget" in r.stderr
+    # a cache over the budget by itself (an explicit --source cache): deleting the others would not help, so none is
+    r, doc = distill(run_cli, *args, "--limit", "150", "--source", "cache", "--cache-budget", "1K")
+    assert r.exit_code == 0 and "removed" not in r.stderr and len(caches()) == 3, r.stderr
 
 
 def test_recompute_source_needs_no_disk(run_cli, ws):

@@ -34,6 +34,7 @@ try:
 finally:
     for message, stack in fakecuda.LOG[:2]:
         print("FAKECUDA:", message, stack, file=sys.stderr)
+assert not fakecuda.LOG  # a device error some fallback caught is still an error
 """
 
 
@@ -70,6 +71,7 @@ for args in {commands!r}:
     except SystemExit as e:
         if e.code:
             raise
+assert not fakecuda.LOG, fakecuda.LOG[:2]  # a device error some fallback caught is still an error
 """
 
 

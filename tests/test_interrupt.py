@@ -134,6 +134,18 @@ def test_an_error_that_a_ctrl_c_caused_while_workers_start_is_the_ctrl_c():
             raise EOFError("the forkserver went away")
 
 
+def test_a_sigterm_held_back_outside_the_cli_still_ends_the_script():
+    # (the default SIGTERM handler is no function to call: a held-back SIGTERM was dropped and the script went on)
+    code = ("import os, signal, time\n"
+            "from ndc.backends.local import _interrupt_after\n"
+            "with _interrupt_after():\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(0.2)\n"
+            "print('went on')\n")
+    r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == -signal.SIGTERM and "went on" not in r.stdout, (r.returncode, r.stdout, r.stderr)
+
+
 @dataclass
 class _Item:
     neighbourhood: str

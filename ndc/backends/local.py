@@ -35,6 +35,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 from ndc.backends.base import Backend, largest_first
 from ndc.distill.engine import Unit
+from ndc.errors import Terminated
 from ndc.workspace import pid_alive
 
 WATCH_SECONDS = 0.5
@@ -157,13 +158,17 @@ def _interrupt_after():
         yield
     except Exception:
         if caught:  # what the Ctrl-C broke (a worker process dying as it started) is the Ctrl-C
-            raise KeyboardInterrupt from None
+            raise (Terminated() if caught[0] == signal.SIGTERM else KeyboardInterrupt()) from None
         raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if caught and callable(previous[caught[0]]):
-        previous[caught[0]](caught[0], None)
+    if caught:
+        handler = previous[caught[0]]
+        if callable(handler):
+            handler(caught[0], None)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(caught[0])  # what it would have done: a SIGTERM ends a script (and a Ctrl-C)
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:

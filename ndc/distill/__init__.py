@@ -126,6 +126,8 @@ def _make_room(ws: Workspace, keep: Path, size: int, budget: int, log: Callable[
     all, and on the disk."""
     older = older_caches(ws, keep)
     kept, free = sum(b for _, b, _ in older), free_bytes(ws)
+    if size > budget or size + DISK_MARGIN > free + kept:
+        return  # deleting them all would not make it fit (an explicit --source cache): keep them
     while older and (kept + size > budget or size + DISK_MARGIN > free):
         used, b, folder = older.pop(0)
         shutil.rmtree(folder, ignore_errors=True)

@@ -159,15 +159,18 @@ def run_unit(unit: Unit, progress: Callable[[dict], None] | None = None) -> list
 
     On a CPU it runs on one torch thread (processes, not threads, scale here).
     """
-    threads = torch.get_num_threads()
+    threads, gpu = torch.get_num_threads(), None
     if unit.device == "cpu":
         torch.set_num_threads(1)
     elif unit.device.startswith("cuda:"):
+        gpu = torch.cuda.current_device()
         torch.cuda.set_device(unit.device)  # kernels and caches of this worker on its own GPU, none on GPU 0
     try:
         return _Run(unit, progress).run()
     finally:
         torch.set_num_threads(threads)
+        if gpu is not None:
+            torch.cuda.set_device(gpu)
 
 
 class _Run:
@@ -318,7 +321,8 @@ class _Run:
 
     def _charge(self, keys: list[str]) -> None:
         """Share the time since the last charge among ``keys`` by cost (FLOPs x steps): a candidate's ``seconds`` is
-        its part of the unit's wall time, so a unit's candidates add up to it (a lone job's is the whole)."""
+        its part of the unit's wall time, so a unit's candidates add up to it, but for writing their files (a lone
+        job's is the whole)."""
         now = time.perf_counter()
         elapsed, self._clock = now - self._clock, now
         costs = {i.key: max(i.cost, 0.0) for i in self.unit.items if i.key in keys}
@@ -352,7 +356,10 @@ class _Run:
     def _publish(self, t: CandidateTrainer, final: dict) -> None:
         nb = self.plan.neighbourhoods[t.index]
         item = next(i for i in self.unit.items if i.key == t.key)
-        for result in t.results(final):  # one candidate, or one per width of a slimmable job
+        results = t.results(final)  # one candidate, or one per width of a slimmable job
+        sizes = [(count_params(r.model), count_flops(r.model, nb.input_shape)) for r in results]
+        self._charge([t.key])  # measuring them too: what is left of the unit's time is writing the files
+        for result, (params, flops) in zip(results, sizes):
             model = result.model
             metrics = {
                 "key": t.key,
@@ -371,8 +378,8 @@ class _Run:
                 "seconds": self._seconds[t.key],
                 "engine": self.unit.engine,
                 "teacher_params": nb.params,
-                "student_params": count_params(model),
-                "student_flops": count_flops(model, nb.input_shape),
+                "student_params": params,
+                "student_flops": flops,
                 "sparsity": None,
                 **result.metrics,
                 "config": sha256_json(self.unit.config)[:16],
