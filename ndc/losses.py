@@ -173,7 +173,8 @@ def choose_loss(requested: str, head: Head, data: Any) -> tuple[str, bool, str]:
                            f"{head.describe()}; use --loss mse")
         if name == "ce" and kinds != "classes":
             raise NdcError(f"--loss ce trains on class labels alone, but {data.name} has "
-                           f"{'no labels' if kinds == 'none' else 'targets, not class labels'}; use --loss mse or kd")
+                           f"{'no labels' if kinds == 'none' else 'targets, not class labels'}; use "
+                           f"{'--loss bce (0/1 targets, one per output)' if binary else '--loss mse or kd'}")
         if name == "ce" and not labels_fit(head, data):
             raise NdcError(f"--loss ce trains on class labels alone, but {label_misfit(head, data)}; use --loss kd")
     labels = _labels_usable(name, kinds, data, head, binary)

@@ -232,6 +232,9 @@ def pick_metric(requested: str, data: Any, head: Head, *, labels_must_fit: bool 
         raise NdcError(f"{metric.title} compares with the teacher: {without_teacher}")
     if why and warn is not None:
         warn(why)
+    if warn is not None and metric.kind == "function" and not hasattr(_user_metric(metric.name), "higher_is_better"):
+        warn(f"--metric {metric.name}: higher values taken as better (the function has no higher_is_better "
+             "attribute; set it to False for an error or a loss)")
     return metric
 
 

@@ -553,6 +553,9 @@ def empty_test():
 def wrong():
     return 42
 
+def one_pair():
+    return X[:20], Y[:20]
+
 def broken():
     raise RuntimeError("disk on fire")
 '''
@@ -602,6 +605,8 @@ def test_function_errors(run_cli, user_file):
     assert f"{user_file}:poisoned train: example 3 holds a non-finite value" in line
     assert f"{user_file}:empty_test test holds no examples" in error_line(run_cli("data", f"{user_file}:empty_test"))
     assert "expected a pair (train, test)" in error_line(run_cli("data", f"{user_file}:wrong"))
+    assert "returned two arrays, one (x, y) pair; it returns two data sets, (train, test)" in error_line(
+        run_cli("data", f"{user_file}:one_pair"))
     assert "raised RuntimeError: disk on fire" in error_line(run_cli("data", f"{user_file}:broken"))
     assert "has no callable 'absent'" in error_line(run_cli("data", f"{user_file}:absent"))
     assert "cannot import module 'no_such_module_xyz'" in error_line(run_cli("data", "no_such_module_xyz:load"))

@@ -167,6 +167,11 @@ def test_eval_metrics_on_both_heads(heads, tmp_path):
     with torch.no_grad():
         expected = -float(((student(x) - y) ** 2).mean())
     assert doc["score"] == pytest.approx(expected, rel=1e-5)
+    # without the attribute, which way is better is a guess: said (search and fine-tuning rely on it)
+    (tmp_path / "metrics.py").write_text("def mae(student, teacher, y):\n    return float((student - y).abs().mean())\n")
+    r = invoke("eval", "--data", regression["data"], "-w", regression["ws"], "--metric", f"{tmp_path / 'metrics.py'}:mae")
+    assert r.exit_code == 0 and ":mae: higher values taken as better (the function has no higher_is_better attribute; " \
+        "set it to False for an error or a loss)" in r.stderr, r.stderr
 
     assert "real-valued targets" in one_line_error("eval", "--data", regression["data"], "-w", regression["ws"],
                                                    "--metric", "accuracy")
@@ -250,6 +255,8 @@ def test_explicit_losses_the_head_cannot_take_are_one_line():
         choose_loss("kd", Head((8, 4, 4)), Fake())
     with pytest.raises(NdcError, match="--loss ce trains on class labels alone, but fake has no labels"):
         choose_loss("ce", Head((10,)), Fake("none", None))
+    with pytest.raises(NdcError, match=r"targets, not class labels; use --loss bce \(0/1 targets, one per output\)"):
+        choose_loss("ce", Head((5,)), Fake("targets", None, (5,), True))  # multi-label rows
     with pytest.raises(NdcError, match="unknown --loss 'hinge'"):
         choose_loss("hinge", Head((10,)), Fake())
 

@@ -33,6 +33,11 @@ def open_function(spec: str, arg: str) -> Raw:
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
         raise NdcError(f"data function {spec} returned {type(result).__name__}; expected a pair (train, test), "
                        "test may be None")
+    a, b = result
+    if (all(hasattr(p, "shape") and len(p.shape) >= 1 for p in (a, b)) and a.shape[0] == b.shape[0]
+            and tuple(a.shape[1:]) != tuple(b.shape[1:])):  # two arrays (unlabelled train, test)? No: one set's x and y
+        raise NdcError(f"data function {spec} returned two arrays, one (x, y) pair; it returns two data sets, "
+                       "(train, test), each (x, y) or a Dataset: ((x, y), None) for training examples alone")
     train = _user_split(result[0], f"{spec} train")
     test = None if result[1] is None else _user_split(result[1], f"{spec} test")
     if test is not None:
