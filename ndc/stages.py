@@ -16,6 +16,7 @@ and print. Read top to bottom, this is ndc::
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -418,11 +419,19 @@ def training_setup(teacher, data, loss: str, metric: str, cfg, data_free: bool, 
     before any training; ``warn`` hears of a ``cfg.tau`` or ``cfg.lam`` the loss does not use."""
     from ndc.finetune import TrainConfig
     from ndc.heads import teacher_head
+    from ndc.heads import label_kind
     from ndc.losses import choose_loss
     from ndc.scoring import pick_metric
 
     head = teacher_head(teacher)
     name, labels, why = choose_loss(loss, head, data)
+    if loss != "auto" and not labels and label_kind(head, data) == "targets" and not data_free and cfg.lam > 0:
+        # asked for by name, its label term would be dropped: a mistake more likely than a wish (auto only warns)
+        per_example = getattr(data, "target_shape", None)
+        raise NdcError(f"--loss {name} cannot use the targets of {data.name} ({count(math.prod(per_example or ()), 'value')} "
+                       f"per example{', not 0/1' if name == 'bce' and not getattr(data, 'binary', False) else ''}) "
+                       f"with the teacher's output {head.describe()}; give targets that fit, another --loss, or "
+                       "--lambda 0 to match the teacher alone")
     labels = labels and not data_free and cfg.lam > 0
     if name == "ce" or labels and data.labels == "classes":
         hint = "train on the teacher's outputs alone with --lambda 0" if name == "kd" else "use --loss kd --lambda 0"

@@ -138,6 +138,10 @@ def test_kd_baselines_on_both_heads(heads):
     assert (regression["ws"] / doc["folder"] / "checkpoint.json").is_file()
     assert "class labels" in one_line_error("kd", "--width", "0.25", "--data", regression["data"], "--loss", "ce",
                                              "-w", regression["ws"])
+    # a loss asked for by name that cannot use the targets: refused, not trained on the teacher alone with a warning
+    assert one_line_error("kd", "--width", "0.25", "--data", regression["data"], "--loss", "bce", "-w", regression["ws"]) \
+        .endswith("values.npz (3 values per example, not 0/1) with the teacher's output Bx3; give targets that fit, "
+                  "another --loss, or --lambda 0 to match the teacher alone\n")
 
 
 def test_eval_metrics_on_both_heads(heads, tmp_path):
