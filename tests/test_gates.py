@@ -22,6 +22,17 @@ NBS = ("layer1.0", "layer2.0", "layer3.0")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def published(part, gated: GatedStudent):
+    """What stitch rebuilds from the student a gated job publishes (gates fixed, closed channels cut)."""
+    gated.fix()
+    gated.eval()
+    spec = Spec(gates=0.5)
+    module, record, _ = gated.student(part, spec, "teacher", 1, 0)
+    rebuilt = rebuild_student(part, spec, record)
+    rebuilt.load_state_dict(module.state_dict())
+    return rebuilt
+
+
 @pytest.mark.parametrize("family, name", CASES, ids=IDS)
 def test_closed_gates_remove_exactly_their_channels(family, name):
     """The published student (closed channels cut, open gates folded) computes what the gated student computes."""
@@ -31,12 +42,7 @@ def test_closed_gates_remove_exactly_their_channels(family, name):
     with torch.no_grad():
         for la in gated.log_alpha:
             la.uniform_(-3, 3)  # about half the gates closed, the rest partly or fully open
-    gated.fix()
-    gated.eval()
-    spec = Spec(gates=0.5)
-    module, record, _ = gated.student(part, spec, "teacher", 1, 0)
-    rebuilt = rebuild_student(part, spec, record)  # what stitch does
-    rebuilt.load_state_dict(module.state_dict())
+    rebuilt = published(part, gated)
     x = torch.randn(3, *shape[1:])
     assert torch.allclose(rebuilt.eval()(x), gated(x), atol=1e-4, rtol=1e-4)
     if gated.groups:

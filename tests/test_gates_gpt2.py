@@ -18,7 +18,7 @@ import torch
 from ndc.distill.gates import GatedStudent
 from ndc.ir import Spec
 from ndc.metrics import count_params
-from ndc.passes.rewrite import rebuild_student
+from tests.test_gates import published
 from tests.conftest import distill_json
 
 pytest.importorskip("transformers")
@@ -53,12 +53,7 @@ def test_exported_layers_carry_gates_and_closed_gates_remove_exactly_their_chann
     assert [gated.an.name(g) for g in gated.groups] == groups and gated.ungated == {}
     with torch.no_grad():
         gated.log_alpha[0].copy_(torch.linspace(-3, 3, len(gated.log_alpha[0])))  # the first half closed
-    gated.fix()
-    gated.eval()
-    spec = Spec(gates=0.5)
-    module, record, _ = gated.student(part, spec, "teacher", 1, 0)
-    rebuilt = rebuild_student(part, spec, record)  # what stitch does
-    rebuilt.load_state_dict(module.state_dict())
+    rebuilt = published(part, gated)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, *input_shape[1:], generator=g)  # a block of the residual stream reads hidden states, not ids
     assert torch.allclose(rebuilt.eval()(x), gated(x), atol=1e-5)
