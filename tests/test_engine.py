@@ -243,9 +243,10 @@ def test_a_fused_units_candidates_split_its_time_by_cost(ws, monkeypatch):
             walls.append(time.perf_counter() - start)
 
     monkeypatch.setattr(engine, "run_unit", timed)
-    cfg = DistillConfig(data="digits", limit=200, steps=40, batch_size=32, val_size=64, engine="fused")
+    # (no early stopping: a candidate that stops sooner is charged less, whatever its cost)
+    cfg = DistillConfig(data="digits", limit=200, steps=40, batch_size=32, val_size=64, engine="fused", patience=1000)
     rows = run_distill(Workspace(ws), [Spec(width=0.25), Spec(width=1.0)], cfg, make_backend("local"))
-    assert len(walls) == 1 and all(r["status"] == "done" for r in rows)
+    assert len(walls) == 1 and all(r["status"] == "done" and not r["stopped_early"] for r in rows)
     total = sum(r["seconds"] for r in rows)
     assert 0.7 * walls[0] <= total <= walls[0], (total, walls)
     by_width: dict = {}
