@@ -186,6 +186,8 @@ def choose_loss(requested: str, head: Head, data: Any) -> tuple[str, bool, str]:
         tail = f"; {label_misfit(head, data)}, so only the teacher is matched"
     else:
         tail = f"; the labels of {data.name} do not fit it, so only the teacher is matched"
+    if requested == "kd" and head.sigmoid:
+        tail += "; the teacher ends in a sigmoid: --loss bce matches its probabilities, kd softmaxes them as class scores"
     return name, labels, f"loss {name}: {why}{tail}"
 
 

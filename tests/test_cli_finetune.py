@@ -50,6 +50,8 @@ def test_finetune_raises_an_undertrained_student(run_cli, ws, tmp_path):
     assert (f"replacing the earlier fine-tuned student in finetune/, which scored better ({doc['accuracy']:.2%} accuracy "
             f"against this run's {worse:.2%})") in r.stderr
     assert json.loads(r.stdout)["best_epoch"] == 0  # no epoch beat the stitched student: eval says whose weights these are
+    r = run_cli("finetune", *DATA, "--epochs", "1", "--lr", "1e-6", "--no-augment")
+    assert "(a lower learning rate, --lr 1e-07 may help" in r.stdout and "or --no-augment" not in r.stdout, r.stdout
     r = run_cli("eval", *DATA)
     assert "stitched student (width=0.5; ndc finetune kept it: no epoch beat it)" in r.stdout
     assert "fine-tuned student" not in r.stdout

@@ -261,6 +261,9 @@ def test_explicit_losses_the_head_cannot_take_are_one_line():
         choose_loss("ce", Head((10,)), Fake("none", None))
     with pytest.raises(NdcError, match=r"targets, not class labels; use --loss bce \(0/1 targets, one per output\)"):
         choose_loss("ce", Head((5,)), Fake("targets", None, (5,), True))  # multi-label rows
+    name, _, why = choose_loss("kd", Head((5,), sigmoid=True), Fake("targets", None, (5,), True))
+    assert name == "kd" and why.endswith("; the teacher ends in a sigmoid: --loss bce matches its probabilities, kd "
+                                         "softmaxes them as class scores")  # said (warned), not refused
     with pytest.raises(NdcError, match="unknown --loss 'hinge'"):
         choose_loss("hinge", Head((10,)), Fake())
 

@@ -118,7 +118,8 @@ def command(data_spec, limit, normalize, loss, metric, epochs, lr, batch_size, t
             f"\nno epoch beat the stitched student, which already scores {metric.format(payload['initial_score'])}: "
             "it is kept unchanged" if perfect else
             "\nno epoch beat the stitched student: it is kept unchanged (a lower learning rate, "
-            f"--lr {payload['lr'] / 10:g}, or --no-augment may help: the first epochs can undo what distillation found)")
+            f"--lr {payload['lr'] / 10:g}{', or --no-augment,' if cfg.augment else ''} may help: the first epochs can "
+            "undo what distillation found)")
         tail += f"\nwrote {payload['output']}" if output else ""
         return (table(["model", metric.title], rows, "lr") + f"\n\n{count(payload['epochs'], 'epoch')} of --loss {payload['loss']} in "
                 f"{payload['seconds']:.0f}s" + tail)
