@@ -107,3 +107,29 @@ def test_the_demo_runs_with_device_cuda_on_a_simulated_gpu(tmp_path):
                               "-w", str(tmp_path / "demo")]], tmp_path)
     doc = json.loads(r.stdout)
     assert doc["device"] == "cuda" and doc["finetuned"]["max_abs_diff"] < 1e-3 and doc["kd_baseline"]["epochs"] >= 1
+
+
+# ---------------------------------------------------------- GPU-only pieces, run on the CPU directly
+
+
+def test_an_fp16_step_in_which_every_candidate_failed_does_not_crash_the_unit():
+    import torch
+
+    from ndc.distill.engine import Precision
+
+    precision = Precision("fp16", "cpu")
+    w = torch.nn.Parameter(torch.ones(2))
+    precision.backward((w * 2).sum())
+    precision.step([])  # no optimiser stepped: GradScaler.update() raised "No inf checks were recorded"
+
+
+def test_unlabelled_data_can_be_held_in_device_memory(tmp_path):
+    import numpy as np
+
+    from ndc.data import open_data
+    from ndc.devicedata import DeviceData
+
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32))
+    data = DeviceData(open_data(str(tmp_path / "x.npz"), (8,)), "cpu")  # torch.cat of None labels raised
+    x, y = next(data.batches("train", 16, shuffle=True))
+    assert x.shape == (16, 8) and y is None
