@@ -35,9 +35,10 @@ class DeviceData:
                 xs.append(x)
                 ys.append(y)
             x = torch.cat(xs) if xs else torch.empty((0, *data.shape))
-            labelled = all(t is not None for t in ys)  # unlabelled data (a bare .npz of inputs) has y None
-            y = torch.cat(ys) if ys and labelled else torch.empty((0,), dtype=torch.long) if labelled else None
-            self.tensors[split] = (x.to(device), y.to(device) if y is not None else None)
+            y = None
+            if all(t is not None for t in ys):  # unlabelled data (a bare .npz of inputs) has y None
+                y = (torch.cat(ys) if ys else torch.empty((0,), dtype=torch.long)).to(device)
+            self.tensors[split] = (x.to(device), y)
         # What a zero pixel becomes after normalisation: the value translation pads with, as on the host.
         mean = torch.tensor(data.mean, dtype=torch.float32) if data.normalization != "none" else torch.zeros(1)
         std = torch.tensor(data.std, dtype=torch.float32) if data.normalization != "none" else torch.ones(1)

@@ -138,13 +138,12 @@ def partition(ws: Workspace, model: str, *, input_shape: tuple[int, ...] | None 
     ``(plan, traced)``. Every plan is verified before it is written (:mod:`ndc.passes.verify`). ``input_shape`` is
     a tuple or text ("1,3,32,32"); ``warn`` hears what ``ndc partition`` warns of, the plan's notes included."""
     from ndc.load import input_shape_guess, input_spec, load_model, parse_shape, random_parameters
+    from ndc.passes.inputs import DTYPES
     from ndc.passes.partition import STRATEGIES
     from ndc.plan import partition_model, write_plan
 
     if by not in STRATEGIES:
         raise NdcError(f"unknown partition strategy {by!r}; valid strategies: {', '.join(STRATEGIES)}")
-    from ndc.passes.inputs import DTYPES
-
     if input_dtype is not None and input_dtype not in DTYPES:
         raise NdcError(f"unknown --input-dtype {input_dtype!r}; valid: {', '.join(DTYPES)}")
     if isinstance(input_shape, str):
@@ -418,21 +417,21 @@ def training_setup(teacher, data, loss: str, metric: str, cfg, data_free: bool, 
     becomes 0), the per-epoch metric. Labels the teacher has no output for are refused here, naming the example,
     before any training; ``warn`` hears of a ``cfg.tau`` or ``cfg.lam`` the loss does not use."""
     from ndc.finetune import TrainConfig
-    from ndc.heads import teacher_head
-    from ndc.heads import label_kind
+    from ndc.heads import label_kind, teacher_head
     from ndc.losses import choose_loss
     from ndc.scoring import pick_metric
 
     head = teacher_head(teacher)
     name, labels, why = choose_loss(loss, head, data)
-    if loss != "auto" and not labels and label_kind(head, data) == "targets" and not data_free and cfg.lam > 0:
+    weighed = not data_free and cfg.lam > 0  # the loss's label term counts
+    if loss != "auto" and not labels and label_kind(head, data) == "targets" and weighed:
         # asked for by name, its label term would be dropped: a mistake more likely than a wish (auto only warns)
         per_example = getattr(data, "target_shape", None)
         raise NdcError(f"--loss {name} cannot use the targets of {data.name} ({count(math.prod(per_example or ()), 'value')} "
                        f"per example{', not 0/1' if name == 'bce' and not getattr(data, 'binary', False) else ''}) "
                        f"with the teacher's output {head.describe()}; give targets that fit, another --loss, or "
                        "--lambda 0 to match the teacher alone")
-    labels = labels and not data_free and cfg.lam > 0
+    labels = labels and weighed
     if name == "ce" or labels and data.labels == "classes":
         hint = "train on the teacher's outputs alone with --lambda 0" if name == "kd" else "use --loss kd --lambda 0"
         data.check_classes(head.scores, hint)

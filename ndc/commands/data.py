@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from ndc.commands.common import common_options, emit, given, normalize_option, table, user_errors
-from ndc.load import parse_shape
 from ndc.errors import NdcError
+from ndc.load import parse_shape
 
 
 @click.command("data")

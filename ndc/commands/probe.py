@@ -118,9 +118,7 @@ def _teacher(model, workspace, input_shape, by, depth, every, cuts, leaves, weig
                            "or give a MODEL to partition in memory")
         return load_teacher(ws), ws, f"the teacher of {ws.root.name}"
 
-    from ndc.load import parse_shape
-    from ndc.load import guess_input_shape
-    from ndc.load import load_model
+    from ndc.load import guess_input_shape, load_model, parse_shape
     from ndc.passes.partition import STRATEGIES
     from ndc.plan import partition_model
 
