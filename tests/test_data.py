@@ -217,6 +217,26 @@ def test_normalised_training_data_has_zero_mean_unit_std_per_channel(idx_dir):
     assert abs(float(x.mean())) < 1e-5 and float(x.std(unbiased=False)) == pytest.approx(1, abs=1e-5)
 
 
+def test_a_vector_of_features_is_standardised_per_feature(tmp_path, idx_dir):
+    # Tabular features each have their own scale (a price, an age): one scalar over all of them would leave
+    # the small ones near zero. Per feature, as scikit-learn's StandardScaler does.
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(400, 3)) * [1000.0, 1.0, 0.01] + [5e4, 0.0, 3.0]).astype(np.float32)
+    x[:, 2] = 3.0  # a constant feature stays unscaled rather than dividing by zero
+    np.savez(tmp_path / "t.npz", x=x, y=rng.normal(size=400).astype(np.float32))
+    data = open_data(str(tmp_path / "t.npz"), (3,))
+    assert len(data.mean) == 3 and data.std[2] == 1.0 and data.std[0] == pytest.approx(1000, rel=0.1)
+    xb = torch.cat([b for b, _ in data.batches("train", 64)])
+    assert torch.allclose(xb[:, :2].mean(0), torch.zeros(2), atol=1e-4)
+    assert torch.allclose(xb[:, :2].std(0, unbiased=False), torch.ones(2), atol=1e-4)
+    assert torch.all(xb[:, 2] == 0)
+    given = open_data(str(tmp_path / "t.npz"), (3,), normalize=([5e4, 0, 3], [1000, 1, 1]))
+    assert given.std == [1000.0, 1.0, 1.0]
+    # an image flattened for an MLP keeps one value for its one channel: its pixels share a scale
+    flat = open_data(f"mnist:{idx_dir}", (784,))
+    assert len(flat.mean) == 1
+
+
 def test_explicit_and_disabled_normalisation(idx_dir):
     raw = open_data(f"mnist:{idx_dir}", (3, 32, 32), normalize=False)
     given = open_data(f"mnist:{idx_dir}", (3, 32, 32), normalize=([0.5, 0.25, 0.0], [0.5]))

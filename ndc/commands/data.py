@@ -78,7 +78,7 @@ def command(spec, input_shape, limit, normalize, workspace, fmt):
         if payload.get("max_token_id") is not None:  # token ids: never normalised, so no mean and std
             rows.append(["max token id", payload["max_token_id"]])
         else:
-            rows += [["mean", " ".join(f"{m:.4f}" for m in data.mean)], ["std", " ".join(f"{s:.4f}" for s in data.std)]]
+            rows += [["mean", _values(data.mean)], ["std", _values(data.std)]]
         rows.append(["normalisation", data.normalization])
         if data.stats_path is not None:
             rows.append(["statistics", str(data.stats_path)])
@@ -87,6 +87,12 @@ def command(spec, input_shape, limit, normalize, workspace, fmt):
         return f"{spec}\n" + table(["", ""], rows, "ll").split("\n", 2)[2]
 
     emit(fmt, payload, text)
+
+
+def _values(values: list[float], shown: int = 8) -> str:
+    """Per-channel statistics in a line; of many features, the first few and how many (--format json has all)."""
+    text = " ".join(f"{v:.4f}" for v in values[:shown])
+    return text + (f" ... ({len(values)} features)" if len(values) > shown else "")
 
 
 def _labels(data) -> str:

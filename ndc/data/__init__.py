@@ -125,7 +125,7 @@ def open_data(spec: str, input_shape: Sequence[int] | None = None, *, limit: int
     if limit is not None:
         train, test = train.head(limit), test.head(limit)
     fit = plan_fit(train.example_shape, input_shape)
-    channels = stat_channels(fit.shape)
+    channels = stat_channels(fit)
 
     stats_path = None
     if normalize is True:

@@ -93,7 +93,7 @@ class DataSource:
         self.train_size, self.test_size = len(train), len(test)
         self._splits = {"train": train, "test": test}
         self._fit = fit
-        view = (1, len(mean), *([1] * (len(fit.shape) - 1))) if len(fit.shape) >= 2 else (1, 1)
+        view = (1, len(mean), *([1] * (len(fit.shape) - 1)))  # (1, C, 1, 1) for images, (1, F) for features
         self._normalize = normalization != "none"
         self._mean = torch.tensor(mean, dtype=torch.float32).view(view)
         self._std = torch.tensor(std, dtype=torch.float32).view(view)

@@ -1,4 +1,5 @@
-"""Normalisation statistics: per-channel mean and std of the fitted training split, stored in the workspace."""
+"""Normalisation statistics: per-channel (per-feature for vectors) mean and std of the fitted training split, stored
+in the workspace."""
 
 from __future__ import annotations
 
@@ -20,13 +21,17 @@ if TYPE_CHECKING:
     from ndc.workspace import Workspace
 
 STATS_DIR = "data"
-STATS_VERSION = 2
+STATS_VERSION = 3  # 3: a vector of features is standardised per feature, not by one value
 # Elements per chunk of the statistics pass: bounds its memory whatever the image size.
 _STATS_CHUNK_ELEMENTS = 1 << 24
 
 
 class _Moments:
-    """Per-channel mean and variance over chunks, combined exactly (Chan et al.) in float64."""
+    """Per-channel mean and variance over chunks, combined exactly (Chan et al.) in float64.
+
+    A batch (B, C, ...) has C channels; a batch of vectors (B, F) has F of them
+    when ``channels`` is F (per feature), else one.
+    """
 
     def __init__(self, channels: int):
         self.n = 0
@@ -34,7 +39,11 @@ class _Moments:
         self.m2 = np.zeros(channels)
 
     def add(self, x: torch.Tensor) -> None:
-        v = (x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() > 2 else x.reshape(1, -1)).double()
+        if x.dim() == 2 and len(self.mean) == x.shape[1] > 1:
+            v = x.t()
+        else:
+            v = x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() > 2 else x.reshape(1, -1)
+        v = v.double()
         n_b = v.shape[1]
         if n_b == 0:
             return
@@ -54,19 +63,24 @@ class _Moments:
         return [float(m) for m in self.mean], [float(s) for s in std]
 
 
-def stat_channels(shape: tuple[int, ...]) -> int:
-    return shape[0] if len(shape) >= 2 else 1
+def stat_channels(fit: Fit) -> int:
+    """How many (mean, std) pairs normalise this data: one per channel of a C x ... input; one per feature of a
+    vector of features (tabular data, which features of their own scale); one for a vector reshaped from an image."""
+    shape = fit.shape
+    if len(shape) == 1:
+        return shape[0] if not fit.reshape else 1
+    return shape[0]
 
 
 def training_statistics(train: Split, fit: Fit) -> tuple[list[float], list[float]]:
-    """Per-channel mean and (population) std of the fitted training split, in one streaming pass.
+    """Per-channel (per-feature) mean and (population) std of the fitted training split, in one streaming pass.
 
     Memory stays bounded (chunks of about 16M values) however large the split.
     Repeated grey channels share one set of statistics, so they are computed on
     the single raw channel.
     """
     repeat = fit.channels == "repeat"
-    moments = _Moments(fit.raw[0] if repeat else stat_channels(fit.shape))
+    moments = _Moments(fit.raw[0] if repeat else stat_channels(fit))
     chunk = max(1, _STATS_CHUNK_ELEMENTS // max(1, math.prod(fit.shape)))
     if isinstance(train, LazySplit):
         chunk = min(chunk, 256)
@@ -111,7 +125,7 @@ def cached_statistics(ws: Workspace | None, key: dict, train: Split, fit: Fit, c
     rel = f"{STATS_DIR}/{sha256_json(key)[:16]}.json"
     if ws.verified(rel, made_from=key):
         stored = ws.read_json(rel)
-        if stored.get("key") == key and len(stored.get("mean", [])) == stat_channels(fit.shape):
+        if stored.get("key") == key and len(stored.get("mean", [])) == stat_channels(fit):
             return stored["mean"], stored["std"], ws.path(rel)
     mean, std = training_statistics(train, fit)
     ws.write_json(rel, {"key": key, "mean": mean, "std": std, "train": len(train), "test": test_size,
@@ -128,8 +142,8 @@ def explicit_statistics(normalize: tuple[Sequence[float], Sequence[float]],
         raise NdcError("normalisation must be True, False or a pair (mean, std) of number lists") from None
     for what, values in (("mean", mean), ("std", std)):
         if len(values) not in (1, channels):
-            raise NdcError(f"normalisation {what} has {len(values)} values; "
-                           f"the model's input has {channels} channel(s)")
+            raise NdcError(f"normalisation {what} has {len(values)} values; the data takes one, or {channels} "
+                           "(one per channel, or per feature of a vector)")
     mean, std = (v * channels if len(v) == 1 else v for v in (mean, std))
     if any(not s > 0 for s in std):
         raise NdcError(f"normalisation std must be positive, got {std}")
