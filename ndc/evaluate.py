@@ -52,7 +52,8 @@ def evaluate(model: Any, data: DataSource, *, split: str = "test", teacher: Any 
         if out.dim() == 2:
             data.check_classes(out.shape[1])
     batches = data.batches(split, batch_size)
-    own = [metric] + ([Metric("agreement", metric.threshold)] if teacher is not None and metric.needs_labels else [])
+    agreement = teacher is not None and metric.needs_labels and metric.of_classes
+    own = [metric] + ([Metric("agreement", metric.threshold)] if agreement else [])
     theirs = [metric] if teacher is not None and not metric.needs_teacher else []
     values, teacher_values, n = scores(model, batches, own, teacher=teacher, teacher_metrics=theirs, device=device,
                                      source=data.name)

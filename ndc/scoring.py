@@ -10,9 +10,16 @@ by batch into one number. The metrics:
 * ``top-K`` (``top-5``): the label is among the K largest scores;
 * ``agreement``: the fraction of examples where model and teacher predict the
   same class (for multi-label heads, the same side of the threshold per output);
+* ``r2``: the coefficient of determination of real-valued targets
+  (regression), ``1 − Σ(y − S(x))² / Σ(y − ȳ)²`` over the whole set, with
+  one mean ȳ per output (several outputs pool their sums); shown as a
+  percentage, 100% for a perfect fit, 0% for predicting the mean, negative
+  when worse than that;
+* ``rmse``, ``mae``: the root mean squared and the mean absolute error
+  against real-valued targets, in their units (lower is better);
 * ``output-error``: the relative output error
   ``‖S(x) − T(x)‖ / ‖T(x)‖`` over the whole set (lower is better): the
-  measure that fits any head, regression included;
+  measure that fits any head;
 * ``module:function`` / ``file.py:function``: a user's
   ``fn(student_out, teacher_out, y) -> float``, called once with the outputs
   of the whole set (``teacher_out`` None without a teacher, ``y`` None
@@ -51,7 +58,9 @@ from ndc.losses import _EPS, choose_loss
 from ndc.metrics import per_position
 from ndc.usercode import find_function, is_function_spec
 
-METRIC_HELP = "auto, accuracy, top-K (e.g. top-5), agreement, output-error, or module:function / file.py:function"
+METRIC_HELP = ("auto, accuracy, top-K (e.g. top-5), agreement, r2, rmse, mae, output-error, or module:function / "
+               "file.py:function")
+_VALUE_METRICS = ("r2", "rmse", "mae")  # against real-valued targets
 _TOP_K = re.compile(r"top-?(\d+)$")
 
 
@@ -73,12 +82,17 @@ class Metric:
 
     @property
     def kind(self) -> str:
-        """``accuracy``, ``top``, ``agreement``, ``output-error`` or ``function``."""
+        """``accuracy``, ``top``, ``agreement``, ``r2``, ``rmse``, ``mae``, ``output-error`` or ``function``."""
         return parse_metric(self.name)[0]
 
     @property
     def needs_labels(self) -> bool:
-        return self.kind in ("accuracy", "top")
+        return self.kind in ("accuracy", "top", *_VALUE_METRICS)
+
+    @property
+    def of_classes(self) -> bool:
+        """Whether it scores predicted classes (so a model and its teacher can also be compared by agreement)."""
+        return self.kind in ("accuracy", "top", "agreement")
 
     @property
     def needs_teacher(self) -> bool:
@@ -86,7 +100,7 @@ class Metric:
 
     @property
     def higher_is_better(self) -> bool:
-        if self.kind == "output-error":
+        if self.kind in ("output-error", "rmse", "mae"):
             return False
         if self.kind == "function":
             return bool(getattr(_user_metric(self.name), "higher_is_better", True))
@@ -95,12 +109,19 @@ class Metric:
     @property
     def fraction(self) -> bool:
         """Whether values are fractions, shown as percentages and compared in points."""
-        return self.kind != "function"
+        return self.kind not in ("function", "rmse", "mae")
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """The values it can take (R² is negative when worse than the mean)."""
+        if self.kind == "r2":
+            return -math.inf, 1.0
+        return (0.0, 1.0) if self.fraction else (-math.inf, math.inf)
 
     @property
     def title(self) -> str:
         return {"accuracy": "accuracy", "top": f"{self.name} accuracy", "agreement": "agreement with the teacher",
-                "output-error": "relative output error"}.get(self.kind, self.name)
+                "output-error": "relative output error", "r2": "R²", "rmse": "RMSE", "mae": "MAE"}.get(self.kind, self.name)
 
     def better(self, a: float, b: float | None) -> bool:
         """Whether score ``a`` beats ``b`` (None: nothing yet)."""
@@ -124,6 +145,8 @@ class Metric:
             return _ErrorTally()
         if kind == "function":
             return _FunctionTally(self.name, _user_metric(self.name))
+        if kind in _VALUE_METRICS:
+            return _ValueTally(kind)
         if self.threshold is not None:
             return _MultiLabelTally(self.threshold, against_teacher=kind == "agreement")
         k = parse_metric(self.name)[1] if kind == "top" else 1
@@ -137,7 +160,7 @@ def as_metric(metric: Metric | str) -> Metric:
 
 def parse_metric(name: str) -> tuple[str, int]:
     """``(kind, k)`` of a metric name; an unknown name is one :class:`NdcError` line listing the valid ones."""
-    if name in ("accuracy", "agreement", "output-error"):
+    if name in ("accuracy", "agreement", "output-error", *_VALUE_METRICS):
         return name, 1
     top = _TOP_K.match(name)
     if top and int(top.group(1)) >= 1:
@@ -164,9 +187,10 @@ def choose_metric(requested: str, data: Any, head: Head) -> tuple[Metric, str | 
     settles for less than accuracy.
 
     ``auto``: accuracy when the labels fit the output (class labels within its
-    scores, or 0/1 target rows of its shape); else agreement with the teacher
-    when the output is class scores (more than one score per example, or a
-    sigmoid); else the relative output error. A request the data or the head
+    scores, or 0/1 target rows of its shape); R² when they are real-valued
+    targets with one value per output (regression); else agreement with the
+    teacher when the output is class scores (more than one score per example,
+    or a sigmoid); else the relative output error. A request the data or the head
     cannot support (accuracy without fitting labels, top-K of a multi-label
     head) is one line saying what to use instead.
     """
@@ -180,11 +204,16 @@ def choose_metric(requested: str, data: Any, head: Head) -> tuple[Metric, str | 
     if requested == "auto":
         if fits:
             return Metric("accuracy", threshold), None
+        if regression and _values_fit(data, head):
+            return Metric("r2"), None
         why = _why_not_accuracy(data, head)
         if class_scores:
             return Metric("agreement", threshold), f"{why}: measuring agreement with the teacher"
         return Metric("output-error"), f"{why}: measuring the relative output error against the teacher"
     kind = parse_metric(requested)[0]
+    if kind in _VALUE_METRICS and not _values_fit(data, head):
+        raise NdcError(f"cannot measure {requested}: it compares the outputs with real-valued targets of their size, "
+                       f"and {_why_not_values(data, head)}; use --metric output-error or a function")
     if kind in ("accuracy", "top") and not fits:
         raise NdcError(f"cannot measure {requested}: {_why_not_accuracy(data, head)}; use --metric agreement, "
                        "output-error or a function")
@@ -200,20 +229,27 @@ def choose_metric(requested: str, data: Any, head: Head) -> tuple[Metric, str | 
 
 
 def teacher_doubt(metric: Metric, teacher_score: float | None, data: Any) -> str | None:
-    """A warning when the teacher classifies ``data`` barely better than chance (one class per example): the data,
-    or how it is prepared, is almost surely not what the teacher was trained on. None when the score is plausible."""
-    classes = getattr(data, "classes", None)
-    if (metric.kind != "accuracy" or teacher_score is None or not classes or classes < 2
-            or tuple(getattr(data, "label_shape", ())) != ()):
+    """A warning when the teacher classifies ``data`` barely better than chance (one class per example), or predicts
+    its targets worse than their mean does (R² below 0): the data, or how it is prepared, is almost surely not what
+    the teacher was trained on. None when the score is plausible."""
+    if teacher_score is None:
         return None
-    chance = 1 / classes
-    if teacher_score >= chance + 0.25 * (1 - chance):
-        return None
+    if metric.kind == "r2":
+        if teacher_score >= 0:
+            return None
+        what = f"R² {teacher_score:.1%} on {data.name}: its predictions are worse than the targets' mean"
+    else:
+        classes = getattr(data, "classes", None)
+        if metric.kind != "accuracy" or not classes or classes < 2 or tuple(getattr(data, "label_shape", ())) != ():
+            return None
+        chance = 1 / classes
+        if teacher_score >= chance + 0.25 * (1 - chance):
+            return None
+        what = f"{teacher_score:.1%} accuracy on {data.name} (chance {chance:.0%})"
     hint = ""
     if getattr(data, "normalization", "none") == "training statistics":
         hint = "; ndc standardises inputs by their training statistics by default: a teacher trained on raw inputs needs --normalize none"
-    return (f"the teacher scores {teacher_score:.1%} accuracy on {data.name} (chance {chance:.0%}): it was probably "
-            f"trained on other data or other preprocessing{hint}")
+    return f"the teacher scores {what}: it was probably trained on other data or other preprocessing{hint}"
 
 
 def pick_metric(requested: str, data: Any, head: Head, *, labels_must_fit: bool = False, without_teacher: str = "",
@@ -257,6 +293,23 @@ def _labels_fit(data: Any, head: Head, multilabel: bool) -> bool:
     if multilabel:
         return head.scores == 1 and data.classes <= 2  # 0/1 labels, one sigmoid
     return data.classes <= head.scores
+
+
+def _values_fit(data: Any, head: Head) -> bool:
+    """Target rows with one value per output of the teacher."""
+    return (label_kind(head, data) == "targets"
+            and math.prod(getattr(data, "target_shape", None) or ()) == math.prod(head.shape))
+
+
+def _why_not_values(data: Any, head: Head) -> str:
+    name = getattr(data, "name", "the data")
+    labels = label_kind(head, data)
+    if labels == "none":
+        return f"{name} has no labels"
+    if labels == "classes":
+        return f"the labels of {name} are classes"
+    return (f"the targets of {name} have shape {fmt_shape(data.target_shape)}, the teacher's output "
+            f"{head.describe()}")
 
 
 def _why_not_accuracy(data: Any, head: Head) -> str:
@@ -370,6 +423,43 @@ class _ErrorTally(Tally):
 
     def result(self):
         return math.sqrt(self.err / self.ref) if self.ref > 0 else (0.0 if self.err == 0 else math.inf)
+
+
+class _ValueTally(Tally):
+    """R², RMSE or MAE against real-valued targets, summed in float64; R²'s sums of squares are taken about the
+    first batch's means, so targets far from zero lose no precision."""
+
+    def __init__(self, kind: str):
+        self.kind, self.values = kind, 0
+        self.error = 0.0  # Σ (y − S)², or Σ |y − S| for mae
+        self.shift = self.sum = self.squares = None  # per output: a reference, Σ (y − shift), Σ (y − shift)²
+        self.examples = 0
+
+    def add(self, out, teacher_out, y):
+        y = _as_targets(_need(y, "targets"), out).reshape(len(out), -1).double()
+        diff = y - out.reshape(len(out), -1).double()
+        self.error += float(diff.abs().sum() if self.kind == "mae" else (diff * diff).sum())
+        self.values += diff.numel()
+        if self.kind == "r2" and len(y):
+            if self.shift is None:
+                self.shift = y.mean(0)
+                self.sum, self.squares = torch.zeros_like(self.shift), torch.zeros_like(self.shift)
+            v = y - self.shift
+            self.sum += v.sum(0)
+            self.squares += (v * v).sum(0)
+            self.examples += len(y)
+
+    def result(self):
+        if self.kind == "mae":
+            return self.error / max(self.values, 1)
+        if self.kind == "rmse":
+            return math.sqrt(self.error / max(self.values, 1))
+        if self.shift is None:
+            return 0.0
+        total = float((self.squares - self.sum * self.sum / self.examples).clamp_min(0).sum())
+        if total == 0:  # constant targets: R² is undefined; 100% for a perfect fit, else 0 (as scikit-learn does)
+            return 1.0 if self.error == 0 else 0.0
+        return 1.0 - self.error / total
 
 
 class _FunctionTally(Tally):

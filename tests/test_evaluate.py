@@ -237,3 +237,7 @@ def test_a_teacher_near_chance_is_doubted_with_a_hint():
     assert teacher_doubt(Metric("agreement"), 0.2, data) is None
     language_model = SimpleNamespace(classes=100, name="text", label_shape=(16,), normalization="none")
     assert teacher_doubt(accuracy, 0.05, language_model) is None  # next-token accuracy is low for any model
+    r2 = Metric("r2")  # regression: worse than predicting the targets' mean
+    assert teacher_doubt(r2, -0.45, data).startswith("the teacher scores R² -45.0% on mine.npz: its predictions are "
+                                                     "worse than the targets' mean: it was probably trained on other")
+    assert teacher_doubt(r2, 0.3, data) is None

@@ -115,10 +115,11 @@ def test_finetune_picks_bce_for_a_sigmoid_head_and_mse_for_a_regression_head(hea
     assert r.exit_code == 0, r.output
     assert "loss mse: the labels are real-valued targets" in r.stderr
     doc = json.loads(r.stdout)
-    assert doc["loss"] == "mse" and doc["metric"] == "output-error" and doc["higher_is_better"] is False
-    assert "accuracy" not in doc and doc["teacher_score"] == 0.0
-    assert all("accuracy" not in e and e["score"] > 0 for e in doc["history"])  # an output error is no accuracy
-    assert doc["score"] < doc["initial_score"]  # lower is better, and two epochs of MSE to the teacher help
+    # real-valued targets that fit the output: epochs are chosen by R² against them, not by closeness to the teacher
+    assert doc["loss"] == "mse" and doc["metric"] == "r2" and doc["higher_is_better"] is True
+    assert "accuracy" not in doc and 0.5 < doc["teacher_score"] < 1  # the teacher's own R²
+    assert all("accuracy" not in e for e in doc["history"])
+    assert doc["score"] == max([doc["initial_score"]] + [e["score"] for e in doc["history"]])
 
 
 @pytest.mark.parametrize("loss", ["mse", "bce"])
@@ -152,6 +153,12 @@ def test_eval_metrics_on_both_heads(heads, tmp_path):
     assert agree["score"] == pytest.approx(doc["agreement"]) and agree["accuracy"] is None
     err = run_json("eval", "--data", regression["data"], "-w", regression["ws"], "--metric", "output-error")
     assert err["metric"] == "output-error" and err["score"] > 0 and err["higher_is_better"] is False
+    # regression targets: R² against them by default, the teacher's too; agreement means nothing here
+    r2 = run_json("eval", "--data", regression["data"], "-w", regression["ws"])
+    assert r2["metric"] == "r2" and r2["higher_is_better"] is True and r2["agreement"] is None
+    assert 0.5 < r2["teacher_score"] < 1 and r2["score"] < 1
+    r = invoke("eval", "--data", regression["data"], "-w", regression["ws"])
+    assert r.exit_code == 0 and "R²" in r.stdout and "warning" not in r.stderr, r.output
 
     # A user's function sees the whole set's outputs, the teacher's, and the labels.
     (tmp_path / "metrics.py").write_text(
@@ -171,6 +178,12 @@ def test_eval_metrics_on_both_heads(heads, tmp_path):
     with torch.no_grad():
         expected = -float(((student(x) - y) ** 2).mean())
     assert doc["score"] == pytest.approx(expected, rel=1e-5)
+    rmse = run_json("eval", "--data", regression["data"], "-w", regression["ws"], "--metric", "rmse")
+    assert rmse["score"] == pytest.approx(math.sqrt(-expected), rel=1e-5) and rmse["higher_is_better"] is False
+    # inputs the teacher was not trained on predict worse than the targets' mean: said, as near-chance accuracy is
+    r = invoke("eval", "--data", regression["data"], "-w", regression["ws"], "--normalize", "3/0.2")
+    assert r.exit_code == 0 and "warning: the teacher scores R² -" in r.stderr \
+        and "its predictions are worse than the targets' mean" in r.stderr, r.output
     # without the attribute, which way is better is a guess: said (search and fine-tuning rely on it)
     (tmp_path / "metrics.py").write_text("def mae(student, teacher, y):\n    return float((student - y).abs().mean())\n")
     r = invoke("eval", "--data", regression["data"], "-w", regression["ws"], "--metric", f"{tmp_path / 'metrics.py'}:mae")
@@ -275,13 +288,23 @@ def test_explicit_losses_the_head_cannot_take_are_one_line():
     (Head((1,), sigmoid=True), Fake("classes", 2), "accuracy", 0.5),  # 0/1 labels, one sigmoid output
     (Head((5,)), Fake("classes", 10), "agreement", None),  # labels the output cannot score
     (Head((10,)), Fake("none", None), "agreement", None),
-    (Head((3,)), Fake("targets", None, (3,)), "output-error", None),
+    (Head((3,)), Fake("targets", None, (3,)), "r2", None),  # regression: R² against the targets
+    (Head((2,)), Fake("targets", None, (3,)), "output-error", None),  # targets the output cannot be compared with
     (Head((8, 4, 4)), Fake(), "output-error", None),
 ])
 def test_auto_metric(head, data, metric, threshold):
     chosen, why = choose_metric("auto", data, head)
     assert (chosen.name, chosen.threshold) == (metric, threshold)
-    assert (why is None) == (metric == "accuracy")
+    assert (why is None) == (metric in ("accuracy", "r2"))
+
+
+def test_label_error_metrics_need_targets_of_the_outputs_size():
+    assert choose_metric("rmse", Fake("targets", None, (3,)), Head((3,)))[0].name == "rmse"
+    with pytest.raises(NdcError, match=r"cannot measure mae: .* and the labels of fake are classes; use --metric "
+                                       "output-error or a function"):
+        choose_metric("mae", Fake(), Head((10,)))
+    with pytest.raises(NdcError, match="the targets of fake have shape 3, the teacher's output Bx2"):
+        choose_metric("r2", Fake("targets", None, (3,)), Head((2,)))
 
 
 def test_losses_match_their_formulas():
@@ -316,6 +339,15 @@ def test_metric_values():
     assert Metric("output-error").drop(0.0, 0.1) == pytest.approx(10.0)
     with pytest.raises(NdcError, match="unknown metric 'top-0'"):
         Metric("top-0")
+    # against real-valued targets: y has mean 2 and Σ(y − ȳ)² = 8; the errors are 1, −1, 0, 2
+    y = torch.tensor([[0.0], [2.0], [2.0], [4.0]])
+    off = [(x[:, :1] * 0 + y - torch.tensor([[1.0], [-1.0], [0.0], [2.0]]), y)]
+    assert score(identity, off, Metric("r2")) == pytest.approx(1 - 6 / 8)
+    assert score(identity, off, Metric("rmse")) == pytest.approx(math.sqrt(6 / 4))
+    assert score(identity, off, Metric("mae")) == pytest.approx(1.0)
+    assert score(lambda v: v * 0 + 2, off, Metric("r2")) == pytest.approx(0.0)  # the mean itself: R² 0
+    assert Metric("r2").better(0.9, 0.8) and Metric("rmse").better(0.1, 0.2) and not Metric("mae").fraction
+    assert Metric("r2").fraction and Metric("r2").drop(0.9, 0.8) == pytest.approx(10.0)
     assert math.isinf(score(identity, [(x, None)], Metric("output-error"), teacher=lambda v: 0 * v))
 
 

@@ -129,7 +129,7 @@ def normalize_option(f: Callable) -> Callable:
         show_default=True,
         metavar="stats|none|MEAN/STD",
         callback=parse,
-        help="Input normalisation: training-set statistics, none, or per-channel values "
+        help="Input normalisation: training-set statistics, none, or per-channel (or per-feature) values "
         "such as 0.485,0.456,0.406/0.229,0.224,0.225 (what a pretrained teacher was trained with).",
     )(f)
 
@@ -169,9 +169,10 @@ def metric_option(what: str = "Score"):
         show_default=True,
         metavar="NAME",
         callback=parse,
-        help=f"{what}: accuracy, top-K (e.g. top-5), agreement (with the teacher), output-error (relative, "
-        "lower is better), or module:function / file.py:function computing fn(student_out, teacher_out, y) -> float; "
-        "auto: accuracy when the labels fit the teacher's output, else agreement for class scores, else output-error.",
+        help=f"{what}: accuracy, top-K (e.g. top-5), agreement (with the teacher), r2, rmse or mae (against "
+        "real-valued targets), output-error (relative to the teacher, lower is better), or module:function / "
+        "file.py:function computing fn(student_out, teacher_out, y) -> float; auto: accuracy when the labels fit the "
+        "teacher's output, r2 for real-valued targets that do, else agreement for class scores, else output-error.",
     )
 
 

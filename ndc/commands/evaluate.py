@@ -32,9 +32,10 @@ def command(model, data_spec, limit, batch_size, trust_pickle, device, metric, n
     -w is evaluated: its stitched student against its teacher, or the teacher
     alone before `ndc stitch` has run. For a MODEL file, agreement is measured
     against the teacher of the workspace -w when it has a plan; otherwise only
-    accuracy is reported. --metric scores by another measure (top-5,
-    output-error for a regression head, your own function); the teacher's own
-    score is reported beside it when the metric uses the labels.
+    accuracy is reported. A regression head is scored by R² against its
+    targets. --metric scores by another measure (top-5, rmse, output-error
+    against the teacher, your own function); the teacher's own score is
+    reported beside it when the metric uses the labels.
 
     \b
       ndc eval --data fashion-mnist

@@ -93,7 +93,7 @@ def command(data_spec, limit, normalize, loss, metric, epochs, lr, batch_size, t
 
     \b
       ndc finetune --data fashion-mnist --epochs 5 -o student.onnx
-      ndc finetune --data targets.npz --loss mse --metric output-error
+      ndc finetune --data targets.npz --loss mse --metric rmse
     """
     from ndc import stages
     from ndc.stitch import selection_phrase

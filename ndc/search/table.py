@@ -80,10 +80,11 @@ class QualityTable:
         return 100.0 if self.as_metric().fraction else 1.0
 
     def predicted(self, drop: float) -> float:
-        """The score a student whose predicted drop is ``drop`` is predicted to reach (within [0, 1] for fractions)."""
+        """The score a student whose predicted drop is ``drop`` is predicted to reach (within the metric's bounds)."""
         step = drop / self._unit
         value = self.teacher_accuracy - step if self.higher_is_better else self.teacher_accuracy + step
-        return min(1.0, max(0.0, value)) if self.as_metric().fraction else value
+        low, high = self.as_metric().bounds
+        return min(high, max(low, value))
 
     def drop_of(self, value: float) -> float:
         """How much worse ``value`` is than the teacher's score, in the drops' unit (points for fractions)."""
