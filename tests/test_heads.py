@@ -205,6 +205,22 @@ def test_eval_of_an_exported_file_finds_its_sigmoid(heads):
     assert doc["score"] == pytest.approx(with_teacher["score"])  # thresholded at 0.5 with or without the teacher
 
 
+def test_a_file_without_the_teachers_sigmoid_is_scored_by_its_own_threshold(heads, tmp_path):
+    # The sigmoid teacher's own weights exported without the sigmoid: logits, whose positives are those above 0.
+    # Scored against the workspace's teacher (probabilities, positive above 0.5), it predicts exactly as it does.
+    from safetensors.torch import load_file
+
+    from ndc.passes.export import export_model
+    from tests.models_for_tests import HeadMLP
+
+    sigmoid = heads["sigmoid"]
+    logits = HeadMLP(5, sigmoid=False)
+    logits.load_state_dict(load_file(str(sigmoid["ws"].parent / "sigmoid.safetensors")))
+    export_model(logits, tmp_path / "logits.onnx", (1, 16), latency_runs=0)
+    doc = run_json("eval", tmp_path / "logits.onnx", "--data", sigmoid["data"], "-w", sigmoid["ws"])
+    assert doc["agreement"] == 1.0 and doc["score"] == pytest.approx(doc["teacher_score"])
+
+
 def test_search_and_probe_by_output_error_on_a_regression_head(heads):
     regression = heads["regression"]
     doc = run_json("search", "--data", regression["data"], "--metric", "output-error", "--budget", "params=60%",

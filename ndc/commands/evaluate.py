@@ -133,9 +133,24 @@ def _evaluate_file(model, ws, data_spec, limit, normalize, batch_size, device, t
             data.check_vocabulary(head.shape[-1])  # vocabulary unknown: a language model predicts every id it reads
     metric = pick_metric(metric, data, head, labels_must_fit=True,
                          without_teacher="" if teacher else f"pass -w with the workspace {model} was made from")
+    if teacher is not None and metric.kind != "function" and predictor.sigmoid_output != head.sigmoid:
+        predictor = _as_teacher_outputs(predictor, head.sigmoid)
     result = evaluate(predictor, data, metric=metric, teacher=teacher.gm if teacher is not None else None,
                       batch_size=batch_size, device=device)
     return _payload("model", str(model), metric, result, data, ws, None, teacher.plan if teacher is not None else None)
+
+
+def _as_teacher_outputs(predictor, probabilities: bool):
+    """``predictor`` with outputs as the teacher's are: a file that ends in a sigmoid scored against a teacher giving
+    logits has its probabilities turned back into logits, and the other way round, so that one threshold (and the
+    output error) fits both. A user's metric sees the file's own outputs."""
+    import torch
+
+    def run(x):
+        out = predictor(x).float()
+        return torch.sigmoid(out) if probabilities else torch.logit(out.clamp(1e-7, 1 - 1e-7))
+
+    return run
 
 
 def _input_shape(predictor, teacher, model: str, inputs=None) -> tuple[int, ...] | None:
