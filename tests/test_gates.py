@@ -50,10 +50,8 @@ def test_closed_gates_remove_exactly_their_channels(family, name):
         assert all(0 < len(k) for k in gated.kept)
 
 
-def test_groups_whose_channels_are_mixed_keep_their_width():
-    # attention: q and k meet in q·kᵀ, a product without weights; a gate there would not remove a channel
-    part, _ = get_part("vit", "blocks.0.attn")
-    assert GatedStudent(part).an.free_groups() and not GatedStudent(part).groups
+def test_the_mlp_hidden_features_are_gated():
+    # (attention heads, and what keeps a group ungated: tests/test_gates_attention.py)
     part, _ = get_part("vit", "blocks.0.mlp")  # the MLP's hidden features are consumed by fc2 alone: gated
     assert [GatedStudent(part).an.name(g) for g in GatedStudent(part).groups] == ["blocks.0.mlp.fc1.out_features"]
 

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from ndc.distill.gates import GatedStudent
-from ndc.ir import Spec
 from ndc.metrics import count_params
 from tests.test_gates import published
 from tests.conftest import distill_json
@@ -58,19 +57,6 @@ def test_exported_layers_carry_gates_and_closed_gates_remove_exactly_their_chann
     x = torch.randn(3, *input_shape[1:], generator=g)  # a block of the residual stream reads hidden states, not ids
     assert torch.allclose(rebuilt.eval()(x), gated(x), atol=1e-5)
     assert count_params(rebuilt) < count_params(part)
-
-
-def test_a_group_without_a_gate_says_what_stopped_it():
-    from tests.test_rewrite import get_part
-
-    part, _ = get_part("vit", "blocks.0.attn")  # heads meet a softmax (a method call in this model)
-    gated = GatedStudent(part)
-    assert not gated.groups
-    (why,) = gated.ungated.values()
-    assert why.startswith("it meets softmax (call_method softmax), taken to mix the channels"), why
-    gated.fix()
-    _, _, rows = gated.eval().student(part, Spec(gates=1.0), "teacher", 1, 0)
-    assert [row["why"] for row in rows if row["dim"] == gated.an.keys()[next(iter(gated.ungated))]] == [f"not gated: {why}"]
 
 
 def test_gpt2_mlp_gates_close_under_a_large_penalty(run_cli, tmp_path):

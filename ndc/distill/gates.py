@@ -34,10 +34,14 @@ the same group). The layers are modules (fx) or, in exported graphs, their
 ATen functions on ``get_attr`` weights: ``linear``, the convolutions, and
 ``addmm``/``mm`` by an ``(in, out)`` matrix (GPT-2's ``Conv1D``, a decomposed
 ``nn.Linear``). A group is gated only when every use of it is such a consumer
-or passes it on channel by channel; a group that meets a layer norm, a softmax
-or a contraction without weights (attention's ``q·kᵀ``) keeps the teacher's
+or passes it on channel by channel; a group that meets a norm over its
+channels, a softmax along the axis that carries it, or a contraction without
+weights (attention's ``q·kᵀ`` over the head dimension) keeps the teacher's
 width, and ``metrics.json``'s ``"gates": {"ungated": ...}`` and the report say
-which use stopped it.
+which use stopped it. A softmax mixes only along its ``dim``: a group on
+another axis passes through it channel by channel, so hand-written attention
+(``(q @ kᵀ).softmax(-1) @ v``, the heads on a batch-like axis of the scores)
+is gated per head, as ``F.scaled_dot_product_attention`` is.
 
 Training has two phases: for the first ``GATE_PHASE`` of the steps gates are
 sampled and penalised; then (the cosine learning rate restarted) each
@@ -83,16 +87,22 @@ CLOSING_STEPS = math.ceil((OPEN + math.log(11)) / GATE_LR)
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-# Operations that pass a channel group on but mix its channels (statistics over channels, a softmax over them).
-_MIXING_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.Softmax, nn.LogSoftmax, nn.Softmin)
+# Operations that pass a channel group on but mix its channels: statistics over channels (every group they read), and
+# softmaxes (the groups on the axis they run along, their ``dim``, the argument after the input in every form).
+_MIXING_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+_SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 _aten = torch.ops.aten
-_MIXING_FUNCTIONS = {F.layer_norm, F.group_norm, F.local_response_norm, F.softmax, F.log_softmax, F.softmin, F.normalize,
-                     torch.softmax, torch.log_softmax, torch.norm,
+_MIXING_FUNCTIONS = {F.layer_norm, F.group_norm, F.local_response_norm, F.normalize, torch.norm,
                      # the same in exported graphs (torch.export, every Hugging Face model)
                      _aten.layer_norm.default, _aten.native_layer_norm.default, _aten.group_norm.default,
-                     _aten.native_group_norm.default, _aten.softmax.int, _aten._softmax.default, _aten.log_softmax.int,
-                     _aten._log_softmax.default, _aten.rms_norm.default, _aten.linalg_vector_norm.default}
-_MIXING_METHODS = {"softmax", "log_softmax", "norm"}
+                     _aten.native_group_norm.default, _aten.rms_norm.default, _aten.linalg_vector_norm.default}
+_SOFTMAX_FUNCTIONS = {F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax,
+                      _aten.softmax.int, _aten._softmax.default, _aten.log_softmax.int, _aten._log_softmax.default}
+_MIXING_METHODS = {"norm"}
+_SOFTMAX_METHODS = {"softmax", "log_softmax"}
+# Reads of a tensor's shape, rank, dtype or device, not of its channels (``q.size()`` before splitting heads)
+_METADATA_METHODS = {"size", "dim", "ndimension", "is_contiguous", "get_device"}
+_METADATA_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad", "layout"}
 _LINEAR_FUNCTIONS = {F.linear, _aten.linear.default}
 # Matrix products by a weight of shape (in, out) in exported graphs: GPT-2's Conv1D (``addmm(bias, x, weight)``), and
 # nn.Linear decomposed (``addmm(bias, x, t(weight))``).
@@ -150,15 +160,41 @@ def _consumer_function(an: Analysis, node: fx.Node) -> tuple[str, int, Layout] |
     return None
 
 
-def _mixes(an: Analysis, node: fx.Node) -> bool:
+def _mixed(an: Analysis, node: fx.Node, reads: set[int]) -> set[int]:
+    """The groups among ``reads`` whose channels ``node`` mixes: all for a norm, for a softmax those on its ``dim``."""
     if node.op == "call_module":
-        return isinstance(an.module(node), _MIXING_MODULES)
+        m = an.module(node)
+        if isinstance(m, _SOFTMAX_MODULES):
+            return _along(an, node, m.dim, reads)
+        return reads if isinstance(m, _MIXING_MODULES) else set()
     if node.op == "call_function":
         try:
-            return node.target in _MIXING_FUNCTIONS
+            if node.target in _SOFTMAX_FUNCTIONS:
+                return _along(an, node, _arg(node, 1, "dim"), reads)
+            return reads if node.target in _MIXING_FUNCTIONS else set()
         except TypeError:  # an unhashable callable: nothing known about it, so assume it mixes
-            return True
-    return node.op == "call_method" and node.target in _MIXING_METHODS
+            return reads
+    if node.op == "call_method" and node.target in _SOFTMAX_METHODS:
+        return _along(an, node, _arg(node, 1, "dim"), reads)
+    return reads if node.op == "call_method" and node.target in _MIXING_METHODS else set()
+
+
+def _along(an: Analysis, node: fx.Node, dim, reads: set[int]) -> set[int]:
+    """The groups among ``reads`` on axis ``dim`` of ``node``'s input: a softmax treats its other axes as a batch.
+
+    Without a known axis (``dim=None``, the legacy implicit one, or a value computed in the graph) all of them.
+    """
+    x = node.args[0] if node.args else None
+    if not isinstance(dim, int) or not an.is_tensor(x):
+        return reads
+    return reads & set(an.dims.leaves(an.axes(x)[dim]))
+
+
+def _metadata(node: fx.Node) -> bool:
+    """``node`` reads no channel's value: a gate changes nothing it sees (the analysis pins any size it reads)."""
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    return node.op == "call_function" and node.target is getattr and node.args[1] in _METADATA_ATTRIBUTES
 
 
 def _leaves(an: Analysis, value) -> set[int]:
@@ -174,7 +210,7 @@ def gated_groups(part: fx.GraphModule, an: Analysis) -> tuple[list[int], list[tu
     bad: dict[int, str] = {}  # a group -> the first use of it that a gate cannot act through
     points: dict[tuple[str, int], Layout] = {}
     for node in part.graph.nodes:
-        if node.op in ("placeholder", "output", "get_attr"):
+        if node.op in ("placeholder", "output", "get_attr") or _metadata(node):
             continue
         reads: set[int] = set()
         fx.map_arg((node.args, node.kwargs), lambda a: reads.update(_leaves(an, an.layouts.get(a)) & free))
@@ -186,11 +222,11 @@ def gated_groups(part: fx.GraphModule, an: Analysis) -> tuple[list[int], list[tu
             points.setdefault(point[:2], point[2])  # a module called twice: its weight is scaled once
             consumed = set(an.dims.leaves(point[2])) & free
         passed = _leaves(an, an.layouts.get(node))
-        mixes = _mixes(an, node)
+        mixed = _mixed(an, node, reads)
         for g in sorted(reads - consumed):
-            if mixes:
-                bad.setdefault(g, f"it meets {an.where(node)}, taken to mix the channels of every group it reads (a "
-                                  "norm, a softmax)")
+            if g in mixed:
+                bad.setdefault(g, f"it meets {an.where(node)}, taken to mix its channels (a norm over them, a softmax "
+                                  "along their axis)")
             elif g not in passed:
                 bad.setdefault(g, f"{an.where(node)} combines its channels without a weight a gate can scale (a "
                                   "product such as attention's q·kᵀ, a sum over them, a grouped convolution)")

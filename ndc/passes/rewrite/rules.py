@@ -578,6 +578,9 @@ def reshape(an: Analysis, node: fx.Node) -> None:
         for layout, g in zip(layouts, given):
             if isinstance(g, fx.Node) and not _batch_free(g):
                 an.pin(layout, f"its size {g.name} in {an.where(node)} depends on the batch size")
+    else:  # a shape computed in the graph (``x.size()[:-1] + (heads, head_dim)``): the fix-up cannot rewrite its sizes
+        for layout in layouts:
+            an.pin(layout, f"{an.where(node)} takes a computed shape, not one size per axis")
 
     def fix(rw, n: fx.Node) -> None:
         new = [rw.size(layout) for layout in layouts]
