@@ -51,3 +51,17 @@ def test_a_half_open_gate_is_fixed_fully_open():
     with torch.no_grad():
         error = float((t.model.eval()(held.a) - held.t).norm() / held.t.norm())
     assert error < 0.05, error  # 0.003 (the idle heads cut: 0.001); the heads left at 0.4: 0.26, and 0.21 after these steps
+
+
+def test_gated_candidates_made_under_an_older_gate_rule_are_retrained(monkeypatch):
+    # students gated before open gates were fixed at 1 (or before hand-written attention was gated) are not reused;
+    # every other candidate keeps its key
+    import ndc.distill.config as config
+    from ndc.ir import Spec
+
+    nb = {"name": "attn", "input": "x", "output": "y", "nodes": ["q", "proj"]}
+    keys = lambda: {s: config.job_key("teacher", nb, Spec.parse(s), DistillConfig(source="noise")) for s in ("gates=0.3", "width=0.5")}
+    before = keys()
+    monkeypatch.setattr(config, "GATES_RULE", config.GATES_RULE - 1)
+    after = keys()
+    assert before["gates=0.3"] != after["gates=0.3"] and before["width=0.5"] == after["width=0.5"]

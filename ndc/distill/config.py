@@ -162,6 +162,11 @@ class Candidate:
         return f"{self.neighbourhood} {self.spec}"
 
 
+# How gated jobs train (ndc.distill.gates); a new rule retrains the gated candidates made under the old one.
+# 2: open gates fixed at 1 after the gate phase, and hand-written attention gated per head.
+GATES_RULE = 2
+
+
 def job_key(teacher_sha: str, neighbourhood: dict, spec: Spec, config: DistillConfig) -> str:
     """Hash of everything that made a trained candidate."""
     return sha256_json({
@@ -170,6 +175,7 @@ def job_key(teacher_sha: str, neighbourhood: dict, spec: Spec, config: DistillCo
         "spec": str(spec),
         "config": config.key_fields(),
         "format": 2,
+        **({"gates_rule": GATES_RULE} if spec.gates is not None else {}),
     })
 
 
