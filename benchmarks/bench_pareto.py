@@ -160,13 +160,13 @@ def prepare(model: str, args):
 
 
 def run(model: str, args) -> dict:
-    from ndc.distill import _cache
+    from ndc.distill import DEFAULT_CACHE_BUDGET, _cache
 
     ws, teacher_name, teacher, data, teacher_acc, cfg = prepare(model, args)
     log(f"{model}: teacher {teacher_acc:.2%}, {teacher.plan.teacher['params']} params, "
         f"{len(teacher.plan.trainable)} blocks")
     t = time.perf_counter()
-    _cache(ws, teacher, cfg, data, log, log, None)
+    _cache(ws, teacher, cfg, data, log, log, None, DEFAULT_CACHE_BUDGET)
     cache_seconds = time.perf_counter() - t
     rows, seconds = {}, {}
     for route, specs in ROUTES.items():

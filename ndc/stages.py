@@ -22,14 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ndc.distill import DistillConfig, cache_layout, cache_on_disk, choose_source, plan_candidates, run_distill
+from ndc.distill import (DEFAULT_CACHE_BUDGET, DistillConfig, cache_layout, cache_on_disk, choose_source, plan_candidates,
+                         run_distill)
 from ndc.distill.store import JobStore
 from ndc.errors import NdcError, count
 from ndc.finetune import TrainConfig
 from ndc.ir import Spec
 from ndc.workspace import Workspace
 
-DEFAULT_CACHE_BUDGET = 16 * 2**30
 Log = Callable[[str], None]
 
 
