@@ -13,7 +13,8 @@ The losses (``kd``, ``ce``, ``mse``, ``bce``, one per kind of head) are
 defined in :mod:`ndc.losses`; the per-epoch score (accuracy by default, any
 :class:`~ndc.scoring.Metric`) comes from :func:`ndc.scoring.score`.
 
-Training uses SGD with momentum 0.9, a cosine learning-rate schedule over the
+Training uses SGD with Nesterov momentum 0.9 (or AdamW, ``optimizer``; the
+stages choose AdamW for transformers), a cosine learning-rate schedule over the
 planned epochs, and random translations of up to 4 pixels. After every epoch
 the test-split score and the training wall time (evaluation excluded) are
 logged (time-to-accuracy curves),
@@ -37,7 +38,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 
 import torch
@@ -46,8 +47,8 @@ import torch.nn as nn
 from ndc.errors import NdcError
 from ndc.losses import LOSSES, Loss
 from ndc.scoring import Metric, score
-from ndc.training import (BestWeights, SparsityRamp, check_compile, compiled, cosine, mark_step, set_lr,
-                          track_running_stats)
+from ndc.training import (DEFAULT_LR, BestWeights, SparsityRamp, check_compile, compiled, cosine, make_optimizer,
+                          mark_step, set_lr, track_running_stats)
 from ndc.workspace import Workspace, read_json, sha256_json
 
 
@@ -55,7 +56,8 @@ from ndc.workspace import Workspace, read_json, sha256_json
 class TrainConfig:
     loss: str = "kd"
     epochs: int = 10
-    lr: float = 1e-2
+    lr: float | None = None  # None: the optimizer's fine-tuning default (ndc.training.DEFAULT_LR: 1e-2 SGD, 1e-4 AdamW)
+    optimizer: str = "sgd"  # sgd (Nesterov momentum) or adamw; the stages choose with ndc.training.choose_optimizer
     momentum: float = 0.9
     weight_decay: float = 1e-4
     batch_size: int = 128
@@ -84,8 +86,12 @@ class TrainConfig:
         if self.patience is not None and self.patience < 0:
             raise NdcError("--patience must be 0 or more")
         # `not x > 0` (rather than `x <= 0`) also refuses NaN.
+        if self.optimizer not in ("sgd", "adamw"):
+            raise NdcError(f"unknown optimizer {self.optimizer!r}: sgd or adamw")
         for name in ("lr", "tau"):
             value = getattr(self, name)
+            if name == "lr" and value is None:
+                continue
             if not (math.isfinite(value) and value > 0):
                 raise NdcError(f"--{name} must be a positive finite number, not {value}")
         if not math.isfinite(self.lam) or self.lam < 0:
@@ -230,14 +236,18 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, teacher: nn.Module | None
         track_running_stats(model)
     if teacher is not None:
         teacher.eval().to(device)  # runs under no_grad below; its parameters' flags are the caller's business
+    if cfg.lr is None:
+        cfg = replace(cfg, lr=DEFAULT_LR[cfg.optimizer, "finetune"])
     settings = asdict(cfg)
     settings.pop("compile")  # the same training, compiled: a checkpoint resumes either way
+    if cfg.optimizer == "sgd":
+        settings.pop("optimizer")  # checkpoints made before AdamW was an option keep their keys
     key = sha256_json({"config": settings, "model": module_digest(model),
                        "teacher": module_digest(teacher) if teacher is not None else None,
                        "data": data_identity(data), "made_from": made_from or {}, "format": 2})
     data = on_device(data, device)
     torch.manual_seed(cfg.seed)
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.momentum, cfg.weight_decay)
     masks = _zero_masks(model)
     named = dict(model.named_parameters())
     state = {"epoch": 0, "seconds": 0.0, "history": [], "best_accuracy": None, "best_epoch": 0, "bad": 0, "key": key}

@@ -459,15 +459,23 @@ def score_keys(metric, **scores) -> dict:
     return out
 
 
-FINETUNE_LR = 1e-2  # the paper's appendix
+FINETUNE_LR = 1e-2  # SGD: the paper's appendix (ndc.training.DEFAULT_LR has AdamW's too)
 SCRATCH_LR = 0.1  # SGD from scratch, the usual rate for CIFAR ResNets
 
 
-def learning_rate(lr: float | None, default: float, data_free: bool) -> float:
-    """The given rate, or the default: a tenth of it on noise, which frozen batch norms do not renormalise."""
-    if lr is not None:
-        return lr
-    return default / 10 if data_free else default
+def optimizer_setup(model, cfg, optimizer: str, scratch: bool, data_free: bool, log: Log | None = None) -> dict:
+    """The optimiser for ``model`` (``auto``: :func:`ndc.training.choose_optimizer`; ``log`` hears why it took AdamW)
+    and, when ``cfg.lr`` is None, its default rate for fine-tuning or from ``scratch``: a tenth of it on noise,
+    which frozen batch norms do not renormalise."""
+    from ndc.training import DEFAULT_LR, choose_optimizer
+
+    name, why = choose_optimizer(optimizer, model)
+    if why and log is not None:
+        log(why)
+    lr = cfg.lr
+    if lr is None:
+        lr = DEFAULT_LR[name, "scratch" if scratch else "finetune"] / (10 if data_free else 1)
+    return {"optimizer": name, "lr": lr}
 
 
 def training_data(ws: Workspace, plan, data: str | None, limit: int | None, data_free: bool, normalize: Any = True):
@@ -500,12 +508,13 @@ def epoch_logger(log: Log | None, on_epoch: Callable[[dict], None] | None = None
     return event
 
 
-def finetune(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str = "auto", data: str | None,
-             limit: int | None = None, normalize: Any = True, data_free: bool = False, output: str | None = None,
+def finetune(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str = "auto", optimizer: str = "auto",
+             data: str | None, limit: int | None = None, normalize: Any = True, data_free: bool = False, output: str | None = None,
              restart: bool = False, device: str = "cpu", log: Log | None = None, warn: Log | None = None,
              on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
     """End-to-end training of the stitched student (``student/``) against the teacher; the best epoch is saved in
-    ``finetune/`` and exported. ``loss`` and ``metric`` (or ``auto``) are resolved against the teacher's head.
+    ``finetune/`` and exported. ``loss`` and ``metric`` (or ``auto``) are resolved against the teacher's head,
+    ``optimizer`` (``auto``, ``sgd``, ``adamw``) and a ``cfg.lr`` of None against the student.
 
     As ``ndc finetune``: the stitched student is kept when no epoch beats it (``keep_initial``), and on noise
     inputs (``data_free``) the batch norms keep their statistics (``freeze_bn``), whatever ``cfg`` says."""
@@ -523,6 +532,7 @@ def finetune(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str
         stitched = student_document(ws, STUDENT_DIR)
         source = training_data(ws, plan, data, limit, data_free, normalize)
         cfg = replace(cfg, **training_setup(teacher, getattr(source, "real", source), loss, metric, cfg, data_free, warn, log))
+        cfg = replace(cfg, **optimizer_setup(model, cfg, optimizer, False, data_free, log))
         made_from = {"teacher": teacher.identity, "student": stitched["weights_sha256"], "selection": stitched["selection"]}
         result = train(model, source, cfg, teacher=teacher.gm, ws=ws, folder="finetune", log=epoch_logger(log, on_epoch, cfg.metric),
                        resume=not restart, made_from=made_from, device=device)
@@ -531,7 +541,9 @@ def finetune(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str
         teacher.gm.cpu()
         payload = {**score_keys(cfg.metric, score=result["best_accuracy"], initial_score=result["initial_accuracy"],
                                 teacher_score=teacher_score),
-                   "loss": cfg.loss, "lr": cfg.lr, "epochs": result["epochs"], "best_epoch": result["best_epoch"],
+                   "loss": cfg.loss, "optimizer": cfg.optimizer, "lr": cfg.lr, "epochs": result["epochs"],
+                   "augment": cfg.augment and len(getattr(source, "shape", ())) == 3,  # only images are translated
+                   "best_epoch": result["best_epoch"],
                    "seconds": result["seconds"], "history": result["history"], "selection": stitched["selection"]}
         _say_if_better_replaced(ws, cfg.metric, payload["score"], stitched["weights_sha256"], warn)
         save_student(ws, model, {k: Spec.parse(v) for k, v in stitched["selection"].items()}, stitched["candidates"],
@@ -603,7 +615,8 @@ def _say_if_better_replaced(ws: Workspace, metric, score: float, student_sha: st
              f"{metric.title} against this run's {metric.format(score)}); rerun its settings to get it back")
 
 
-def kd(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str = "auto", width: float | None = None,
+def kd(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str = "auto", optimizer: str = "auto",
+       width: float | None = None,
        spec: str | None = None, selection_file: str | None = None, data: str | None, limit: int | None = None,
        normalize: Any = True, data_free: bool = False, output: str | None = None, restart: bool = False, device: str = "cpu",
        log: Log | None = None, warn: Log | None = None, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
@@ -623,6 +636,7 @@ def kd(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str = "au
         model = fresh_student(teacher, selection, cfg.seed, ws)
         source = training_data(ws, plan, data, limit, data_free, normalize)
         cfg = replace(cfg, **training_setup(teacher, getattr(source, "real", source), loss, metric, cfg, data_free, warn, log))
+        cfg = replace(cfg, **optimizer_setup(model, cfg, optimizer, True, data_free, log))
         label = describe_selection(selection)
         folder = f"kd/{cfg.loss}{'-noise' if data_free else ''}-{folder_name(label)[:60]}"
         made_from = {"teacher": teacher.identity, "selection": {k: str(v) for k, v in selection.items()}}
@@ -635,7 +649,7 @@ def kd(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str = "au
         payload = {"loss": cfg.loss, "student": label, "params": count_params(model), "teacher_params": plan.teacher["params"],
                    **score_keys(cfg.metric, score=result["best_accuracy"], teacher_score=teacher_score),
                    "epochs": result["epochs"], "best_epoch": result["best_epoch"], "seconds": result["seconds"],
-                   "history": result["history"], "folder": folder, "lr": cfg.lr}
+                   "history": result["history"], "folder": folder, "optimizer": cfg.optimizer, "lr": cfg.lr}
         save_student(ws, model, selection, {}, {"baseline": cfg.loss, "data_free": data_free, "teacher": teacher.identity},
                      folder=folder)
         payload.update(output=None, export=None)

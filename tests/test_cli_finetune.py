@@ -70,13 +70,16 @@ def test_learning_rate_defaults_per_stage(run_cli, ws):
     def lr(*args):
         r = run_cli(*args, *DATA, "--epochs", "1", "--restart", "--format", "json")
         assert r.exit_code == 0, r.stderr
-        return json.loads(r.stdout)["lr"]
+        doc = json.loads(r.stdout)
+        assert doc["optimizer"] == ("adamw" if "adamw" in args else "sgd")  # a CNN with batch norms: SGD by default
+        return doc["lr"]
 
     assert lr("finetune") == 1e-2  # the paper's fine-tuning rate
     assert lr("finetune", "--data-free") == pytest.approx(1e-3)  # a tenth on noise
     assert lr("finetune", "--data-free", "--lr", "0.02") == 0.02  # an explicit rate always wins
     assert lr("kd", "--width", "0.5") == 0.1  # from scratch
     assert lr("kd", "--width", "0.5", "--data-free") == pytest.approx(0.01)
+    assert lr("finetune", "--optimizer", "adamw") == 1e-4  # each optimizer has its own default
 
 
 def test_a_killed_finetune_resumes_from_its_last_checkpoint(ws):

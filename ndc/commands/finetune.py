@@ -8,9 +8,10 @@ from ndc.commands.common import (common_options, compile_option, data_options, d
                                  metric_option, normalize_option, remembered_data, table, user_errors)
 from ndc.errors import count
 from ndc.losses import LOSS_CHOICES
+from ndc.training import DEFAULT_LR, OPTIMIZERS
 
 
-def training_options(lr_default: float):
+def training_options(route: str):
     """Options of every end-to-end training command (finetune, kd)."""
 
     def wrap(f):
@@ -22,8 +23,13 @@ def training_options(lr_default: float):
                               "and says which."),
             metric_option("Score after every epoch, which picks the epoch kept"),
             click.option("--epochs", type=int, default=10, show_default=True, help="Passes over the training set."),
+            click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="auto", show_default=True,
+                         help="sgd: SGD with Nesterov momentum 0.9 (the paper's recipe for CNNs); adamw: AdamW "
+                              "(transformers); auto: adamw for a model with attention or layer norms and no batch "
+                              "norm, else sgd, and says so."),
             click.option("--lr", type=finite_float("a positive learning rate", positive=True), default=None,
-                         help=f"SGD learning rate (momentum 0.9, cosine decay) [default: {lr_default:g}; a tenth of it with --data-free]."),
+                         help=f"Learning rate, with cosine decay [default: {DEFAULT_LR['sgd', route]:g} for sgd, "
+                              f"{DEFAULT_LR['adamw', route]:g} for adamw; a tenth of it with --data-free]."),
             click.option("--batch-size", type=int, default=128, show_default=True, help="Examples per training step."),
             click.option("--tau", type=finite_float("a positive temperature", positive=True), default=2.5,
                          show_default=True, help="Distillation temperature (--loss kd)."),
@@ -59,13 +65,12 @@ def epoch_progress(epochs: int, what: str, quiet: bool, fmt: str):
     return progress, on_epoch
 
 
-def base_config(epochs, lr, lr_default, batch_size, tau, lam, patience, time_budget, no_augment, data_free, seed, compile_mode,
-                **extra):
-    """The teacher-independent settings of an end-to-end run, checked before any work (loss and metric come later)."""
-    from ndc import stages
+def base_config(epochs, lr, batch_size, tau, lam, patience, time_budget, no_augment, data_free, seed, compile_mode, **extra):
+    """The teacher-independent settings of an end-to-end run, checked before any work (loss, metric, optimizer and a
+    default learning rate come later, from the teacher and the student)."""
     from ndc.finetune import TrainConfig
 
-    return TrainConfig(epochs=epochs, lr=stages.learning_rate(lr, lr_default, data_free), batch_size=batch_size, tau=tau,
+    return TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, tau=tau,
                        lam=lam, patience=patience, time_budget=time_budget,
                        augment=not no_augment and not data_free, seed=seed, compile=compile_mode, **extra)
 
@@ -73,12 +78,12 @@ def base_config(epochs, lr, lr_default, batch_size, tau, lam, patience, time_bud
 @click.command("finetune")
 @data_options
 @normalize_option
-@training_options(lr_default=1e-2)
+@training_options("finetune")
 @common_options
 @user_errors
 @remembered_data()
-def command(data_spec, limit, normalize, loss, metric, epochs, lr, batch_size, tau, lam, patience, time_budget, no_augment,
-            data_free, restart, seed, output, device, compile_mode, quiet, workspace, fmt):
+def command(data_spec, limit, normalize, loss, metric, optimizer, epochs, lr, batch_size, tau, lam, patience, time_budget,
+            no_augment, data_free, restart, seed, output, device, compile_mode, quiet, workspace, fmt):
     """Fine-tune the stitched student end to end against the teacher.
 
     The loss fits the teacher's head (--loss, auto by default): for
@@ -99,11 +104,12 @@ def command(data_spec, limit, normalize, loss, metric, epochs, lr, batch_size, t
     from ndc.stitch import selection_phrase
     from ndc.workspace import Workspace
 
-    cfg = base_config(epochs, lr, stages.FINETUNE_LR, batch_size, tau, lam, patience, time_budget, no_augment, data_free, seed,
-                      compile_mode, freeze_bn=data_free, keep_initial=True)
+    cfg = base_config(epochs, lr, batch_size, tau, lam, patience, time_budget, no_augment, data_free, seed, compile_mode,
+                      freeze_bn=data_free, keep_initial=True)
     progress, on_epoch = epoch_progress(epochs, "finetune", quiet, fmt)
     with progress:
-        result = stages.finetune(Workspace(workspace), cfg, loss=loss, metric=metric, data=data_spec, limit=limit,
+        result = stages.finetune(Workspace(workspace), cfg, loss=loss, metric=metric, optimizer=optimizer, data=data_spec,
+                                 limit=limit,
                                  normalize=normalize, data_free=data_free, output=output, restart=restart, device=device,
                                  log=progress.log, warn=progress.warn, on_epoch=on_epoch)
     payload, metric = result.payload, result.metric
@@ -118,7 +124,7 @@ def command(data_spec, limit, normalize, loss, metric, epochs, lr, batch_size, t
             f"\nno epoch beat the stitched student, which already scores {metric.format(payload['initial_score'])}: "
             "it is kept unchanged" if perfect else
             "\nno epoch beat the stitched student: it is kept unchanged (a lower learning rate, "
-            f"--lr {payload['lr'] / 10:g}{', or --no-augment,' if cfg.augment else ''} may help: the first epochs can "
+            f"--lr {payload['lr'] / 10:g}{', or --no-augment,' if payload['augment'] else ''} may help: the first epochs can "
             "undo what distillation found)")
         tail += f"\nwrote {payload['output']}" if output else ""
         return (table(["model", metric.title], rows, "lr") + f"\n\n{count(payload['epochs'], 'epoch')} of --loss {payload['loss']} in "

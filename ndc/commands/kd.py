@@ -14,12 +14,12 @@ from ndc.errors import count
 @selection_options
 @data_options
 @normalize_option
-@training_options(lr_default=0.1)
+@training_options("scratch")
 @common_options
 @user_errors
 @remembered_data()
-def command(width, spec_text, selection_file, data_spec, limit, normalize, loss, metric, epochs, lr, batch_size, tau, lam, patience,
-            time_budget, no_augment, data_free, restart, seed, output, device, compile_mode, quiet, workspace, fmt):
+def command(width, spec_text, selection_file, data_spec, limit, normalize, loss, metric, optimizer, epochs, lr, batch_size, tau,
+            lam, patience, time_budget, no_augment, data_free, restart, seed, output, device, compile_mode, quiet, workspace, fmt):
     """Train the student architecture from scratch end to end (the baselines).
 
     The student is the stitched student's architecture (--width, --spec or
@@ -37,11 +37,10 @@ def command(width, spec_text, selection_file, data_spec, limit, normalize, loss,
     from ndc import stages
     from ndc.workspace import Workspace
 
-    cfg = base_config(epochs, lr, stages.SCRATCH_LR, batch_size, tau, lam, patience, time_budget, no_augment, data_free, seed,
-                      compile_mode)
+    cfg = base_config(epochs, lr, batch_size, tau, lam, patience, time_budget, no_augment, data_free, seed, compile_mode)
     progress, on_epoch = epoch_progress(epochs, "kd", quiet, fmt)
     with progress:
-        result = stages.kd(Workspace(workspace), cfg, loss=loss, metric=metric, width=width, spec=spec_text,
+        result = stages.kd(Workspace(workspace), cfg, loss=loss, metric=metric, optimizer=optimizer, width=width, spec=spec_text,
                            selection_file=selection_file, data=data_spec, limit=limit, normalize=normalize, data_free=data_free,
                            output=output, restart=restart, device=device, log=progress.log, warn=progress.warn,
                            on_epoch=on_epoch)
