@@ -133,7 +133,7 @@ def routes(args) -> None:
             "teacher": teacher_score, "nd": nd_score, "nd_ft": tuned["score"],
             "search_params": s_stitched["params"], "search_selection": s_stitched["selection"],
             "search_predicted": searched.get("predicted_accuracy"), "search_nd": search_score,
-            "search_ft": search_tuned["score"], "kd": baseline["score"], "kd_history": [e["accuracy"] for e in baseline["history"]],
+            "search_ft": search_tuned["score"], "kd": baseline["score"], "kd_history": [e["score"] for e in baseline["history"]],
             "seconds": {"distill_all_widths": nd_seconds, "stitch": s_uniform, "finetune": s_ft, "search": s_search,
                         "search_finetune": s_ft2, "kd": s_kd},
             "quality_table": searched.get("table"),
@@ -229,7 +229,11 @@ def main() -> None:
     parser.add_argument("--only", action="append", choices=sorted(ABLATIONS), help="ablation: only these settings")
     parser.add_argument("--tag", default="", help="suffix of the result file's name")
     parser.add_argument("--ndc", default=None, help="ablation: run the ndc of this directory (default: this checkout)")
+    parser.add_argument("--examples", type=int, default=None,
+                        help="training tones (a quarter as many held out) instead of the teacher's 8,000 (a smoke run)")
     args = parser.parse_args()
+    if args.examples:
+        TEACHERS[args.teacher]["train"] = args.examples  # its own cached data file: pitch-<teacher>-<examples>.npz
     {"routes": routes, "search": search, "ablation": ablation}[args.what](args)
 
 

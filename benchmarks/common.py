@@ -28,7 +28,7 @@ from ndc.load import load_model  # noqa: E402
 from ndc.plan import load_teacher, partition_model, write_plan  # noqa: E402
 from ndc.workspace import Workspace  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = Path(os.environ.get("NDC_BENCH_RESULTS") or ROOT / "benchmarks" / "results")  # result files (tests use their own)
 CACHE = Path(os.environ.get("NDC_BENCH_CACHE") or RESULTS / "cache")  # teachers and workspaces (tests use their own)
 DATA = "fashion-mnist"
 INPUT_SHAPE = (1, 3, 32, 32)

@@ -6,9 +6,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("NDC_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def load(name: str) -> dict | None:
