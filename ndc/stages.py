@@ -28,7 +28,7 @@ from ndc.distill.store import JobStore
 from ndc.errors import NdcError, count
 from ndc.finetune import TrainConfig
 from ndc.ir import Spec
-from ndc.workspace import Workspace
+from ndc.workspace import PLAN, Workspace
 
 Log = Callable[[str], None]
 
@@ -173,7 +173,16 @@ def partition(ws: Workspace, model: str, *, input_shape: tuple[int, ...] | None 
     if invented is not None:
         plan.tracer["guessed"] = invented  # later stages doubt it when the data's examples have another size
     with ws.writing("ndc partition", create=True):
+        before = _reads(ws.read_json(PLAN)) if ws.exists(PLAN) else None
         write_plan(ws, plan, loaded.model)
+        if before is not None and before != _reads(plan.to_json()) and ws.exists(DATA_OPTIONS):
+            try:
+                what = f" ({remembered_data(ws).flags})"
+            except NdcError:
+                what = ""
+            remember_data(ws, None)
+            warn(f"forgot the data ndc distill used here{what}: the new teacher reads other inputs; give --data to "
+                 "the next stages")
     if weights is None and (random := random_parameters(model, loaded.model)):
         warn(f"{model} builds a model with random weights ({count(len(random), 'parameter tensor')}, e.g. {random[0]}, "
              "differ from one build to the next) and no --weights was given: the teacher is untrained; pass --weights "
@@ -181,6 +190,11 @@ def partition(ws: Workspace, model: str, *, input_shape: tuple[int, ...] | None 
     for note in plan.notes:
         warn(note)
     return plan, traced
+
+
+def _reads(plan_json: dict) -> tuple:
+    """What a plan's teacher reads: the per-example input shape and its kind (floats, or token ids)."""
+    return tuple(plan_json.get("input_shape", [])[1:]), (plan_json.get("tracer") or {}).get("input")
 
 
 # --------------------------------------------------------------------- distill

@@ -150,6 +150,20 @@ def test_stages_after_distill_read_its_data_options_unless_given(run_cli, ws):
     assert r.exit_code == 1 and "data.json is not what ndc distill writes; give --data SPEC" in r.stderr
 
 
+def test_a_new_teacher_that_reads_other_inputs_forgets_the_remembered_data(run_cli, ws, tiny_teacher):
+    from tests.conftest import TINY_RESNET
+
+    r = run_cli("partition", TINY_RESNET, "--weights", tiny_teacher, "--input-shape", "1,3,16,16", "--by", "layers")
+    assert r.exit_code == 0 and "forgot" not in r.stderr and (ws / "data.json").is_file()  # the same inputs: kept
+    r = run_cli("partition", f"{HERE / 'models_for_tests.py'}:regression_mlp", "--input-shape", "1,16")
+    assert r.exit_code == 0, r.stderr
+    assert "forgot the data ndc distill used here (--data digits --limit 300): the new teacher reads other inputs; " \
+        "give --data to the next stages" in r.stderr
+    assert not (ws / "data.json").exists()
+    r = run_cli("eval")  # no longer "as ndc distill used" for a teacher that cannot read it
+    assert r.exit_code != 0 and "ndc distill used" not in r.stderr
+
+
 def test_remembered_paths_are_absolute_and_built_in_names_stay(tmp_path, monkeypatch):
     from ndc.stages import absolute_spec
 
