@@ -88,15 +88,24 @@ def default_selection(ws: Workspace, plan, teacher=None) -> dict[str, Spec]:
     """``selection.json`` from ``ndc search`` if present, else the one spec every neighbourhood was trained with.
 
     A selection search made for another teacher or partition (its ``made_for``
-    differs from ``teacher``'s now) is refused: its choice was measured on
-    other neighbourhoods."""
+    differs from ``teacher``'s now), or among students trained again since
+    (a chosen student's weights differ from those it recorded), is refused:
+    its choice was measured on other neighbourhoods or students."""
     if ws.exists(SELECTION):
         doc = read_json(ws.path(SELECTION))
         recorded = doc.get("made_for") if isinstance(doc, dict) and teacher is not None else None
         if isinstance(recorded, dict) and any(recorded.get(nb.name) != made_for_now(teacher, nb.name) for nb in plan.trainable):
             raise NdcError(f"{ws.path(SELECTION)} was chosen by ndc search for another teacher or partition; rerun ndc "
                            "search, or pass --width, --spec or --selection")
-        return read_selection(ws.path(SELECTION), plan)
+        selection = read_selection(ws.path(SELECTION), plan)
+        store = JobStore(ws)
+        retrained = [name for name, sha in (doc.get("weights") or {}).items()
+                     if name in selection and (store.metrics(name, selection[name]) or {}).get("weights_sha256") != sha]
+        if retrained:
+            raise NdcError(f"{ws.path(SELECTION)} was chosen by ndc search before the students of "
+                           f"{', '.join(retrained)} were trained again; rerun ndc search, or pass --width, --spec or "
+                           "--selection")
+        return selection
     trained = trained_specs(ws, plan)
     common = None
     for nb in plan.trainable:

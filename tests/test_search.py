@@ -167,6 +167,17 @@ def test_stitch_refuses_a_selection_search_made_for_another_teacher(ws, distille
     assert r.exit_code == 0, r.output
 
 
+def test_stitch_refuses_a_selection_whose_students_were_trained_again(ws):
+    r, out = search(ws, "--max-drop", "1", "--no-verify")
+    assert r.exit_code == 0 and out["selection"]["block1"] == "width=0.25" and set(out["weights"]) == {"block1"}
+    spoil_candidate(ws, "block1", "width=0.25")  # the chosen student trained again, to other weights
+    r = invoke("stitch", "-o", ws / "s.onnx", "-w", ws)
+    assert r.exit_code == 1 and "selection.json was chosen by ndc search before the students of block1 were trained " \
+        "again; rerun ndc search" in r.stderr, r.output
+    assert search(ws, "--max-drop", "1", "--no-verify")[0].exit_code == 0
+    assert invoke("stitch", "-o", ws / "s.onnx", "-w", ws).exit_code == 0  # searched again: stitched
+
+
 def test_greedy_fallback_widest_keeps_the_widest_trained_candidate(ws):
     r, out = search(ws, "--max-drop", "1", "--fallback", "widest", "--no-verify", "--calibrate", "5")
     assert r.exit_code == 0, r.output

@@ -14,7 +14,7 @@ PARETO_CSV = f"{SEARCH_DIR}/pareto.csv"
 PARETO_PNG = f"{SEARCH_DIR}/pareto.png"
 # What a search without a rule prints as null: the keys of selection.json that say what was chosen and how it measured.
 OUTCOME_KEYS = ("rule", "teacher", "predicted_drop", "prediction", "predicted_accuracy", "measured_accuracy", "unseen",
-                "params", "flops", "teacher_params", "teacher_flops", "candidates", "made_for", "notes")
+                "params", "flops", "teacher_params", "teacher_flops", "candidates", "made_for", "weights", "notes")
 
 
 def selection_document(result: SearchResult, measured: dict | None, data_spec: str | None) -> dict:
@@ -55,10 +55,15 @@ def selection_document(result: SearchResult, measured: dict | None, data_spec: s
 def write_selection(ws: Workspace, result: SearchResult, measured: dict | None, data_spec: str | None,
                     made_for: dict[str, str] | None = None) -> dict:
     """Write ``selection.json`` (the file ``ndc stitch`` uses by default) and record it in the manifest; ``made_for``
-    (per neighbourhood, as each candidate records it) lets stitch refuse the file after the teacher or partition changed."""
+    (per neighbourhood, as each candidate records it) lets stitch refuse the file after the teacher or partition
+    changed, and ``weights`` (the sha256 of each chosen student's weights) after a chosen student was trained again."""
+    from ndc.distill.store import JobStore
     from ndc.stitch import SELECTION
 
-    doc = {**selection_document(result, measured, data_spec), "made_for": made_for}
+    store = JobStore(ws)
+    weights = {name: (store.metrics(name, spec) or {}).get("weights_sha256")
+               for name, spec in result.selection().items() if not result.choice[name].teacher}
+    doc = {**selection_document(result, measured, data_spec), "made_for": made_for, "weights": weights}
     ws.write_json(SELECTION, doc)
     ws.record(SELECTION, made_from={"quality": result.table.key, "rule": result.rule})
     return doc
