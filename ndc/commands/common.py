@@ -49,7 +49,7 @@ def format_option(f: Callable) -> Callable:
         type=click.Choice(["text", "json"]),
         default="text",
         show_default=True,
-        help="Output format; json prints exactly one JSON document on stdout.",
+        help="Output format; json prints exactly one JSON document on stdout (none on an error).",
     )(f)
 
 
