@@ -150,13 +150,19 @@ def test_a_computed_view_shape_keeps_the_heads_instead_of_failing_to_publish():
     assert make_student(part, Spec(width=0.5)).record["dims"] == {}
 
 
-def test_the_cli_drops_the_idle_heads_and_the_student_matches_the_teacher(run_cli):
+def gated_heads(run_cli, penalty: str, steps: str):
+    """``two_useful_heads`` partitioned and its attention distilled with gates on noise: the result and its row."""
     r = run_cli("partition", f"{HERE}:two_useful_heads", "--input-shape", "1,6,8")
     assert r.exit_code == 0, r.stderr
-    r, doc = distill_json(run_cli, "--gates", "--gate-penalty", "0.1", "--only", "attn", "--data-free",
-                          "--steps", "120", "--batch-size", "16", "--val-size", "32", "--lr", "1e-3", "--quiet")
+    r, doc = distill_json(run_cli, "--gates", "--gate-penalty", penalty, "--only", "attn", "--data-free",
+                          "--steps", steps, "--batch-size", "16", "--val-size", "32", "--lr", "1e-3", "--quiet")
     assert r.exit_code == 0, r.stderr
     (row,) = doc["candidates"]
+    return r, row
+
+
+def test_the_cli_drops_the_idle_heads_and_the_student_matches_the_teacher(run_cli):
+    r, row = gated_heads(run_cli, "0.1", "120")
     assert row["status"] == "done" and "shrank nothing" not in r.stderr, r.stderr
     heads = row["gates"]["groups"]["attn.q.out_features in blocks of 4"]
     assert heads == {"teacher": 4, "kept": 2}, heads

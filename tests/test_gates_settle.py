@@ -9,26 +9,19 @@ ends about as close to the teacher as at a low penalty, and more steps help.
 
 from __future__ import annotations
 
-import pathlib
-
 import torch
 
 from ndc.distill.config import DistillConfig
 from ndc.distill.engine import Item
 from ndc.distill.kinds import make_trainer
-from tests.conftest import NoiseBatch, distill_json, train_steps
+from tests.conftest import NoiseBatch, train_steps
+from tests.test_gates_attention import gated_heads, two_useful_heads
 
-ATTENTION = pathlib.Path(__file__).resolve().parent / "test_gates_attention.py"
 HEADS = "attn.q.out_features in blocks of 4"
 
 
 def test_a_higher_penalty_that_keeps_the_same_heads_ends_as_close_to_the_teacher(run_cli):
-    r = run_cli("partition", f"{ATTENTION}:two_useful_heads", "--input-shape", "1,6,8")
-    assert r.exit_code == 0, r.stderr
-    r, doc = distill_json(run_cli, "--gates", "--gate-penalty", "0.3", "--only", "attn", "--data-free",
-                          "--steps", "300", "--batch-size", "16", "--val-size", "32", "--lr", "1e-3", "--quiet")
-    assert r.exit_code == 0, r.stderr
-    (row,) = doc["candidates"]
+    _, row = gated_heads(run_cli, "0.3", "300")
     assert row["gates"]["groups"][HEADS] == {"teacher": 4, "kept": 2}, row["gates"]
     # 0.027 measured (0.007 at L = 0.1); 0.2 with the open gates fixed at their deterministic value (0.083 in 120 steps)
     assert row["final_error"] < 0.05, row
@@ -37,7 +30,6 @@ def test_a_higher_penalty_that_keeps_the_same_heads_ends_as_close_to_the_teacher
 def test_a_half_open_gate_is_fixed_fully_open():
     from ndc.load import LoadedModel
     from ndc.plan import Teacher, partition_model
-    from tests.test_gates_attention import two_useful_heads
 
     plan, traced = partition_model(LoadedModel(two_useful_heads().eval(), {"kind": "test"}), (1, 6, 8), by="residual")
     part = Teacher(plan, traced).part("attn")
