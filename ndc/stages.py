@@ -723,6 +723,9 @@ def search(ws: Workspace, *, data: str | None, limit: int | None = None, normali
         teacher = load_teacher(ws)
         plan = teacher.plan
         rule_budget = parse_budget(budget, plan.teacher) if budget is not None else None
+        if rule_budget is not None and rule_budget.limit >= plan.teacher[rule_budget.kind]:
+            warn(f"--budget {budget} is at least the teacher's size ({plan.teacher[rule_budget.kind]:,} "
+                 f"{rule_budget.kind}): the teacher itself fits it; give a smaller budget to compress")
         source = open_data(data, plan.input_shape[1:], limit=limit, workspace=ws, normalize=normalize)
         head = teacher_head(teacher)
         chosen_metric = pick_metric(metric, source, head, warn=warn)

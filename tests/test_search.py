@@ -178,6 +178,13 @@ def test_stitch_refuses_a_selection_whose_students_were_trained_again(ws):
     assert invoke("stitch", "-o", ws / "s.onnx", "-w", ws).exit_code == 0  # searched again: stitched
 
 
+def test_a_budget_the_teacher_fits_is_said(ws):
+    r, out = search(ws, "--budget", "params=200%", "--no-verify")
+    assert r.exit_code == 0, r.output
+    assert "--budget params=200% is at least the teacher's size (6,634 params): the teacher itself fits it" in r.stderr
+    assert out["params"] <= out["teacher_params"]
+
+
 def test_greedy_fallback_widest_keeps_the_widest_trained_candidate(ws):
     r, out = search(ws, "--max-drop", "1", "--fallback", "widest", "--no-verify", "--calibrate", "5")
     assert r.exit_code == 0, r.output
