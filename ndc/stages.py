@@ -630,10 +630,10 @@ def _say_if_better_replaced(ws: Workspace, metric, score: float, student_sha: st
 
 
 def kd(ws: Workspace, cfg: TrainConfig, *, loss: str = "auto", metric: str = "auto", optimizer: str = "auto",
-       width: float | None = None,
-       spec: str | None = None, selection_file: str | None = None, data: str | None, limit: int | None = None,
-       normalize: Any = True, data_free: bool = False, output: str | None = None, restart: bool = False, device: str = "cpu",
-       log: Log | None = None, warn: Log | None = None, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+       width: float | None = None, spec: str | None = None, selection_file: str | None = None, data: str | None,
+       limit: int | None = None, normalize: Any = True, data_free: bool = False, output: str | None = None,
+       restart: bool = False, device: str = "cpu", log: Log | None = None, warn: Log | None = None,
+       on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
     """The end-to-end baseline: the stitched student's architecture, freshly initialised, trained by ``loss``."""
     from ndc.distill.store import folder_name
     from ndc.finetune import epoch_score, train

@@ -70,9 +70,9 @@ def base_config(epochs, lr, batch_size, tau, lam, patience, time_budget, no_augm
     default learning rate come later, from the teacher and the student)."""
     from ndc.finetune import TrainConfig
 
-    return TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, tau=tau,
-                       lam=lam, patience=patience, time_budget=time_budget,
-                       augment=not no_augment and not data_free, seed=seed, compile=compile_mode, **extra)
+    return TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, tau=tau, lam=lam, patience=patience,
+                       time_budget=time_budget, augment=not no_augment and not data_free, seed=seed, compile=compile_mode,
+                       **extra)
 
 
 @click.command("finetune")
@@ -109,9 +109,8 @@ def command(data_spec, limit, normalize, loss, metric, optimizer, epochs, lr, ba
     progress, on_epoch = epoch_progress(epochs, "finetune", quiet, fmt)
     with progress:
         result = stages.finetune(Workspace(workspace), cfg, loss=loss, metric=metric, optimizer=optimizer, data=data_spec,
-                                 limit=limit,
-                                 normalize=normalize, data_free=data_free, output=output, restart=restart, device=device,
-                                 log=progress.log, warn=progress.warn, on_epoch=on_epoch)
+                                 limit=limit, normalize=normalize, data_free=data_free, output=output, restart=restart,
+                                 device=device, log=progress.log, warn=progress.warn, on_epoch=on_epoch)
     payload, metric = result.payload, result.metric
 
     def text() -> str:
