@@ -28,6 +28,7 @@ from ndc.distill.store import JobStore
 from ndc.errors import NdcError, count
 from ndc.finetune import TrainConfig
 from ndc.ir import Spec
+from ndc.training import DEFAULT_LR, choose_optimizer
 from ndc.workspace import PLAN, Workspace
 
 Log = Callable[[str], None]
@@ -473,16 +474,14 @@ def score_keys(metric, **scores) -> dict:
     return out
 
 
-FINETUNE_LR = 1e-2  # SGD: the paper's appendix (ndc.training.DEFAULT_LR has AdamW's too)
-SCRATCH_LR = 0.1  # SGD from scratch, the usual rate for CIFAR ResNets
+FINETUNE_LR = DEFAULT_LR["sgd", "finetune"]  # 1e-2, the paper's appendix
+SCRATCH_LR = DEFAULT_LR["sgd", "scratch"]  # 0.1, the usual rate for CIFAR ResNets
 
 
 def optimizer_setup(model, cfg, optimizer: str, scratch: bool, data_free: bool, log: Log | None = None) -> dict:
     """The optimiser for ``model`` (``auto``: :func:`ndc.training.choose_optimizer`; ``log`` hears why it took AdamW)
     and, when ``cfg.lr`` is None, its default rate for fine-tuning or from ``scratch``: a tenth of it on noise,
     which frozen batch norms do not renormalise."""
-    from ndc.training import DEFAULT_LR, choose_optimizer
-
     name, why = choose_optimizer(optimizer, model)
     if why and log is not None:
         log(why)

@@ -100,7 +100,7 @@ def default_selection(ws: Workspace, plan, teacher=None) -> dict[str, Spec]:
         selection = read_selection(ws.path(SELECTION), plan)
         store = JobStore(ws)
         retrained = [name for name, sha in (doc.get("weights") or {}).items()
-                     if name in selection and (store.metrics(name, selection[name]) or {}).get("weights_sha256") != sha]
+                     if name in selection and store.weights_sha(name, selection[name]) != sha]
         if retrained:
             raise NdcError(f"{ws.path(SELECTION)} was chosen by ndc search before the students of "
                            f"{', '.join(retrained)} were trained again; rerun ndc search, or pass --width, --spec or "

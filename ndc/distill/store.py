@@ -101,6 +101,10 @@ class JobStore:
             return None
         return doc if isinstance(doc, dict) else None
 
+    def weights_sha(self, neighbourhood: str, spec: Spec) -> str | None:
+        """The sha256 of the candidate's weights as its ``metrics.json`` records it (None: no candidate)."""
+        return (self.metrics(neighbourhood, spec) or {}).get("weights_sha256")
+
     def finished(self, neighbourhood: str, spec: Spec, key: str | None = None) -> dict | None:
         """The metrics of a finished candidate (for ``key``, or any key) whose files verify, else None."""
         metrics = self.metrics(neighbourhood, spec)

@@ -61,8 +61,8 @@ def write_selection(ws: Workspace, result: SearchResult, measured: dict | None, 
     from ndc.stitch import SELECTION
 
     store = JobStore(ws)
-    weights = {name: (store.metrics(name, spec) or {}).get("weights_sha256")
-               for name, spec in result.selection().items() if not result.choice[name].teacher}
+    weights = {name: store.weights_sha(name, spec) for name, spec in result.selection().items()
+               if not result.choice[name].teacher}
     doc = {**selection_document(result, measured, data_spec), "made_for": made_for, "weights": weights}
     ws.write_json(SELECTION, doc)
     ws.record(SELECTION, made_from={"quality": result.table.key, "rule": result.rule})
